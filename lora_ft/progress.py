@@ -93,8 +93,12 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def plot_loss_curve(history: list[dict], out: Path) -> None:
-    import matplotlib
+def plot_loss_curve(history: list[dict], out: Path) -> bool:
+    """Write the train/eval loss curve as PNG; returns False (no file) where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -114,3 +118,4 @@ def plot_loss_curve(history: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+    return True

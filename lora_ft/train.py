@@ -385,6 +385,7 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
             "epochs": round(state.epoch or 0, 3),
             "train_loss": train_losses[-1] if train_losses else None,
             "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
+            "peak_gpu_memory_gib": _peak_gpu_gib(),
             "heldout": scores,
         },
         "environment": environment(),
@@ -396,6 +397,14 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
     (run.path / "run_state.json").unlink(missing_ok=True)
     run.write_json("manifest.json", manifest)
     return manifest
+
+
+def _peak_gpu_gib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def environment() -> dict:
