@@ -9,11 +9,10 @@ common=(--set model.name=/tmp/llama8b --set data.train=recipes/data/quickstart_t
         --set data.eval=recipes/data/quickstart_eval.jsonl --set data.eval_fraction=0
         --set training.max_steps=30 --set training.eval_steps=15 --set training.save_steps=15 --set training.logging_steps=5)
 for name in llama8b llama8b-qlora; do
-  start=$(date +%s.%N)
+  SECONDS=0
   python3 -m lora_ft train configs/$name.yaml "${common[@]}" --set output_dir=/tmp/runs/$name 2>&1 | tee "$OUT/$name.log"
   code=${PIPESTATUS[0]}
-  end=$(date +%s.%N)
   cp /tmp/runs/$name/manifest.json "$OUT/$name.manifest.json" 2>/dev/null
-  echo "{\"config\": \"configs/$name.yaml\", \"exit_code\": $code, \"wall_s\": $(echo "$end - $start" | bc)}" > "$OUT/$name.status.json"
+  echo "{\"config\": \"configs/$name.yaml\", \"exit_code\": $code, \"wall_s\": $SECONDS}" > "$OUT/$name.status.json"
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv"
