@@ -167,11 +167,23 @@ class TrainingSpec(Spec):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up (ignored if warmup_steps).")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup in optimizer steps; overrides warmup_ratio.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA weights.")
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"] = Field(
-        "adamw_torch", description="Optimizer (8-bit ones need bitsandbytes and CUDA)."
+    optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"] = Field(
+        "auto", description="Optimizer; auto is AdamW (fused kernel on CUDA, same math). 8-bit ones need bitsandbytes and CUDA."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: far less memory, ~30% slower.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        True,
+        description="Recompute activations in backward (far less memory, ~30% slower). auto: on a GPU, checkpoint only "
+        "as many layers as memory_budget_gib needs; on a CPU, none.",
+    )
+    memory_budget_gib: float | None = Field(
+        None, gt=0, description="GPU memory gradient_checkpointing: auto plans for; default 90% of the card."
+    )
+    liger: bool | Literal["auto"] = Field(
+        "auto",
+        description="Liger Kernel fused ops (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without materialised logits); "
+        "auto: on when CUDA and liger-kernel are available. Same math, less memory, faster.",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Compute precision; auto is bf16 on a GPU that supports it, else fp32."
     )

@@ -156,6 +156,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     from .data import load_training_data
     from .fingerprint import fingerprint_model_path
     from .model import attach_lora, load_base_model
+    from .speed import apply_checkpointing, plan_speed
 
     console = console or _default_console()
     started = time.time()
@@ -171,12 +172,15 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
         base_fingerprint = fingerprint_model_path(check.source.path, check.source.gguf_file)
         set_seed(cfg.training.seed)
         model = load_base_model(cfg.model, check.source, check.precision)
+        speed = plan_speed(cfg, check.model_config, trainable=check.trainable)
         model = attach_lora(
             model,
             cfg.lora,
             quantized=cfg.model.quantization is not None,
-            gradient_checkpointing=cfg.training.gradient_checkpointing,
+            gradient_checkpointing=speed.checkpoint_layers > 0,
         )
+        apply_checkpointing(model, speed.checkpoint_layers)
+    console.print(f"speed: {speed.summary()}")
     model.peft_config["default"].base_model_name_or_path = _recorded_base_name(cfg, check.source)
 
     run.create()
@@ -185,7 +189,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     if resume_from is None:
         (run.path / METRICS).unlink(missing_ok=True)
 
-    trainer = _build_trainer(cfg, check, model, data, run, console)
+    trainer = _build_trainer(cfg, check, model, data, run, console, speed)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     model.eval()
@@ -197,6 +201,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
         check,
         data,
         scores=scores,
+        speed=speed,
         base_fingerprint=base_fingerprint,
         wall_seconds=time.time() - started,
     )
@@ -244,7 +249,7 @@ def _resume_point(run: RunDir, cfg: RunConfig) -> Path | None:
     return done[-1] if done else None
 
 
-def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, *, has_eval: bool, pad_token: str):
+def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eval: bool, pad_token: str):
     """TRL's SFTConfig from our schema; every default we rely on is stated here."""
     import torch
     from trl import SFTConfig
@@ -267,10 +272,11 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, *, has_eval: bool
         # transformers 5 reads a float below 1 as a ratio of the total steps.
         warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,
         weight_decay=t.weight_decay,
-        optim=t.optimizer,
+        optim=speed.optimizer,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # Checkpointing is set per layer by speed.apply_checkpointing before the Trainer sees the model.
+        gradient_checkpointing=False,
+        use_liger_kernel=speed.liger,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
@@ -300,14 +306,14 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, *, has_eval: bool
     )
 
 
-def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, console):
+def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, console, speed):
     from transformers import EarlyStoppingCallback, PrinterCallback
     from trl import SFTTrainer
 
     from .progress import MetricsCallback
 
     args = to_sft_config(
-        cfg, run, check.precision, has_eval=data.eval is not None, pad_token=check.tokenizer.pad_token
+        cfg, run, check.precision, speed, has_eval=data.eval is not None, pad_token=check.tokenizer.pad_token
     )
     callbacks = [MetricsCallback(run.path / METRICS, console)]
     if cfg.training.early_stopping_patience:
@@ -341,7 +347,7 @@ def final_scores(model, data, tokenizer, batch_size: int) -> dict:
 # Finishing: adapter, tokenizer, card, curve, and the manifest last
 
 
-def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, base_fingerprint, wall_seconds) -> dict:
+def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds) -> dict:
     from .progress import plot_loss_curve, read_metrics
 
     stage = run.staging()
@@ -377,6 +383,7 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
         "trainable_params": check.trainable,
         "total_params": check.total,
         "precision": check.precision,
+        "speed": speed.to_json(),
         "seed": cfg.training.seed,
         "data": {"format": data.format, "sources": data.sources,
                  "dropped_rows": len(data.train.dropped) + (len(data.eval.dropped) if data.eval else 0)},
