@@ -173,12 +173,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
         set_seed(cfg.training.seed)
         model = load_base_model(cfg.model, check.source, check.precision)
         speed = plan_speed(cfg, check.model_config, trainable=check.trainable)
-        model = attach_lora(
-            model,
-            cfg.lora,
-            quantized=cfg.model.quantization is not None,
-            gradient_checkpointing=speed.checkpoint_layers > 0,
-        )
+        model = attach_lora(model, cfg.lora)
         apply_checkpointing(model, speed.checkpoint_layers)
     console.print(f"speed: {speed.summary()}")
     model.peft_config["default"].base_model_name_or_path = _recorded_base_name(cfg, check.source)

@@ -35,6 +35,19 @@ def useful_flops_per_token(seq: int) -> float:
     return 4 * N_LINEAR + 4 * HIDDEN * VOCAB + 8 * LAYERS * seq * HIDDEN
 
 
+def chat_length_rows(n_rows: int, max_len: int, seed: int = 0) -> list[dict]:
+    """Lengths like an instruction dataset's: log-normal, median ~250 tokens, long tail clipped at max_len."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.exp(torch.randn(n_rows, generator=g) * 0.8 + 5.52).clamp(16, max_len).long()  # e^5.52 ~ 250
+    rows = []
+    for n in lengths.tolist():
+        motif = torch.randint(1000, 120000, (32,), generator=g)
+        rows.append({"input_ids": motif.repeat(n // 32 + 1)[:n].tolist()})
+    return rows
+
+
 def motif_rows(n_rows: int, seq: int, seed: int = 0) -> list[dict]:
     import torch
 
@@ -64,7 +77,10 @@ def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, lig
                 self.losses.append(round(float(logs["loss"]), 5))
 
     clock = Clock()
-    rows = Dataset.from_list(motif_rows(batch * (steps + 1), seq))
+    real = mode == "real"
+    raw_rows = chat_length_rows(batch * (steps + 1) * (8 if real else 1), seq) if real else motif_rows(batch * (steps + 1), seq)
+    rows = Dataset.from_list(raw_rows)
+    mean_len = sum(len(r["input_ids"]) for r in raw_rows) / len(raw_rows)
     torch.manual_seed(0)
     if tool == "anchor":
         trainer, plan = _anchor_trainer(mode, batch, seq, steps, rows, clock)
@@ -75,6 +91,12 @@ def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, lig
     warm = 2
     dt = (clock.t[-1] - clock.t[warm - 1]) / (len(clock.t) - warm)
     tok_s = batch * seq / dt
+    if real:
+        # Real (non-padding) tokens per step: unpacked, a step consumes `batch` rows; packed (BFD), `batch` bins
+        # holding on average (real tokens / number of bins) each.
+        packed = getattr(trainer.train_dataset, "num_rows", None)
+        per_step = batch * mean_len if tool == "anchor" else batch * (mean_len * len(raw_rows) / packed)
+        tok_s = per_step / dt
     return {
         "tool": tool, "mode": mode, "batch": batch, "seq": seq, "steps": steps, "plan": plan,
         "step_s": round(dt, 4), "tokens_per_s": round(tok_s, 1),
@@ -87,10 +109,11 @@ def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, lig
 def _sft_args(batch, seq, steps, **extra):
     from trl import SFTConfig
 
-    return SFTConfig(output_dir="/tmp/bench-out", max_steps=steps, per_device_train_batch_size=batch,
-                     gradient_accumulation_steps=1, learning_rate=2e-4, lr_scheduler_type="cosine",
-                     warmup_steps=0.03, logging_steps=1, save_strategy="no", bf16=True, max_length=seq,
-                     report_to=[], packing=False, dataloader_num_workers=0, seed=42, **extra)
+    settings = dict(output_dir="/tmp/bench-out", max_steps=steps, per_device_train_batch_size=batch,
+                    gradient_accumulation_steps=1, learning_rate=2e-4, lr_scheduler_type="cosine",
+                    warmup_steps=0.03, logging_steps=1, save_strategy="no", bf16=True, max_length=seq,
+                    report_to=[], packing=False, dataloader_num_workers=0, seed=42)
+    return SFTConfig(**{**settings, **extra})
 
 
 def _tokenizer():
@@ -108,7 +131,7 @@ def _anchor_trainer(mode, batch, seq, steps, rows, clock):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from trl import SFTTrainer
 
-    if mode == "lora":
+    if mode in ("lora", "real"):
         model = AutoModelForCausalLM.from_pretrained(CKPT, dtype=torch.bfloat16, device_map={"": 0})
     else:
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -151,29 +174,35 @@ def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger):
     plan = plan_speed(cfg, AutoConfig.from_pretrained(CKPT), trainable=trainable)
     if gc.isdigit():
         plan = type(plan)(plan.liger, int(gc), plan.total_layers, plan.optimizer)
-    model = attach_lora(model, cfg.lora, quantized=mode == "qlora", gradient_checkpointing=plan.checkpoint_layers > 0)
+    model = attach_lora(model, cfg.lora)
     apply_checkpointing(model, plan.checkpoint_layers)
-    args = _sft_args(batch, seq, steps, gradient_checkpointing=False, use_liger_kernel=plan.liger, optim=plan.optimizer)
+    extra = {"packing": True, "packing_strategy": "bfd"} if mode == "real" else {}
+    args = _sft_args(batch, seq, steps, gradient_checkpointing=False, use_liger_kernel=plan.liger, optim=plan.optimizer, **extra)
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer(), callbacks=[clock])
     return trainer, plan.to_json()
 
 
 CASES = [
     # (tool, mode, gc, liger): memory comparisons keep checkpointing on; throughput uses loraft's auto plan.
+    # mode real: variable-length rows (median ~250 tokens); the anchor pads each batch, loraft packs (BFD, padding-free).
     ("anchor", "lora", "-", "-"),
     ("loraft", "lora", "true", "auto"),
     ("loraft", "lora", "auto", "auto"),
     ("anchor", "qlora", "-", "-"),
     ("loraft", "qlora", "true", "auto"),
     ("loraft", "qlora", "auto", "auto"),
+    ("anchor", "real", "-", "-"),
+    ("loraft", "real", "auto", "auto"),
 ]
 
 
-def drive(steps: int, batch: int, seq: int, out: Path | None) -> None:
+def drive(steps: int, batch: int, seq: int, out: Path | None, only: str | None = None) -> None:
     if not Path(CKPT, "config.json").exists():
         subprocess.run([sys.executable, str(Path(__file__).with_name("make_random_model.py")), "llama8b", CKPT], check=True)
     results = []
     for tool, mode, gc, liger in CASES:
+        if only and mode not in only.split(","):
+            continue
         cmd = [sys.executable, __file__, "one", tool, mode, str(batch), str(seq), str(steps), "--gc", gc, "--liger", liger]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
@@ -209,7 +238,7 @@ def main():
     sub = parser.add_subparsers(dest="cmd", required=True)
     one = sub.add_parser("one")
     one.add_argument("tool", choices=["anchor", "loraft"])
-    one.add_argument("mode", choices=["lora", "qlora"])
+    one.add_argument("mode", choices=["lora", "qlora", "real"])
     one.add_argument("batch", type=int)
     one.add_argument("seq", type=int)
     one.add_argument("steps", type=int)
@@ -220,12 +249,13 @@ def main():
     every.add_argument("--batch", type=int, default=4)
     every.add_argument("--seq", type=int, default=2048)
     every.add_argument("--out", type=Path)
+    every.add_argument("--only", help="comma-separated modes to run (lora,qlora,real)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.cmd == "one":
         print(json.dumps(run_one(args.tool, args.mode, args.batch, args.seq, args.steps, args.gc, args.liger)), flush=True)
     else:
-        drive(args.steps, args.batch, args.seq, args.out)
+        drive(args.steps, args.batch, args.seq, args.out, args.only)
 
 
 if __name__ == "__main__":
