@@ -103,7 +103,12 @@ def _layers_to_checkpoint(cfg: RunConfig, model_config, layers: int, weights_gib
 
 
 def apply_checkpointing(model, layers_to_checkpoint: int) -> None:
-    """Checkpoint the first N decoder layers (non-reentrant); the rest keep their activations."""
+    """Checkpoint the first N decoder layers (non-reentrant); the rest keep their activations.
+
+    Also turns the KV cache off for training: with a cache, transformers does not detect packed rows from
+    position_ids, so packed (padding-free) rows would attend to each other (tests/test_speed.py shows it).
+    """
+    model.config.use_cache = False
     if layers_to_checkpoint <= 0:
         return
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -112,5 +117,3 @@ def apply_checkpointing(model, layers_to_checkpoint: int) -> None:
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for index, block in enumerate(blocks):
         block.gradient_checkpointing = index < layers_to_checkpoint
-    if getattr(model.config, "use_cache", False):
-        model.config.use_cache = False
