@@ -436,3 +436,38 @@ def redact(value: Any, key: str = "") -> Any:
             return "***"
         return SECRET_VALUE.sub("***", value)
     return value
+
+
+def reference_yaml() -> str:
+    """Every key with its default and its one-line doc (configs/reference.yaml; a test keeps it in sync)."""
+    lines = [
+        "# Every loraft config key, its default and what it does. Generated from lora_ft/config.py:",
+        "#   python -m lora_ft.config > configs/reference.yaml",
+        "# model.name and data.train are required; everything else may be left out.",
+    ]
+    _reference_section(RunConfig, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _reference_section(model: type[BaseModel], indent: int, lines: list[str]) -> None:
+    pad = "  " * indent
+    for name, field in model.model_fields.items():
+        nested = _spec_type(field.annotation)
+        doc = field.description or ""
+        if nested is not None and nested is not DataSource:
+            block: list[str] = [f"{pad}{name}:" + (f"  # {doc}" if doc else "")]
+            _reference_section(nested, indent + 1, block)
+            # An optional section that is off by default (quantization) is shown commented out.
+            off = not field.is_required() and field.default is None and nested is not DataSpec
+            lines.extend(f"{pad}# {line[len(pad):]}" for line in block) if off else lines.extend(block)
+            continue
+        if field.is_required():
+            value = "REQUIRED"
+        else:
+            default = field.get_default(call_default_factory=True)
+            value = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"{pad}{name}: {value}" + (f"  # {doc}" if doc else ""))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(reference_yaml(), end="")
