@@ -130,5 +130,28 @@ def validate(config: Path = ConfigArg, set_: Optional[List[str]] = SetOption):
     typer.echo("ok: config is valid")
 
 
+@data_app.command("show")
+@handled
+def data_show(
+    config: Path = ConfigArg,
+    rows: int = typer.Option(3, "--rows", "-n", help="How many rows to show."),
+    split: str = typer.Option("train", "--split", help="train or eval."),
+    set_: Optional[List[str]] = SetOption,
+):
+    """Print rows as the model sees them: the rendered template, trained tokens marked, token counts, cuts.
+
+    Example: loraft data show recipes/quickstart.yaml --rows 2
+    """
+    from .config import ConfigError
+    from .data_show import print_rows, show_rows
+    from .model import load_tokenizer, resolve_model_source
+
+    cfg = _load(config, set_)
+    if cfg.data is None:
+        raise ConfigError("data: missing; add data.train: path/to/train.jsonl")
+    tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
+    print_rows(show_rows(cfg, tokenizer, rows, split), color=sys.stdout.isatty())
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

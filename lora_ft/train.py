@@ -153,6 +153,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     import torch
     from transformers import set_seed
 
+    from .chat_template import check_end_of_turn, require_end_of_turn
     from .data import load_training_data
     from .fingerprint import fingerprint_model_path
     from .model import attach_lora, load_base_model
@@ -167,6 +168,10 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     with console.status("tokenizing data"):
         data = load_training_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length, seed=cfg.training.seed)
     _report_data(console, data)
+    end_of_turn = check_end_of_turn(data.train.encoded, check.tokenizer, cfg.data.train_on)
+    require_end_of_turn(end_of_turn)
+    if end_of_turn.turns:
+        console.print(f"end of turn: {end_of_turn.token} trained in {end_of_turn.turns} assistant turns")
 
     with console.status(f"loading {cfg.model.name}"):
         base_fingerprint = fingerprint_model_path(check.source.path, check.source.gguf_file)
@@ -343,12 +348,15 @@ def final_scores(model, data, tokenizer, batch_size: int) -> dict:
 
 
 def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds) -> dict:
+    from .chat_template import end_of_turn_token, generation_config
     from .progress import plot_loss_curve, read_metrics
 
     stage = run.staging()
     model = trainer.model
     model.save_pretrained(str(stage), safe_serialization=True)
     check.tokenizer.save_pretrained(str(stage))
+    generation = generation_config(check.model_config, check.tokenizer)
+    generation.save_pretrained(str(stage))
     history = read_metrics(run.path / METRICS)
     plot_loss_curve(history, stage / "loss_curve.png")
     state = trainer.state
@@ -374,6 +382,12 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
             "target_modules": sorted(model.peft_config["default"].target_modules),
             "use_rslora": cfg.lora.use_rslora,
             "use_dora": cfg.lora.use_dora,
+        },
+        "chat": {
+            "template": cfg.model.chat_template or ("tokenizer" if check.tokenizer.chat_template else None),
+            "end_of_turn": end_of_turn_token(check.tokenizer),
+            "stop_token_ids": generation.eos_token_id,
+            "train_on": cfg.data.train_on,
         },
         "trainable_params": check.trainable,
         "total_params": check.total,
