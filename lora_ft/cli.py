@@ -100,16 +100,24 @@ def train(
     set_: Optional[List[str]] = SetOption,
     resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run in output_dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output_dir."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Train on N GPUs through accelerate (distributed: section)."),
+    cpu: bool = typer.Option(False, "--cpu", help="With --gpus N: run N processes on the CPU (gloo), to test a setup."),
 ):
     """Train a LoRA/QLoRA adapter as CONFIG describes and write it to output_dir.
 
     Example: loraft train recipes/quickstart.yaml --set training.max_steps=20
     """
+    from .distributed import is_main_process, launch, world_size
     from .train import train as run_training
 
     cfg = _load(config, set_)
+    if gpus > 1 and world_size() == 1:
+        argv = ["train", str(config), *[f"--set={item}" for item in set_ or []]]
+        argv += ["--resume"] * resume + ["--overwrite"] * overwrite
+        raise typer.Exit(launch(config, argv, cfg, gpus, cpu=cpu))
     result = run_training(cfg, resume=resume, overwrite=overwrite)
-    typer.echo(result.summary())
+    if is_main_process():
+        typer.echo(result.summary())
 
 
 @app.command()

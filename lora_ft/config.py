@@ -229,12 +229,26 @@ class ServingSpec(Spec):
     quantization: Literal["none"] = Field("none", description="Post-merge quantization (none; quantize with your server's tools).")
 
 
+class DistributedSpec(Spec):
+    strategy: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "ddp", description="How `--gpus N` spreads training: data parallel, FSDP full-shard, or DeepSpeed ZeRO."
+    )
+    fsdp_cpu_ram_efficient_loading: bool = Field(
+        True, description="FSDP: only rank 0 reads the weights from disk, the others receive them (saves host RAM)."
+    )
+    fsdp_offload_params: bool = Field(False, description="FSDP: keep sharded parameters in CPU memory (slow, fits more).")
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
+        "auto", description="accelerate's mixed precision; auto follows training.precision."
+    )
+
+
 class RunConfig(Spec):
     model: ModelSpec
     lora: LoraSpec = Field(default_factory=LoraSpec)
     data: DataSpec | None = Field(None, description="Needed by train; validate accepts a config without it.")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     output_dir: str | None = Field(None, description="Run folder; default runs/<config file name>.")
 
     @model_validator(mode="after")

@@ -287,7 +287,7 @@ def load_base_model(spec: ModelSpec, source: ModelSource, precision: str, *, dev
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.quantization is not None:
         kwargs["quantization_config"] = bnb_config(spec.quantization)
-        kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}
+        kwargs["device_map"] = device_map or {"": int(os.environ.get("LOCAL_RANK", "0"))}
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:

@@ -24,12 +24,15 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.time()
+        if not state.is_world_process_zero:
+            self.console = None  # only rank 0 prints and writes metrics
         self.start_step = state.global_step
         self.start_tokens = state.num_input_tokens_seen or 0
-        self.console.print(f"training: {state.max_steps} steps")
+        if self.console is not None:
+            self.console.print(f"training: {state.max_steps} steps")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
+        if not logs or not state.is_world_process_zero:
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **_plain(logs)}
         elapsed = time.time() - (self.started or time.time())

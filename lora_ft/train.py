@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import RunConfig, config_to_yaml
+from .distributed import effective_batch, is_main_process, world_size
 from .errors import ConfigError, LoraftError
 from .run_dir import CONFIG, METRICS, RunDir
 
@@ -162,7 +163,9 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     console = console or _default_console()
     started = time.time()
     check = preflight(cfg)
-    run = RunDir.prepare(cfg.output_dir, resume=resume, overwrite=overwrite)
+    main = is_main_process()
+    # Only rank 0 checks and writes the run folder; other ranks would race it.
+    run = RunDir.prepare(cfg.output_dir, resume=resume, overwrite=overwrite) if main else RunDir(Path(cfg.output_dir))
     resume_from = _resume_point(run, cfg) if resume else None
 
     with console.status("tokenizing data"):
@@ -183,17 +186,21 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     console.print(f"speed: {speed.summary()}")
     model.peft_config["default"].base_model_name_or_path = _recorded_base_name(cfg, check.source)
 
-    run.create()
-    run.write_text(CONFIG, config_to_yaml(cfg))
-    run.write_state({"status": "running", "config_hash": config_hash(cfg), "started": started})
-    if resume_from is None:
-        (run.path / METRICS).unlink(missing_ok=True)
+    if main:
+        run.create()
+        run.write_text(CONFIG, config_to_yaml(cfg))
+        run.write_state({"status": "running", "config_hash": config_hash(cfg), "started": started})
+        if resume_from is None:
+            (run.path / METRICS).unlink(missing_ok=True)
 
     trainer = _build_trainer(cfg, check, model, data, run, console, speed)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     model.eval()
     scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size)
+    if not main:
+        trainer.accelerator.wait_for_everyone()
+        return TrainResult(run.path, {}, scores)
     manifest = finalize(
         run,
         trainer,
@@ -205,6 +212,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
         base_fingerprint=base_fingerprint,
         wall_seconds=time.time() - started,
     )
+    trainer.accelerator.wait_for_everyone()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return TrainResult(run.path, manifest, scores)
 
@@ -393,6 +401,11 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
         "total_params": check.total,
         "precision": check.precision,
         "speed": speed.to_json(),
+        "distributed": {
+            "world_size": world_size(),
+            "strategy": cfg.distributed.strategy if world_size() > 1 else None,
+            "effective_batch_size": effective_batch(cfg),
+        },
         "seed": cfg.training.seed,
         "data": {"format": data.format, "sources": data.sources,
                  "dropped_rows": len(data.train.dropped) + (len(data.eval.dropped) if data.eval else 0)},
