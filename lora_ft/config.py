@@ -179,6 +179,9 @@ class TrainingSpec(Spec):
     memory_budget_gib: float | None = Field(
         None, gt=0, description="GPU memory gradient_checkpointing: auto plans for; default 90% of the card."
     )
+    activation_offloading: bool = Field(
+        False, description="Move saved activations to CPU memory during forward (CUDA): less GPU memory, a little slower."
+    )
     liger: bool | Literal["auto"] = Field(
         "auto",
         description="Liger Kernel fused ops (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without materialised logits); "

@@ -285,6 +285,7 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eva
         # Checkpointing is set per layer by speed.apply_checkpointing before the Trainer sees the model.
         gradient_checkpointing=False,
         use_liger_kernel=speed.liger,
+        activation_offloading=t.activation_offloading and torch.cuda.is_available(),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),

@@ -59,7 +59,7 @@ def motif_rows(n_rows: int, seq: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, liger: str) -> dict:
+def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, liger: str, offload: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -85,7 +85,7 @@ def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, lig
     if tool == "anchor":
         trainer, plan = _anchor_trainer(mode, batch, seq, steps, rows, clock)
     else:
-        trainer, plan = _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger)
+        trainer, plan = _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload)
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     warm = 2
@@ -146,7 +146,7 @@ def _anchor_trainer(mode, batch, seq, steps, rows, clock):
     return trainer, {"gradient_checkpointing": "all", "liger": False, "optimizer": "adamw_torch"}
 
 
-def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger):
+def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=False):
     """loraft's own path: load_base_model, attach_lora, plan_speed, apply_checkpointing, its SFTConfig choices."""
     from trl import SFTTrainer
 
@@ -177,9 +177,10 @@ def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger):
     model = attach_lora(model, cfg.lora)
     apply_checkpointing(model, plan.checkpoint_layers)
     extra = {"packing": True, "packing_strategy": "bfd"} if mode == "real" else {}
+    extra["activation_offloading"] = offload
     args = _sft_args(batch, seq, steps, gradient_checkpointing=False, use_liger_kernel=plan.liger, optim=plan.optimizer, **extra)
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer(), callbacks=[clock])
-    return trainer, plan.to_json()
+    return trainer, {**plan.to_json(), "activation_offloading": offload}
 
 
 CASES = [
@@ -193,6 +194,9 @@ CASES = [
     ("loraft", "qlora", "auto", "auto"),
     ("anchor", "real", "-", "-"),
     ("loraft", "real", "auto", "auto"),
+    # memory: checkpointing on plus activation offloading (mode names with +offload)
+    ("loraft", "lora+offload", "true", "auto"),
+    ("loraft", "qlora+offload", "true", "auto"),
 ]
 
 
@@ -203,7 +207,9 @@ def drive(steps: int, batch: int, seq: int, out: Path | None, only: str | None =
     for tool, mode, gc, liger in CASES:
         if only and mode not in only.split(","):
             continue
-        cmd = [sys.executable, __file__, "one", tool, mode, str(batch), str(seq), str(steps), "--gc", gc, "--liger", liger]
+        base_mode, _, offload = mode.partition("+")
+        cmd = [sys.executable, __file__, "one", tool, base_mode, str(batch), str(seq), str(steps), "--gc", gc, "--liger", liger]
+        cmd += ["--offload"] if offload else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
         result = json.loads(line) if line else {"tool": tool, "mode": mode, "error": proc.stderr[-1500:]}
@@ -224,7 +230,8 @@ def _compare(results: list[dict]) -> None:
             print(f"{r['tool']} {r['mode']}: failed")
             continue
         a = anchors.get(r["mode"])
-        name = f"{r['tool']} {r['mode']} {r['plan'].get('checkpoint_layers', r['plan'].get('gradient_checkpointing'))}"
+        offloaded = " offload" if r["plan"].get("activation_offloading") else ""
+        name = f"{r['tool']} {r['mode']} {r['plan'].get('checkpoint_layers', r['plan'].get('gradient_checkpointing'))}{offloaded}"
         speed = r["tokens_per_s"] / a["tokens_per_s"] if a else float("nan")
         mem = r["peak_gib"] / a["peak_gib"] if a else float("nan")
         dloss = abs(r["losses"][-1] - a["losses"][-1]) / a["losses"][-1] if a else float("nan")
@@ -244,6 +251,7 @@ def main():
     one.add_argument("steps", type=int)
     one.add_argument("--gc", default="true")
     one.add_argument("--liger", default="auto")
+    one.add_argument("--offload", action="store_true", help="activation offloading to CPU")
     every = sub.add_parser("all")
     every.add_argument("--steps", type=int, default=20)
     every.add_argument("--batch", type=int, default=4)
@@ -253,7 +261,7 @@ def main():
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.cmd == "one":
-        print(json.dumps(run_one(args.tool, args.mode, args.batch, args.seq, args.steps, args.gc, args.liger)), flush=True)
+        print(json.dumps(run_one(args.tool, args.mode, args.batch, args.seq, args.steps, args.gc, args.liger, args.offload)), flush=True)
     else:
         drive(args.steps, args.batch, args.seq, args.out, args.only)
 
