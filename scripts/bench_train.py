@@ -205,7 +205,9 @@ def drive(steps: int, batch: int, seq: int, out: Path | None, only: str | None =
         subprocess.run([sys.executable, str(Path(__file__).with_name("make_random_model.py")), "llama8b", CKPT], check=True)
     results = []
     for tool, mode, gc, liger in CASES:
-        if only and mode not in only.split(","):
+        wanted = only.split(",") if only else None
+        anchor_needed = tool == "anchor" and wanted and any(w.split("+")[0] == mode for w in wanted)
+        if wanted and mode not in wanted and not anchor_needed:
             continue
         base_mode, _, offload = mode.partition("+")
         cmd = [sys.executable, __file__, "one", tool, base_mode, str(batch), str(seq), str(steps), "--gc", gc, "--liger", liger]
