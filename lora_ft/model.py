@@ -100,6 +100,7 @@ def load_tokenizer(spec: ModelSpec, source: ModelSource):
     except Exception as exc:
         raise ModelError(f"model.name: cannot load a tokenizer from {source.display} ({_first_line(exc)})") from None
     if spec.chat_template is not None:
+        check_template_tokens(spec.chat_template, tokenizer)
         tokenizer.chat_template = read_chat_template(spec.chat_template)
     if tokenizer.pad_token is None:
         # Labels are built explicitly (-100 on padding), so reusing EOS as padding cannot hide EOS from the loss.
@@ -113,6 +114,29 @@ def load_tokenizer(spec: ModelSpec, source: ModelSource):
 
 def builtin_templates() -> dict[str, Path]:
     return {p.stem: p for p in sorted(TEMPLATES_DIR.glob("*.jinja"))}
+
+
+# Special tokens each built-in template needs in the vocabulary (Mistral ends turns with the EOS token).
+TEMPLATE_TOKENS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "mistral": (),
+}
+
+
+def check_template_tokens(name: str, tokenizer) -> None:
+    """A built-in template whose special tokens the vocabulary lacks would teach the model to stop on a
+    multi-token string it cannot emit reliably; stop with the templates that do fit instead."""
+    if name not in TEMPLATE_TOKENS:
+        return
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in TEMPLATE_TOKENS[name] if token not in vocab]
+    if missing:
+        fitting = [other for other, tokens in TEMPLATE_TOKENS.items() if all(t in vocab for t in tokens)]
+        raise ConfigError(
+            f"model.chat_template: {name} needs the special tokens {', '.join(missing)}, which this tokenizer lacks; "
+            f"use one that fits ({', '.join(fitting)}) or a .jinja file built on its own tokens"
+        )
 
 
 def read_chat_template(value: str) -> str:

@@ -129,3 +129,17 @@ def test_trained_model_stops_at_the_end_of_turn_token(tmp_path, tiny_config):
         new = out[0, prompt["input_ids"].shape[1]:].tolist()
         stopped += new[-1] == im_end and len(new) < 12
     assert stopped == 8
+
+
+def test_a_builtin_template_whose_tokens_the_vocabulary_lacks_is_refused_with_the_ones_that_fit(tmp_path):
+    from conftest import save_tiny_model
+    from lora_ft.config import ModelSpec
+    from lora_ft.errors import ConfigError
+    from lora_ft.model import load_tokenizer, resolve_model_source
+
+    folder = save_tiny_model(tmp_path / "base", chat_template=None)  # a base model: ChatML tokens, no template
+    spec = ModelSpec(name=str(folder), chat_template="llama3")
+    with pytest.raises(ConfigError, match=r"llama3 needs the special tokens <\|start_header_id\|>.*use one that fits \(chatml, mistral\)"):
+        load_tokenizer(spec, resolve_model_source(spec))
+    chatml = load_tokenizer(ModelSpec(name=str(folder), chat_template="chatml"), resolve_model_source(spec))
+    assert end_of_turn_token(chatml) == "<|im_end|>"
