@@ -493,12 +493,19 @@ def _qlora_choice(run: AdapterRun, qlora_base: str) -> QloraChoice | None:
         return QloraChoice("original", frozenset(), None)
     if quant.get("bits", 4) != 4:
         raise LoraftError("--qlora-base dequantized: reproduces 4-bit (nf4/fp4) training only; use --qlora-base original")
-    if not torch.cuda.is_available():
+    device = _roundtrip_device()
+    if device is None:
         raise LoraftError(
             "--qlora-base dequantized: the 4-bit round trip runs in bitsandbytes' CUDA kernels and no GPU is visible; "
             "run on a CUDA machine or use --qlora-base original"
         )
-    return QloraChoice("dequantized", frozenset(), _nf4_roundtrip(quant, _training_dtype(run)))
+    return QloraChoice("dequantized", frozenset(), _nf4_roundtrip(quant, _training_dtype(run), device))
+
+
+def _roundtrip_device() -> str | None:
+    """Training quantized with bitsandbytes' CUDA kernels; its CPU kernels are not promised to round the
+    same way, so reproducing what the adapter saw needs CUDA."""
+    return "cuda" if torch.cuda.is_available() else None
 
 
 def _training_dtype(run: AdapterRun) -> torch.dtype:
@@ -510,13 +517,13 @@ def _training_dtype(run: AdapterRun) -> torch.dtype:
     return PRECISION_DTYPES.get(precision, torch.bfloat16)
 
 
-def _nf4_roundtrip(quant: dict, load_dtype: torch.dtype):
+def _nf4_roundtrip(quant: dict, load_dtype: torch.dtype, device: str):
     """W -> dequantize(quantize_4bit(W)) with the training settings (blocksize 64, as bitsandbytes' Linear4bit)."""
 
     def roundtrip(weight: torch.Tensor) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
-        w = weight.to(device="cuda", dtype=load_dtype)
+        w = weight.to(device=device, dtype=load_dtype)
         packed, state = bnbf.quantize_4bit(
             w, blocksize=64, quant_type=quant.get("quant_type", "nf4"),
             compress_statistics=bool(quant.get("double_quant", True)), quant_storage=torch.uint8,

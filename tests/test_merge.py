@@ -339,6 +339,34 @@ def test_qlora_dequantized_choice_fails_clearly_without_cuda(tmp_path, run_cli, 
     assert not out.exists()
 
 
+def test_qlora_dequantized_merges_into_the_4bit_round_trip_of_every_linear_weight(tmp_path, run_cli, tiny_model_dir, monkeypatch):
+    # bitsandbytes' CPU kernels stand in for its CUDA ones here (merge itself insists on CUDA; the GPU test below uses it)
+    import bitsandbytes.functional as bnbf
+
+    monkeypatch.setattr(merge_module, "_roundtrip_device", lambda: "cpu")
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", quantization=QLORA)
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    (adapter / "manifest.json").write_text(json.dumps({**manifest, "precision": "fp32"}))
+    out = tmp_path / "merged"
+    code, stdout, stderr = run_cli("merge", "--adapter", adapter, "--out", out, "--qlora-base", "dequantized")
+    assert code == 0, stderr
+    assert "qlora base: dequantized" in stdout
+    manifest = json.loads((out / "merge_manifest.json").read_text())
+    assert manifest["qlora_base"] == "dequantized"
+    assert manifest["verification"]["logits"]["reference"].endswith("4-bit round trip of the base")
+    assert manifest["verification"]["logits"]["max_abs_diff"] < 1e-4
+    base = load_file(tiny_model_dir / "model.safetensors")
+    merged_weights = load_file(out / "model-00001-of-00001.safetensors")
+    # a linear layer the adapter does not touch is still the 4-bit round trip training computed with
+    packed, state = bnbf.quantize_4bit(base["model.layers.0.self_attn.k_proj.weight"], blocksize=64, quant_type="nf4",
+                                       compress_statistics=True, quant_storage=torch.uint8)
+    assert torch.equal(merged_weights["model.layers.0.self_attn.k_proj.weight"], bnbf.dequantize_4bit(packed, state).float())
+    assert not torch.equal(merged_weights["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"])
+    # embeddings, norms and lm_head were never quantized
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(merged_weights[name], base[name])
+
+
 def test_dequantized_choice_is_refused_for_an_adapter_trained_without_quantization(run_cli, trained_adapter, tmp_path):
     code, _, stderr = run_cli("merge", "--adapter", trained_adapter, "--out", tmp_path / "m", "--qlora-base", "dequantized")
     assert code == 2 and "not trained on a quantized base" in stderr
