@@ -421,6 +421,19 @@ def test_no_verify_skips_the_logits_check_but_not_the_per_module_check(tmp_path,
     assert verification["logits"] is None and verification["per_module"]["tensors"] == 14
 
 
+def test_model_too_large_for_two_copies_relies_on_the_per_module_check(tmp_path, run_cli, trained_adapter, monkeypatch):
+    from lora_ft import merge_check
+
+    monkeypatch.setattr(merge_check, "_available_memory", lambda: 1024)  # 1 KiB free: two fp32 copies cannot fit
+    out = tmp_path / "merged"
+    code, stdout, _ = run_cli("merge", "--adapter", trained_adapter, "--out", out)
+    assert code == 0
+    verification = json.loads((out / "merge_manifest.json").read_text())["verification"]
+    assert verification["logits"] is None
+    assert "GiB available; the per-module check covered every adapted tensor" in verification["logits_skipped"]
+    assert verification["per_module"]["tensors"] == 14 and "skipped: base+adapter" in stdout
+
+
 def test_existing_out_is_never_overwritten(run_cli, trained_adapter, tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
