@@ -161,5 +161,34 @@ def data_show(
     print_rows(show_rows(cfg, tokenizer, rows, split), color=sys.stdout.isatty())
 
 
+# ---------------------------------------------------------------------------------------------
+# merge
+
+
+@app.command()
+@handled
+def merge(
+    adapter: Path = typer.Option(..., "--adapter", help="A finished run folder (or any PEFT LoRA adapter folder)."),
+    out: Path = typer.Option(..., "--out", help="Folder to create for the merged model (must not exist)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model; default: the one recorded in the adapter."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the base's), bfloat16, float16 or float32."),
+    force: bool = typer.Option(False, "--force", help="Merge even if the base is not the adapter's own (recorded)."),
+    qlora_base: str = typer.Option(
+        "original", "--qlora-base", help="QLoRA adapters: merge into the original weights or the dequantized 4-bit ones (CUDA)."
+    ),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the logits check (the per-module check always runs)."),
+):
+    """Merge a LoRA adapter into its base: an ordinary model folder that loads without PEFT, verified.
+
+    Example: loraft merge --adapter runs/quickstart --out merged/quickstart
+    """
+    from .merge import DTYPES, merge as run_merge
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise LoraftError(f"--dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    result = run_merge(adapter, out, base=base, dtype=dtype, force=force, qlora_base=qlora_base, verify=not no_verify)
+    typer.echo(result.summary())
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
