@@ -563,8 +563,11 @@ def write_sidecars(plan: MergePlan, base_dir: Path, run: AdapterRun, spec, sourc
     if plan.untie:
         config["tie_word_embeddings"] = False
     atomic_write_json(out_dir / "config.json", config)
-    if (base_dir / "generation_config.json").is_file():
-        shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
+    # The run's generation config stops at the template's end-of-turn token; a base's often does not.
+    for folder in (run.path, base_dir):
+        if (folder / "generation_config.json").is_file():
+            shutil.copy2(folder / "generation_config.json", out_dir / "generation_config.json")
+            break
     # The tokenizer exactly as trained (with its chat template) when the adapter folder has it.
     if (run.path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

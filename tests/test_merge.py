@@ -135,6 +135,10 @@ def test_merged_folder_holds_weights_index_config_tokenizer_card_and_manifest(me
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(load_file(tiny_model_dir / "model.safetensors"))
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    # the merged model stops where the adapter was trained to: the template's end-of-turn token is an EOS id
+    im_end = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
+    im_end_id = next(t["id"] for t in im_end if t["content"] == "<|im_end|>")
+    assert im_end_id in json.loads((out / "generation_config.json").read_text())["eos_token_id"]
 
 
 def test_merged_folder_loads_with_plain_transformers_and_generates(merged):
