@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .config import RunConfig, config_to_yaml
-from .errors import ConfigError, LoraftError
-from .run_dir import CONFIG, METRICS, RunDir
+from .config import RunConfig, config_to_yaml, redact
+from .errors import ConfigError, Interrupted, LoraftError
+from .guards import NumericGuard, SignalCallback, StopSignals
+from .run_dir import CONFIG, METRICS, RunDir, check_output_path
 
 # ---------------------------------------------------------------------------------------------
 # Preflight: what `validate` prints and `train` checks before loading weights
@@ -149,10 +150,16 @@ class TrainResult:
         return {"run_dir": str(self.run_dir), "scores": self.scores, "manifest": self.manifest}
 
 
-def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, console=None) -> TrainResult:
+def train(
+    cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, console=None, command: str = "loraft train CONFIG"
+) -> TrainResult:
+    """Train as `cfg` says. An unfinished run of the same config in output_dir is continued from its
+    last complete checkpoint (`resume=True` insists there is one). `command` is what the user typed,
+    quoted back in interruption and resume messages."""
     import torch
     from transformers import set_seed
 
+    from .checkpoints import plan_resume, truncate_metrics
     from .data import load_training_data
     from .fingerprint import fingerprint_model_path
     from .model import attach_lora, load_base_model
@@ -160,12 +167,16 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     console = console or _default_console()
     started = time.time()
     check = preflight(cfg)
-    run = RunDir.prepare(cfg.output_dir, resume=resume, overwrite=overwrite)
-    resume_from = _resume_point(run, cfg) if resume else None
+    run = RunDir.prepare(cfg.output_dir, overwrite=overwrite)
+    check_output_path(run.path, _input_paths(cfg, check.source))
+    plan = plan_resume(run, cfg, explicit=resume)
+    _report_resume(console, run, plan)
 
     with console.status("tokenizing data"):
         data = load_training_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length, seed=cfg.training.seed)
     _report_data(console, data)
+    if plan is not None and plan.checkpoint is not None:
+        _check_same_data(run, data.sources)
 
     with console.status(f"loading {cfg.model.name}"):
         base_fingerprint = fingerprint_model_path(check.source.path, check.source.gguf_file)
@@ -181,12 +192,28 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
 
     run.create()
     run.write_text(CONFIG, config_to_yaml(cfg))
-    run.write_state({"status": "running", "config_hash": config_hash(cfg), "started": started})
-    if resume_from is None:
+    state = {"status": "running", "config_hash": config_hash(cfg), "started": started, "data": _data_hashes(data.sources)}
+    run.write_state(state)
+    resume_from = plan.checkpoint if plan is not None else None
+    if resume_from is not None:
+        truncate_metrics(run.path / METRICS, plan.step)  # steps after the checkpoint are trained (and logged) again
+    else:
         (run.path / METRICS).unlink(missing_ok=True)
 
-    trainer = _build_trainer(cfg, check, model, data, run, console)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    signals = StopSignals()
+    trainer = _build_trainer(cfg, check, model, data, run, console, signals, command)
+    try:
+        with signals:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        run.write_state({**state, "status": "interrupted"})
+        raise Interrupted(f"stopped at once without saving; {_resume_hint(run, command)}") from None
+    except BaseException as exc:
+        run.write_state({**state, "status": "failed", "error": redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)})
+        raise
+    if signals.received is not None:
+        run.write_state({**state, "status": "interrupted", "signal": signals.name})
+        raise Interrupted(f"{signals.name} at step {trainer.state.global_step}: {_resume_hint(run, command)}", exit_code=signals.exit_code)
 
     model.eval()
     scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size)
@@ -202,6 +229,50 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     )
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return TrainResult(run.path, manifest, scores)
+
+
+def _report_resume(console, run: RunDir, plan) -> None:
+    if plan is None:
+        return
+    for problem in plan.skipped:
+        console.print(f"[yellow]warning:[/] {problem.path.name} is damaged ({problem.reason}); skipped")
+    if plan.checkpoint is None:
+        console.print(f"{run.path} holds an unfinished run without a complete checkpoint; starting it over")
+    else:
+        console.print(f"resuming the unfinished run in {run.path} from {plan.checkpoint.name} (step {plan.step})")
+
+
+def _resume_hint(run: RunDir, command: str) -> str:
+    from .checkpoints import latest_valid_checkpoint
+
+    last, _ = latest_valid_checkpoint(run.checkpoints)
+    kept = f"{last.name} saved" if last is not None else "no checkpoint saved yet"
+    return f"{kept}; resume with: {command} --resume (a plain `{command}` resumes it too)"
+
+
+def _data_hashes(sources: list[dict]) -> dict:
+    return {s["role"]: s["sha256"] for s in sources if "sha256" in s}
+
+
+def _check_same_data(run: RunDir, sources: list[dict]) -> None:
+    before = run.read_state().get("data") or {}
+    changed = [role for role, digest in _data_hashes(sources).items() if before.get(role) != digest]
+    if changed:
+        raise ConfigError(
+            f"data.{changed[0]}: the file changed since the unfinished run in {run.path} started; "
+            "restore it to resume, or add --overwrite to start over"
+        )
+
+
+def _input_paths(cfg: RunConfig, source) -> list[Path]:
+    """Everything the run reads from local disk; output_dir may not be or contain any of it."""
+    paths = [Path(source.path) / source.gguf_file if source.gguf_file else Path(source.path)]
+    for data_source in (cfg.data.train, cfg.data.eval) if cfg.data else ():
+        if data_source is not None and data_source.is_local:
+            paths.append(Path(data_source.path).expanduser())
+    if cfg.model.chat_template and Path(cfg.model.chat_template).expanduser().exists():
+        paths.append(Path(cfg.model.chat_template).expanduser())
+    return paths
 
 
 def _default_console():
@@ -232,16 +303,6 @@ def config_hash(cfg: RunConfig) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _resume_point(run: RunDir, cfg: RunConfig) -> Path | None:
-    if not run.checkpoints.is_dir():
-        return None
-    done = sorted(
-        (p for p in run.checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    return done[-1] if done else None
 
 
 def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, *, has_eval: bool, pad_token: str):
@@ -300,19 +361,25 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, *, has_eval: bool
     )
 
 
-def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, console):
+def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, console, signals, command: str):
     from transformers import EarlyStoppingCallback, PrinterCallback
-    from trl import SFTTrainer
 
+    from .checkpoints import CheckpointWriter
     from .progress import MetricsCallback
 
     args = to_sft_config(
         cfg, run, check.precision, has_eval=data.eval is not None, pad_token=check.tokenizer.pad_token
     )
-    callbacks = [MetricsCallback(run.path / METRICS, console)]
+    callbacks = [MetricsCallback(run.path / METRICS, console), SignalCallback(signals)]
     if cfg.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
-    trainer = SFTTrainer(
+    hint = (
+        f"The last good checkpoint is kept: to step over such batches set training.nan_policy: skip and rerun "
+        f"`{command}`; to change learning rate or alpha, start over with `{command} --overwrite`"
+    )
+    trainer = _trainer_class()(
+        writer=CheckpointWriter(run.checkpoints, keep=cfg.training.save_total_limit, trainable_params=check.trainable),
+        guard=NumericGuard(cfg.training.nan_policy, cfg.training.max_skipped_steps, run.path / METRICS, console, hint),
         model=model,
         args=args,
         train_dataset=data.train.to_dataset(),
@@ -322,6 +389,44 @@ def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, c
     )
     trainer.remove_callback(PrinterCallback)  # our MetricsCallback prints instead of raw log dicts
     return trainer
+
+
+def _trainer_class():
+    """SFTTrainer with atomic, validated checkpoints and a finiteness check on every optimizer step."""
+    from trl import SFTTrainer
+
+    from .checkpoints import is_disk_full
+
+    class LoraftTrainer(SFTTrainer):
+        def __init__(self, *args, writer, guard, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.writer, self.guard, self._staging = writer, guard, None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.guard.after_backward(
+                model, loss, step=self.state.global_step + 1, sync=self.accelerator.sync_gradients
+            )
+            return loss
+
+        def _get_output_dir(self, trial):
+            # While saving, the Trainer writes checkpoint-N under the staging folder instead.
+            return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            step = self.state.global_step
+            self._staging = self.writer.begin(step, self.model).parent
+            try:
+                super()._save_checkpoint(model, trial)
+            except (OSError, RuntimeError) as exc:
+                if is_disk_full(exc) or self.writer.free_space_short():
+                    raise self.writer.disk_full(step) from None
+                raise
+            finally:
+                self._staging = None
+            self.writer.commit(step, self.state)
+
+    return LoraftTrainer
 
 
 def final_scores(model, data, tokenizer, batch_size: int) -> dict:
@@ -393,8 +498,8 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
     (stage / "README.md").write_text(model_card(cfg, manifest), encoding="utf-8")
     run.install(stage)
     stage.rmdir()
+    run.write_json("manifest.json", manifest)  # "finished" from here on; then the unfinished marker goes
     (run.path / "run_state.json").unlink(missing_ok=True)
-    run.write_json("manifest.json", manifest)
     return manifest
 
 
