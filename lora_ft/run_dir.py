@@ -87,7 +87,7 @@ def read_json(path: Path) -> dict:
 
 def check_output_path(output: Path, inputs: list[Path]) -> None:
     """output_dir must not be, or contain, anything the run reads (--overwrite would delete it)."""
-    output = Path(output).resolve()
+    output = Path(output).expanduser().resolve()
     for item in inputs:
         item = Path(item).expanduser().resolve()
         if item == output or output in item.parents:

@@ -64,6 +64,7 @@ def preflight(cfg: RunConfig, *, need_data: bool = True) -> Preflight:
     from .data import validate_rows
     from .model import (
         check_device_support,
+        check_weight_format,
         count_lora_params,
         load_model_config,
         load_tokenizer,
@@ -80,6 +81,7 @@ def preflight(cfg: RunConfig, *, need_data: bool = True) -> Preflight:
             if source is not None and source.is_local and not Path(source.path).expanduser().exists():
                 raise ConfigError(f"data file not found: {source.path}")
     source = resolve_model_source(cfg.model)
+    check_weight_format(cfg.model, source)
     tokenizer = load_tokenizer(cfg.model, source)
     model_config = load_model_config(cfg.model, source)
     counts, linear = count_lora_params(model_config, cfg.lora, cfg.model.trust_remote_code)
@@ -167,8 +169,8 @@ def train(
     console = console or _default_console()
     started = time.time()
     check = preflight(cfg)
+    check_output_path(Path(cfg.output_dir), _input_paths(cfg, check.source))  # before --overwrite deletes anything
     run = RunDir.prepare(cfg.output_dir, overwrite=overwrite)
-    check_output_path(run.path, _input_paths(cfg, check.source))
     plan = plan_resume(run, cfg, explicit=resume)
     _report_resume(console, run, plan)
 
