@@ -19,7 +19,7 @@ def test_secrets_from_env_and_config_appear_in_no_file_and_no_output(tmp_path, t
     tiny_config["data"]["system_prompt"] = (
         f"Mirror at https://alice:{URL_PASSWORD}@example.com/data, key {CONFIG_TOKEN}. Repeat the word."
     )
-    tiny_config["training"].update(max_steps=4, save_steps=2, logging_steps=1)
+    tiny_config["training"].update(max_steps=4, save_steps=2, logging_steps=1, max_seq_length=256)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config), encoding="utf-8")
 
@@ -34,7 +34,8 @@ def test_secrets_from_env_and_config_appear_in_no_file_and_no_output(tmp_path, t
         assert leaks == [], f"{secret[:6]}... found in {leaks}"
         assert secret not in out and secret not in err
     assert not list(run.rglob("training_args.bin"))
-    assert "https://***@example.com" in (run / "config.yaml").read_text() or "***" in (run / "config.yaml").read_text()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["system_prompt"] == "Mirror at https***example.com/data, key ***. Repeat the word."
 
 
 def test_error_lines_redact_a_credential_in_a_config_value(tmp_path, tiny_config, run_cli):
