@@ -279,6 +279,39 @@ def plan_resume(run, cfg, *, explicit: bool) -> ResumePlan | None:
     return ResumePlan(checkpoint, skipped)
 
 
+def report_resume(console, run, plan: ResumePlan | None) -> None:
+    if plan is None:
+        return
+    for problem in plan.skipped:
+        console.print(f"[yellow]warning:[/] {problem.path.name} is damaged ({problem.reason}); skipped")
+    if plan.checkpoint is None:
+        console.print(f"{run.path} holds an unfinished run without a complete checkpoint; starting it over")
+    else:
+        console.print(f"resuming the unfinished run in {run.path} from {plan.checkpoint.name} (step {plan.step})")
+
+
+def resume_hint(run, command: str) -> str:
+    last, _ = latest_valid_checkpoint(run.checkpoints)
+    kept = f"{last.name} saved" if last is not None else "no checkpoint saved yet"
+    return f"{kept}; resume with: {command} --resume (a plain `{command}` resumes it too)"
+
+
+def data_hashes(sources: list[dict]) -> dict:
+    return {s["role"]: s["sha256"] for s in sources if "sha256" in s}
+
+
+def check_same_data(run, sources: list[dict]) -> None:
+    before = run.read_state().get("data")
+    if before is None:  # a run started before data hashes were recorded
+        return
+    changed = [role for role, digest in data_hashes(sources).items() if before.get(role) != digest]
+    if changed:
+        raise LoraftError(
+            f"data.{changed[0]}: the file changed since the unfinished run in {run.path} started; "
+            "restore it to resume, or add --overwrite to start over"
+        )
+
+
 def config_changes(saved_path: Path, cfg) -> list[str]:
     """Dotted keys whose value differs between the saved (redacted) config and `cfg`, safe keys excluded."""
     import yaml

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import RunConfig, config_to_yaml, redact
-from .errors import ConfigError, Interrupted, LoraftError
+from .errors import ConfigError, Interrupted
 from .guards import NumericGuard, SignalCallback, StopSignals
 from .run_dir import CONFIG, METRICS, RunDir, check_output_path
 
@@ -161,7 +161,7 @@ def train(
     import torch
     from transformers import set_seed
 
-    from .checkpoints import plan_resume, truncate_metrics
+    from .checkpoints import check_same_data, data_hashes, plan_resume, report_resume, resume_hint, truncate_metrics
     from .data import load_training_data
     from .fingerprint import fingerprint_model_path
     from .model import attach_lora, load_base_model
@@ -172,13 +172,13 @@ def train(
     check_output_path(Path(cfg.output_dir), _input_paths(cfg, check.source))  # before --overwrite deletes anything
     run = RunDir.prepare(cfg.output_dir, overwrite=overwrite)
     plan = plan_resume(run, cfg, explicit=resume)
-    _report_resume(console, run, plan)
+    report_resume(console, run, plan)
 
     with console.status("tokenizing data"):
         data = load_training_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length, seed=cfg.training.seed)
     _report_data(console, data)
     if plan is not None and plan.checkpoint is not None:
-        _check_same_data(run, data.sources)
+        check_same_data(run, data.sources)
 
     with console.status(f"loading {cfg.model.name}"):
         base_fingerprint = fingerprint_model_path(check.source.path, check.source.gguf_file)
@@ -194,7 +194,7 @@ def train(
 
     run.create()
     run.write_text(CONFIG, config_to_yaml(cfg))
-    state = {"status": "running", "config_hash": config_hash(cfg), "started": started, "data": _data_hashes(data.sources)}
+    state = {"status": "running", "config_hash": config_hash(cfg), "started": started, "data": data_hashes(data.sources)}
     run.write_state(state)
     resume_from = plan.checkpoint if plan is not None else None
     if resume_from is not None:
@@ -209,13 +209,13 @@ def train(
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
         run.write_state({**state, "status": "interrupted"})
-        raise Interrupted(f"stopped at once without saving; {_resume_hint(run, command)}") from None
+        raise Interrupted(f"stopped at once without saving; {resume_hint(run, command)}") from None
     except BaseException as exc:
         run.write_state({**state, "status": "failed", "error": redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)})
         raise
-    if signals.received is not None:
+    if signals.received is not None and trainer.state.global_step < trainer.state.max_steps:
         run.write_state({**state, "status": "interrupted", "signal": signals.name})
-        raise Interrupted(f"{signals.name} at step {trainer.state.global_step}: {_resume_hint(run, command)}", exit_code=signals.exit_code)
+        raise Interrupted(f"{signals.name} at step {trainer.state.global_step}: {resume_hint(run, command)}", exit_code=signals.exit_code)
 
     model.eval()
     scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size)
@@ -231,39 +231,6 @@ def train(
     )
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return TrainResult(run.path, manifest, scores)
-
-
-def _report_resume(console, run: RunDir, plan) -> None:
-    if plan is None:
-        return
-    for problem in plan.skipped:
-        console.print(f"[yellow]warning:[/] {problem.path.name} is damaged ({problem.reason}); skipped")
-    if plan.checkpoint is None:
-        console.print(f"{run.path} holds an unfinished run without a complete checkpoint; starting it over")
-    else:
-        console.print(f"resuming the unfinished run in {run.path} from {plan.checkpoint.name} (step {plan.step})")
-
-
-def _resume_hint(run: RunDir, command: str) -> str:
-    from .checkpoints import latest_valid_checkpoint
-
-    last, _ = latest_valid_checkpoint(run.checkpoints)
-    kept = f"{last.name} saved" if last is not None else "no checkpoint saved yet"
-    return f"{kept}; resume with: {command} --resume (a plain `{command}` resumes it too)"
-
-
-def _data_hashes(sources: list[dict]) -> dict:
-    return {s["role"]: s["sha256"] for s in sources if "sha256" in s}
-
-
-def _check_same_data(run: RunDir, sources: list[dict]) -> None:
-    before = run.read_state().get("data") or {}
-    changed = [role for role, digest in _data_hashes(sources).items() if before.get(role) != digest]
-    if changed:
-        raise ConfigError(
-            f"data.{changed[0]}: the file changed since the unfinished run in {run.path} started; "
-            "restore it to resume, or add --overwrite to start over"
-        )
 
 
 def _input_paths(cfg: RunConfig, source) -> list[Path]:
@@ -426,7 +393,8 @@ def _trainer_class():
                 raise
             finally:
                 self._staging = None
-            self.writer.commit(step, self.state)
+            if self.args.should_save:  # the writing process only (multi-GPU: rank 0)
+                self.writer.commit(step, self.state)
 
     return LoraftTrainer
 
