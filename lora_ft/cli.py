@@ -108,6 +108,8 @@ def train(
         False, "--resume", help="Continue the unfinished run in output_dir (also automatic); fail if there is none."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard the run (finished or not) in output_dir."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Train on N GPUs through accelerate (distributed: section)."),
+    cpu: bool = typer.Option(False, "--cpu", help="With --gpus N: run N processes on the CPU (gloo), to test a setup."),
 ):
     """Train a LoRA/QLoRA adapter as CONFIG describes and write it to output_dir.
 
@@ -118,12 +120,20 @@ def train(
     """
     import shlex
 
+    from .distributed import is_main_process, launch, world_size
     from .train import train as run_training
 
     cfg = _load(config, set_)
-    command = shlex.join(["loraft", "train", str(config), *[a for item in set_ or [] for a in ("--set", item)]])
+    if gpus > 1 and world_size() == 1:
+        argv = ["train", str(config), *[f"--set={item}" for item in set_ or []]]
+        argv += ["--resume"] * resume + ["--overwrite"] * overwrite
+        raise typer.Exit(launch(config, argv, cfg, gpus, cpu=cpu))
+    # What the user typed, quoted back in interruption and resume messages.
+    launched = ["--gpus", str(world_size())] + ["--cpu"] * cpu if world_size() > 1 else []
+    command = shlex.join(["loraft", "train", str(config), *[a for item in set_ or [] for a in ("--set", item)], *launched])
     result = run_training(cfg, resume=resume, overwrite=overwrite, command=command)
-    typer.echo(result.summary())
+    if is_main_process():
+        typer.echo(result.summary())
 
 
 @app.command()
@@ -142,6 +152,29 @@ def validate(config: Path = ConfigArg, set_: Optional[List[str]] = SetOption):
     typer.echo("---")
     typer.echo(check.summary())
     typer.echo("ok: config is valid")
+
+
+@data_app.command("show")
+@handled
+def data_show(
+    config: Path = ConfigArg,
+    rows: int = typer.Option(3, "--rows", "-n", help="How many rows to show."),
+    split: str = typer.Option("train", "--split", help="train or eval."),
+    set_: Optional[List[str]] = SetOption,
+):
+    """Print rows as the model sees them: the rendered template, trained tokens marked, token counts, cuts.
+
+    Example: loraft data show recipes/quickstart.yaml --rows 2
+    """
+    from .config import ConfigError
+    from .data_show import print_rows, show_rows
+    from .model import load_tokenizer, resolve_model_source
+
+    cfg = _load(config, set_)
+    if cfg.data is None:
+        raise ConfigError("data: missing; add data.train: path/to/train.jsonl")
+    tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
+    print_rows(show_rows(cfg, tokenizer, rows, split), color=sys.stdout.isatty())
 
 
 if __name__ == "__main__":  # pragma: no cover

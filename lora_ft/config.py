@@ -170,11 +170,26 @@ class TrainingSpec(Spec):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up (ignored if warmup_steps).")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup in optimizer steps; overrides warmup_ratio.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA weights.")
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"] = Field(
-        "adamw_torch", description="Optimizer (8-bit ones need bitsandbytes and CUDA)."
+    optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"] = Field(
+        "auto", description="Optimizer; auto is AdamW (fused kernel on CUDA, same math). 8-bit ones need bitsandbytes and CUDA."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: far less memory, ~30% slower.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        True,
+        description="Recompute activations in backward (far less memory, ~30% slower). auto: on a GPU, checkpoint only "
+        "as many layers as memory_budget_gib needs; on a CPU, none.",
+    )
+    memory_budget_gib: float | None = Field(
+        None, gt=0, description="GPU memory gradient_checkpointing: auto plans for; default 90% of the card."
+    )
+    activation_offloading: bool = Field(
+        False, description="Move saved activations to CPU memory during forward (CUDA): less GPU memory, a little slower."
+    )
+    liger: bool | Literal["auto"] = Field(
+        "auto",
+        description="Liger Kernel fused ops (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without materialised logits); "
+        "auto: on when CUDA and liger-kernel are available. Same math, less memory, faster.",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Compute precision; auto is bf16 on a GPU that supports it, else fp32."
     )
@@ -224,12 +239,26 @@ class ServingSpec(Spec):
     quantization: Literal["none"] = Field("none", description="Post-merge quantization (none; quantize with your server's tools).")
 
 
+class DistributedSpec(Spec):
+    strategy: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "ddp", description="How `--gpus N` spreads training: data parallel, FSDP full-shard, or DeepSpeed ZeRO."
+    )
+    fsdp_cpu_ram_efficient_loading: bool = Field(
+        True, description="FSDP: only rank 0 reads the weights from disk, the others receive them (saves host RAM)."
+    )
+    fsdp_offload_params: bool = Field(False, description="FSDP: keep sharded parameters in CPU memory (slow, fits more).")
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
+        "auto", description="accelerate's mixed precision; auto follows training.precision."
+    )
+
+
 class RunConfig(Spec):
     model: ModelSpec
     lora: LoraSpec = Field(default_factory=LoraSpec)
     data: DataSpec | None = Field(None, description="Needed by train; validate accepts a config without it.")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     output_dir: str | None = Field(None, description="Run folder; default runs/<config file name>.")
 
     @model_validator(mode="after")
@@ -431,3 +460,38 @@ def redact(value: Any, key: str = "") -> Any:
             return "***"
         return SECRET_VALUE.sub("***", value)
     return value
+
+
+def reference_yaml() -> str:
+    """Every key with its default and its one-line doc (configs/reference.yaml; a test keeps it in sync)."""
+    lines = [
+        "# Every loraft config key, its default and what it does. Generated from lora_ft/config.py:",
+        "#   python -m lora_ft.config > configs/reference.yaml",
+        "# model.name and data.train are required; everything else may be left out.",
+    ]
+    _reference_section(RunConfig, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _reference_section(model: type[BaseModel], indent: int, lines: list[str]) -> None:
+    pad = "  " * indent
+    for name, field in model.model_fields.items():
+        nested = _spec_type(field.annotation)
+        doc = field.description or ""
+        if nested is not None and nested is not DataSource:
+            block: list[str] = [f"{pad}{name}:" + (f"  # {doc}" if doc else "")]
+            _reference_section(nested, indent + 1, block)
+            # An optional section that is off by default (quantization) is shown commented out.
+            off = not field.is_required() and field.default is None and nested is not DataSpec
+            lines.extend(f"{pad}# {line[len(pad):]}" for line in block) if off else lines.extend(block)
+            continue
+        if field.is_required():
+            value = "REQUIRED"
+        else:
+            default = field.get_default(call_default_factory=True)
+            value = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"{pad}{name}: {value}" + (f"  # {doc}" if doc else ""))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(reference_yaml(), end="")

@@ -83,10 +83,23 @@ class SignalCallback(TrainerCallback):
         state.compute_steps(args, state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signals.received is not None:
+        if _any_rank(self.signals.received is not None, args.device):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True if `flag` is set on any process: every rank must stop (and save) at the same step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    import torch
+
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,10 +126,10 @@ class SpikeDetector:
 class NumericGuard:
     """Called by the Trainer after every backward pass (see train._trainer_class)."""
 
-    def __init__(self, policy: str, max_skipped: int, metrics_path: Path, console, resume_hint: str):
+    def __init__(self, policy: str, max_skipped: int, metrics_path: Path | None, console, resume_hint: str):
         self.policy = policy
         self.max_skipped = max_skipped
-        self.metrics_path = Path(metrics_path)
+        self.metrics_path = Path(metrics_path) if metrics_path else None  # None on ranks other than 0
         self.console = console
         self.resume_hint = resume_hint
         self.spikes = SpikeDetector()
@@ -153,6 +166,8 @@ class NumericGuard:
             )
 
     def _record(self, record: dict) -> None:
+        if self.metrics_path is None:
+            return
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 

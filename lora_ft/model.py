@@ -307,7 +307,7 @@ def load_base_model(spec: ModelSpec, source: ModelSource, precision: str, *, dev
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.quantization is not None:
         kwargs["quantization_config"] = bnb_config(spec.quantization)
-        kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}
+        kwargs["device_map"] = device_map or {"": int(os.environ.get("LOCAL_RANK", "0"))}
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
@@ -330,16 +330,16 @@ def clear_gguf_marker(model) -> None:
         model.is_quantized = False
 
 
-def attach_lora(model, lora: LoraSpec, *, quantized: bool, gradient_checkpointing: bool):
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def attach_lora(model, lora: LoraSpec):
+    """Wrap with PEFT LoRA. A 4-bit base is NOT passed through `prepare_model_for_kbit_training`: it casts
+    every non-quantized weight (embeddings, lm_head, norms) to fp32, which costs ~4 GiB on an 8B model and
+    makes the norm activations fp32. Frozen weights need no fp32 copy; the LoRA weights are fp32 anyway
+    (PEFT autocasts adapters), and non-reentrant checkpointing needs no input gradients."""
+    from peft import get_peft_model
 
     targets = resolve_target_modules(lora, linear_module_names(model))
-    if quantized:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+    for param in model.parameters():
+        param.requires_grad_(False)
     return get_peft_model(model, build_lora_config(lora, targets))
 
 

@@ -24,12 +24,15 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.time()
+        if not state.is_world_process_zero:
+            self.console = None  # only rank 0 prints and writes metrics
         self.start_step = state.global_step
         self.start_tokens = state.num_input_tokens_seen or 0
-        self.console.print(f"training: {state.max_steps} steps")
+        if self.console is not None:
+            self.console.print(f"training: {state.max_steps} steps")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
+        if not logs or not state.is_world_process_zero:
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **_plain(logs)}
         elapsed = time.time() - (self.started or time.time())
@@ -93,8 +96,12 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def plot_loss_curve(history: list[dict], out: Path) -> None:
-    import matplotlib
+def plot_loss_curve(history: list[dict], out: Path) -> bool:
+    """Write the train/eval loss curve as PNG; returns False (no file) where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -114,3 +121,4 @@ def plot_loss_curve(history: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+    return True

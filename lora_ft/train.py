@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import RunConfig, config_to_yaml, redact
+from .distributed import effective_batch, is_main_process, world_size
 from .errors import ConfigError, Interrupted
 from .guards import NumericGuard, SignalCallback, StopSignals
 from .run_dir import CONFIG, METRICS, RunDir, check_output_path
@@ -161,64 +162,78 @@ def train(
     import torch
     from transformers import set_seed
 
+    from .chat_template import check_end_of_turn, require_end_of_turn
     from .checkpoints import check_same_data, data_hashes, plan_resume, report_resume, resume_hint, truncate_metrics
     from .data import load_training_data
     from .fingerprint import fingerprint_model_path
     from .model import attach_lora, load_base_model
+    from .speed import apply_checkpointing, plan_speed
 
     console = console or _default_console()
     started = time.time()
     check = preflight(cfg)
+    main = is_main_process()
     check_output_path(Path(cfg.output_dir), _input_paths(cfg, check.source))  # before --overwrite deletes anything
-    run = RunDir.prepare(cfg.output_dir, overwrite=overwrite)
-    plan = plan_resume(run, cfg, explicit=resume)
-    report_resume(console, run, plan)
+    # Only rank 0 prepares and writes the run folder; other ranks only read which checkpoint to resume.
+    run = RunDir.prepare(cfg.output_dir, overwrite=overwrite) if main else RunDir(Path(cfg.output_dir))
+    plan = plan_resume(run, cfg, explicit=resume) if main or not overwrite else None
+    if main:
+        report_resume(console, run, plan)
 
     with console.status("tokenizing data"):
         data = load_training_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length, seed=cfg.training.seed)
     _report_data(console, data)
     if plan is not None and plan.checkpoint is not None:
         check_same_data(run, data.sources)
+    end_of_turn = check_end_of_turn(data.train.encoded, check.tokenizer, cfg.data.train_on)
+    require_end_of_turn(end_of_turn)
+    if end_of_turn.turns:
+        console.print(f"end of turn: {end_of_turn.token} trained in {end_of_turn.turns} assistant turns")
 
     with console.status(f"loading {cfg.model.name}"):
         base_fingerprint = fingerprint_model_path(check.source.path, check.source.gguf_file)
         set_seed(cfg.training.seed)
         model = load_base_model(cfg.model, check.source, check.precision)
-        model = attach_lora(
-            model,
-            cfg.lora,
-            quantized=cfg.model.quantization is not None,
-            gradient_checkpointing=cfg.training.gradient_checkpointing,
-        )
+        speed = plan_speed(cfg, check.model_config, trainable=check.trainable)
+        model = attach_lora(model, cfg.lora)
+        apply_checkpointing(model, speed.checkpoint_layers)
+    console.print(f"speed: {speed.summary()}")
     model.peft_config["default"].base_model_name_or_path = _recorded_base_name(cfg, check.source)
 
-    run.create()
-    run.write_text(CONFIG, config_to_yaml(cfg))
     state = {"status": "running", "config_hash": config_hash(cfg), "started": started, "data": data_hashes(data.sources)}
-    run.write_state(state)
     resume_from = plan.checkpoint if plan is not None else None
-    if resume_from is not None:
-        truncate_metrics(run.path / METRICS, plan.step)  # steps after the checkpoint are trained (and logged) again
-    else:
-        (run.path / METRICS).unlink(missing_ok=True)
+    if main:
+        run.create()
+        run.write_text(CONFIG, config_to_yaml(cfg))
+        run.write_state(state)
+        if resume_from is not None:
+            truncate_metrics(run.path / METRICS, plan.step)  # steps after the checkpoint are trained (and logged) again
+        else:
+            (run.path / METRICS).unlink(missing_ok=True)
 
     signals = StopSignals()
-    trainer = _build_trainer(cfg, check, model, data, run, console, signals, command)
+    trainer = _build_trainer(cfg, check, model, data, run, console, speed, signals, command)
     try:
         with signals:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
-        run.write_state({**state, "status": "interrupted"})
+        if main:
+            run.write_state({**state, "status": "interrupted"})
         raise Interrupted(f"stopped at once without saving; {resume_hint(run, command)}") from None
     except BaseException as exc:
-        run.write_state({**state, "status": "failed", "error": redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)})
+        if main:
+            run.write_state({**state, "status": "failed", "error": redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)})
         raise
     if signals.received is not None and trainer.state.global_step < trainer.state.max_steps:
-        run.write_state({**state, "status": "interrupted", "signal": signals.name})
+        if main:
+            run.write_state({**state, "status": "interrupted", "signal": signals.name})
         raise Interrupted(f"{signals.name} at step {trainer.state.global_step}: {resume_hint(run, command)}", exit_code=signals.exit_code)
 
     model.eval()
     scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size)
+    if not main:
+        trainer.accelerator.wait_for_everyone()
+        return TrainResult(run.path, {}, scores)
     manifest = finalize(
         run,
         trainer,
@@ -226,9 +241,11 @@ def train(
         check,
         data,
         scores=scores,
+        speed=speed,
         base_fingerprint=base_fingerprint,
         wall_seconds=time.time() - started,
     )
+    trainer.accelerator.wait_for_everyone()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return TrainResult(run.path, manifest, scores)
 
@@ -274,7 +291,7 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, *, has_eval: bool, pad_token: str):
+def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eval: bool, pad_token: str):
     """TRL's SFTConfig from our schema; every default we rely on is stated here."""
     import torch
     from trl import SFTConfig
@@ -297,10 +314,12 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, *, has_eval: bool
         # transformers 5 reads a float below 1 as a ratio of the total steps.
         warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,
         weight_decay=t.weight_decay,
-        optim=t.optimizer,
+        optim=speed.optimizer,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # Checkpointing is set per layer by speed.apply_checkpointing before the Trainer sees the model.
+        gradient_checkpointing=False,
+        use_liger_kernel=speed.liger,
+        activation_offloading=t.activation_offloading and torch.cuda.is_available(),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
@@ -330,14 +349,14 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, *, has_eval: bool
     )
 
 
-def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, console, signals, command: str):
+def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, console, speed, signals, command: str):
     from transformers import EarlyStoppingCallback, PrinterCallback
 
     from .checkpoints import CheckpointWriter
     from .progress import MetricsCallback
 
     args = to_sft_config(
-        cfg, run, check.precision, has_eval=data.eval is not None, pad_token=check.tokenizer.pad_token
+        cfg, run, check.precision, speed, has_eval=data.eval is not None, pad_token=check.tokenizer.pad_token
     )
     callbacks = [MetricsCallback(run.path / METRICS, console), SignalCallback(signals)]
     if cfg.training.early_stopping_patience:
@@ -348,7 +367,9 @@ def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, c
     )
     trainer = _trainer_class()(
         writer=CheckpointWriter(run.checkpoints, keep=cfg.training.save_total_limit, trainable_params=check.trainable),
-        guard=NumericGuard(cfg.training.nan_policy, cfg.training.max_skipped_steps, run.path / METRICS, console, hint),
+        guard=NumericGuard(
+            cfg.training.nan_policy, cfg.training.max_skipped_steps, run.path / METRICS if is_main_process() else None, console, hint
+        ),
         model=model,
         args=args,
         train_dataset=data.train.to_dataset(),
@@ -384,7 +405,11 @@ def _trainer_class():
 
         def _save_checkpoint(self, model, trial):
             step = self.state.global_step
-            self._staging = self.writer.begin(step, self.model).parent
+            # Rank 0 alone prepares and commits the staging folder; every rank writes its RNG state into it.
+            if self.args.should_save:
+                self.writer.begin(step, self.model)
+            self.accelerator.wait_for_everyone()
+            self._staging = self.writer.staging_parent
             try:
                 super()._save_checkpoint(model, trial)
             except (OSError, RuntimeError) as exc:
@@ -393,7 +418,8 @@ def _trainer_class():
                 raise
             finally:
                 self._staging = None
-            if self.args.should_save:  # the writing process only (multi-GPU: rank 0)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
                 self.writer.commit(step, self.state)
 
     return LoraftTrainer
@@ -416,13 +442,16 @@ def final_scores(model, data, tokenizer, batch_size: int) -> dict:
 # Finishing: adapter, tokenizer, card, curve, and the manifest last
 
 
-def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, base_fingerprint, wall_seconds) -> dict:
+def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds) -> dict:
+    from .chat_template import end_of_turn_token, generation_config
     from .progress import plot_loss_curve, read_metrics
 
     stage = run.staging()
     model = trainer.model
     model.save_pretrained(str(stage), safe_serialization=True)
     check.tokenizer.save_pretrained(str(stage))
+    generation = generation_config(check.model_config, check.tokenizer)
+    generation.save_pretrained(str(stage))
     history = read_metrics(run.path / METRICS)
     plot_loss_curve(history, stage / "loss_curve.png")
     state = trainer.state
@@ -449,9 +478,21 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
             "use_rslora": cfg.lora.use_rslora,
             "use_dora": cfg.lora.use_dora,
         },
+        "chat": {
+            "template": cfg.model.chat_template or ("tokenizer" if check.tokenizer.chat_template else None),
+            "end_of_turn": end_of_turn_token(check.tokenizer),
+            "stop_token_ids": generation.eos_token_id,
+            "train_on": cfg.data.train_on,
+        },
         "trainable_params": check.trainable,
         "total_params": check.total,
         "precision": check.precision,
+        "speed": speed.to_json(),
+        "distributed": {
+            "world_size": world_size(),
+            "strategy": cfg.distributed.strategy if world_size() > 1 else None,
+            "effective_batch_size": effective_batch(cfg),
+        },
         "seed": cfg.training.seed,
         "data": {"format": data.format, "sources": data.sources,
                  "dropped_rows": len(data.train.dropped) + (len(data.eval.dropped) if data.eval else 0)},
@@ -460,6 +501,7 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
             "epochs": round(state.epoch or 0, 3),
             "train_loss": train_losses[-1] if train_losses else None,
             "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
+            "peak_gpu_memory_gib": _peak_gpu_gib(),
             "heldout": scores,
         },
         "environment": environment(),
@@ -471,6 +513,14 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
     run.write_json("manifest.json", manifest)  # "finished" from here on; then the unfinished marker goes
     (run.path / "run_state.json").unlink(missing_ok=True)
     return manifest
+
+
+def _peak_gpu_gib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def environment() -> dict:

@@ -1,0 +1,80 @@
+"""`loraft data show`: rows exactly as the model sees them, trained tokens told apart from masked ones.
+
+Uses the same rendering and masking as training (data.encode), so what it shows is what trains:
+in a terminal trained tokens are green and masked ones dim; piped, trained spans sit between
+[[ and ]] markers. Where truncation would cut, a |<cut marker shows it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import RunConfig
+from .data import IGNORE, encode, examples_from_rows, load_rows
+
+
+@dataclass(frozen=True)
+class ShownRow:
+    where: str
+    pieces: list[tuple[str, bool]]  # (text, trained) runs, in order
+    tokens: int
+    trained: int
+    cut_at: int | None  # token index where truncation cuts, if it does
+
+    def plain(self) -> str:
+        text = "".join(f"[[{t}]]" if trained else t for t, trained in self.pieces)
+        return text
+
+
+def show_rows(cfg: RunConfig, tokenizer, rows: int = 3, split: str = "train") -> list[ShownRow]:
+    train_rows, eval_rows = load_rows(cfg.data, cfg.training.seed)
+    chosen = (train_rows if split == "train" else eval_rows or [])[:rows]
+    if not chosen:
+        return []
+    _, examples = examples_from_rows(chosen, cfg.data, tokenizer)
+    shown = []
+    for example in examples:
+        # Encode without truncation to show where the limit cuts.
+        full = encode(example, tokenizer, train_on=cfg.data.train_on, max_seq_length=10**9)
+        limit = cfg.training.max_seq_length
+        pieces: list[tuple[str, bool]] = []
+        for index, (token, label) in enumerate(zip(full.input_ids, full.labels)):
+            if index == limit:
+                pieces.append(("|<cut", False))
+            text = tokenizer.decode([token])
+            trained = label != IGNORE
+            if pieces and pieces[-1][1] == trained and pieces[-1][0] != "|<cut":
+                pieces[-1] = (pieces[-1][0] + text, trained)
+            else:
+                pieces.append((text, trained))
+        shown.append(
+            ShownRow(
+                example.where,
+                pieces,
+                len(full.input_ids),
+                sum(1 for label in full.labels if label != IGNORE),
+                limit if len(full.input_ids) > limit else None,
+            )
+        )
+    return shown
+
+
+def print_rows(shown: list[ShownRow], *, color: bool) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(force_terminal=color, no_color=not color, highlight=False, soft_wrap=True)
+    for row in shown:
+        cut = f", cut at token {row.cut_at}" if row.cut_at is not None else ""
+        console.print(f"── {row.where}: {row.tokens} tokens, {row.trained} trained{cut}", style="bold")
+        if color:
+            text = Text()
+            for piece, trained in row.pieces:
+                text.append(piece, style="bold green" if trained else ("bold red" if piece == "|<cut" else "dim"))
+            console.print(text)
+        else:
+            console.print(row.plain(), markup=False)
+    if color:
+        console.print("green: in the loss · dim: masked", style="italic")
+    else:
+        console.print("[[...]]: in the loss; everything else is masked", markup=False)
