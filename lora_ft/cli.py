@@ -70,8 +70,12 @@ def handled(func):
         try:
             return func(*args, **kwargs)
         except LoraftError as exc:
+            from .config import redact
+            from .errors import Interrupted
+
+            prefix = "interrupted" if isinstance(exc, Interrupted) else "error"
             for line in str(exc).splitlines():
-                typer.echo(f"error: {line}", err=True)
+                typer.echo(f"{prefix}: {redact(line)}", err=True)  # a config value may hold a token
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
@@ -81,7 +85,9 @@ def handled(func):
         except Exception as exc:
             if STATE["debug"]:
                 raise
-            typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+            from .config import redact
+
+            typer.echo(f"internal error: {type(exc).__name__}: {redact(str(exc))} (rerun with --debug for the traceback)", err=True)
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
@@ -98,15 +104,22 @@ def _load(config: Path, overrides: Optional[List[str]]):
 def train(
     config: Path = ConfigArg,
     set_: Optional[List[str]] = SetOption,
-    resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run in output_dir."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in output_dir."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the unfinished run in output_dir (also automatic); fail if there is none."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard the run (finished or not) in output_dir."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="Train on N GPUs through accelerate (distributed: section)."),
     cpu: bool = typer.Option(False, "--cpu", help="With --gpus N: run N processes on the CPU (gloo), to test a setup."),
 ):
     """Train a LoRA/QLoRA adapter as CONFIG describes and write it to output_dir.
 
+    An unfinished run of the same config in output_dir continues from its last complete checkpoint.
+    Exit codes: 0 done, 2 bad input, 1 internal error, 130/143 interrupted (Ctrl-C/SIGTERM) after saving.
+
     Example: loraft train recipes/quickstart.yaml --set training.max_steps=20
     """
+    import shlex
+
     from .distributed import is_main_process, launch, world_size
     from .train import train as run_training
 
@@ -115,7 +128,10 @@ def train(
         argv = ["train", str(config), *[f"--set={item}" for item in set_ or []]]
         argv += ["--resume"] * resume + ["--overwrite"] * overwrite
         raise typer.Exit(launch(config, argv, cfg, gpus, cpu=cpu))
-    result = run_training(cfg, resume=resume, overwrite=overwrite)
+    # What the user typed, quoted back in interruption and resume messages.
+    launched = ["--gpus", str(world_size())] + ["--cpu"] * cpu if world_size() > 1 else []
+    command = shlex.join(["loraft", "train", str(config), *[a for item in set_ or [] for a in ("--set", item)], *launched])
+    result = run_training(cfg, resume=resume, overwrite=overwrite, command=command)
     if is_main_process():
         typer.echo(result.summary())
 

@@ -46,6 +46,9 @@ class ModelSpec(Spec):
         None, description="Attention kernel; None lets transformers choose (sdpa where available)."
     )
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model. Only for models you trust.")
+    allow_pickle_weights: bool = Field(
+        False, description="Also load .bin/.pt (pickle) weights, which can run code when loaded. Default: safetensors only."
+    )
     quantization: QuantizationSpec | None = Field(None, description="Load the base quantized (QLoRA). Needs CUDA.")
     chat_template: str | None = Field(
         None, description="Override the tokenizer's chat template: a built-in name (chatml, llama3, mistral) or a .jinja file."
@@ -202,6 +205,10 @@ class TrainingSpec(Spec):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Experiment trackers; none by default."
     )
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop", description="On a NaN/inf loss or gradient: stop the run, or skip that optimizer step."
+    )
+    max_skipped_steps: int = Field(10, ge=0, description="With nan_policy: skip, stop after skipping more steps than this.")
 
     @model_validator(mode="before")
     @classmethod

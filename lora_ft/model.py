@@ -61,6 +61,24 @@ def resolve_model_source(spec: ModelSpec) -> ModelSource:
     return ModelSource(_download(spec), None, spec.name, spec.revision)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weight_format(spec: ModelSpec, source: ModelSource) -> None:
+    """Pickle weights (.bin/.pt) can run code when loaded: refuse a model that has only those unless opted in."""
+    if source.gguf_file or spec.allow_pickle_weights or not source.path.is_dir():
+        return
+    names = sorted(p.name for p in source.path.iterdir() if p.is_file())
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    pickled = [name for name in names if name.endswith(PICKLE_SUFFIXES) and name != "training_args.bin"]
+    if pickled:
+        raise ModelError(
+            f"model.name: {source.display} has only pickle weights ({pickled[0]}), which can run code when loaded; "
+            "convert them to safetensors, or set model.allow_pickle_weights: true if you trust their source"
+        )
+
+
 def package_file(name: str) -> Path:
     import importlib.util
 
@@ -76,6 +94,8 @@ def _download(spec: ModelSpec) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+    if spec.allow_pickle_weights:
+        patterns.append("*.bin")
     try:
         return Path(snapshot_download(spec.name, revision=spec.revision, allow_patterns=patterns))
     except Exception as exc:  # network, auth, missing repo: all user-fixable
@@ -306,7 +326,7 @@ def load_base_model(spec: ModelSpec, source: ModelSource, precision: str, *, dev
         **source.load_kwargs,
     }
     if source.gguf_file is None:
-        kwargs["use_safetensors"] = True
+        kwargs["use_safetensors"] = None if spec.allow_pickle_weights else True
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.quantization is not None:

@@ -85,6 +85,15 @@ def read_json(path: Path) -> dict:
         raise LoraftError(f"{path}: not valid JSON ({exc})") from None
 
 
+def check_output_path(output: Path, inputs: list[Path]) -> None:
+    """output_dir must not be, or contain, anything the run reads (--overwrite would delete it)."""
+    output = Path(output).expanduser().resolve()
+    for item in inputs:
+        item = Path(item).expanduser().resolve()
+        if item == output or output in item.parents:
+            raise LoraftError(f"output_dir {output} contains the run's input {item}; choose an output_dir outside it")
+
+
 class RunDir:
     """One run's output folder."""
 
@@ -92,17 +101,19 @@ class RunDir:
         self.path = Path(path).resolve()
 
     @classmethod
-    def prepare(cls, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> "RunDir":
-        run = cls(Path(output_dir))
+    def prepare(cls, output_dir: str | Path, *, overwrite: bool = False) -> "RunDir":
+        """Check output_dir can take this run; with `overwrite`, discard a run (finished or not) already there."""
+        run = cls(Path(output_dir).expanduser())
         if run.path.exists() and not run.path.is_dir():
             raise LoraftError(f"output_dir {run.path} is a file; choose a folder path")
-        if run.is_finished():
-            if not overwrite:
+        if run.is_finished() or run.has_state():
+            if run.is_finished() and not overwrite:
                 raise LoraftError(
                     f"output_dir {run.path} holds a finished run; choose another output_dir or pass --overwrite"
                 )
-            shutil.rmtree(run.path)
-        elif run.path.exists() and any(run.path.iterdir()) and not resume and not run.has_state():
+            if overwrite:
+                shutil.rmtree(run.path)
+        elif run.path.exists() and any(run.path.iterdir()):
             raise LoraftError(f"output_dir {run.path} is not empty and holds no loraft run; choose another folder")
         return run
 

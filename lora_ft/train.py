@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .config import RunConfig, config_to_yaml
+from .config import RunConfig, config_to_yaml, redact
 from .distributed import effective_batch, is_main_process, world_size
-from .errors import ConfigError, LoraftError
-from .run_dir import CONFIG, METRICS, RunDir
+from .errors import ConfigError, Interrupted
+from .guards import NumericGuard, SignalCallback, StopSignals
+from .run_dir import CONFIG, METRICS, RunDir, check_output_path
 
 # ---------------------------------------------------------------------------------------------
 # Preflight: what `validate` prints and `train` checks before loading weights
@@ -64,6 +65,7 @@ def preflight(cfg: RunConfig, *, need_data: bool = True) -> Preflight:
     from .data import validate_rows
     from .model import (
         check_device_support,
+        check_weight_format,
         count_lora_params,
         load_model_config,
         load_tokenizer,
@@ -80,6 +82,7 @@ def preflight(cfg: RunConfig, *, need_data: bool = True) -> Preflight:
             if source is not None and source.is_local and not Path(source.path).expanduser().exists():
                 raise ConfigError(f"data file not found: {source.path}")
     source = resolve_model_source(cfg.model)
+    check_weight_format(cfg.model, source)
     tokenizer = load_tokenizer(cfg.model, source)
     model_config = load_model_config(cfg.model, source)
     counts, linear = count_lora_params(model_config, cfg.lora, cfg.model.trust_remote_code)
@@ -150,11 +153,17 @@ class TrainResult:
         return {"run_dir": str(self.run_dir), "scores": self.scores, "manifest": self.manifest}
 
 
-def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, console=None) -> TrainResult:
+def train(
+    cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, console=None, command: str = "loraft train CONFIG"
+) -> TrainResult:
+    """Train as `cfg` says. An unfinished run of the same config in output_dir is continued from its
+    last complete checkpoint (`resume=True` insists there is one). `command` is what the user typed,
+    quoted back in interruption and resume messages."""
     import torch
     from transformers import set_seed
 
     from .chat_template import check_end_of_turn, require_end_of_turn
+    from .checkpoints import check_same_data, data_hashes, plan_resume, report_resume, resume_hint, truncate_metrics
     from .data import load_training_data
     from .fingerprint import fingerprint_model_path
     from .model import attach_lora, load_base_model
@@ -164,13 +173,18 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     started = time.time()
     check = preflight(cfg)
     main = is_main_process()
-    # Only rank 0 checks and writes the run folder; other ranks would race it.
-    run = RunDir.prepare(cfg.output_dir, resume=resume, overwrite=overwrite) if main else RunDir(Path(cfg.output_dir))
-    resume_from = _resume_point(run, cfg) if resume else None
+    check_output_path(Path(cfg.output_dir), _input_paths(cfg, check.source))  # before --overwrite deletes anything
+    # Only rank 0 prepares and writes the run folder; other ranks only read which checkpoint to resume.
+    run = RunDir.prepare(cfg.output_dir, overwrite=overwrite) if main else RunDir(Path(cfg.output_dir))
+    plan = plan_resume(run, cfg, explicit=resume) if main or not overwrite else None
+    if main:
+        report_resume(console, run, plan)
 
     with console.status("tokenizing data"):
         data = load_training_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length, seed=cfg.training.seed)
     _report_data(console, data)
+    if plan is not None and plan.checkpoint is not None:
+        check_same_data(run, data.sources)
     end_of_turn = check_end_of_turn(data.train.encoded, check.tokenizer, cfg.data.train_on)
     require_end_of_turn(end_of_turn)
     if end_of_turn.turns:
@@ -186,15 +200,34 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     console.print(f"speed: {speed.summary()}")
     model.peft_config["default"].base_model_name_or_path = _recorded_base_name(cfg, check.source)
 
+    state = {"status": "running", "config_hash": config_hash(cfg), "started": started, "data": data_hashes(data.sources)}
+    resume_from = plan.checkpoint if plan is not None else None
     if main:
         run.create()
         run.write_text(CONFIG, config_to_yaml(cfg))
-        run.write_state({"status": "running", "config_hash": config_hash(cfg), "started": started})
-        if resume_from is None:
+        run.write_state(state)
+        if resume_from is not None:
+            truncate_metrics(run.path / METRICS, plan.step)  # steps after the checkpoint are trained (and logged) again
+        else:
             (run.path / METRICS).unlink(missing_ok=True)
 
-    trainer = _build_trainer(cfg, check, model, data, run, console, speed)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    signals = StopSignals()
+    trainer = _build_trainer(cfg, check, model, data, run, console, speed, signals, command)
+    try:
+        with signals:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        if main:
+            run.write_state({**state, "status": "interrupted"})
+        raise Interrupted(f"stopped at once without saving; {resume_hint(run, command)}") from None
+    except BaseException as exc:
+        if main:
+            run.write_state({**state, "status": "failed", "error": redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)})
+        raise
+    if signals.received is not None and trainer.state.global_step < trainer.state.max_steps:
+        if main:
+            run.write_state({**state, "status": "interrupted", "signal": signals.name})
+        raise Interrupted(f"{signals.name} at step {trainer.state.global_step}: {resume_hint(run, command)}", exit_code=signals.exit_code)
 
     model.eval()
     scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size)
@@ -215,6 +248,17 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     trainer.accelerator.wait_for_everyone()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return TrainResult(run.path, manifest, scores)
+
+
+def _input_paths(cfg: RunConfig, source) -> list[Path]:
+    """Everything the run reads from local disk; output_dir may not be or contain any of it."""
+    paths = [Path(source.path) / source.gguf_file if source.gguf_file else Path(source.path)]
+    for data_source in (cfg.data.train, cfg.data.eval) if cfg.data else ():
+        if data_source is not None and data_source.is_local:
+            paths.append(Path(data_source.path).expanduser())
+    if cfg.model.chat_template and Path(cfg.model.chat_template).expanduser().exists():
+        paths.append(Path(cfg.model.chat_template).expanduser())
+    return paths
 
 
 def _default_console():
@@ -245,16 +289,6 @@ def config_hash(cfg: RunConfig) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _resume_point(run: RunDir, cfg: RunConfig) -> Path | None:
-    if not run.checkpoints.is_dir():
-        return None
-    done = sorted(
-        (p for p in run.checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    return done[-1] if done else None
 
 
 def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eval: bool, pad_token: str):
@@ -315,19 +349,27 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eva
     )
 
 
-def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, console, speed):
+def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, console, speed, signals, command: str):
     from transformers import EarlyStoppingCallback, PrinterCallback
-    from trl import SFTTrainer
 
+    from .checkpoints import CheckpointWriter
     from .progress import MetricsCallback
 
     args = to_sft_config(
         cfg, run, check.precision, speed, has_eval=data.eval is not None, pad_token=check.tokenizer.pad_token
     )
-    callbacks = [MetricsCallback(run.path / METRICS, console)]
+    callbacks = [MetricsCallback(run.path / METRICS, console), SignalCallback(signals)]
     if cfg.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
-    trainer = SFTTrainer(
+    hint = (
+        f"The last good checkpoint is kept: to step over such batches set training.nan_policy: skip and rerun "
+        f"`{command}`; to change learning rate or alpha, start over with `{command} --overwrite`"
+    )
+    trainer = _trainer_class()(
+        writer=CheckpointWriter(run.checkpoints, keep=cfg.training.save_total_limit, trainable_params=check.trainable),
+        guard=NumericGuard(
+            cfg.training.nan_policy, cfg.training.max_skipped_steps, run.path / METRICS if is_main_process() else None, console, hint
+        ),
         model=model,
         args=args,
         train_dataset=data.train.to_dataset(),
@@ -337,6 +379,50 @@ def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, c
     )
     trainer.remove_callback(PrinterCallback)  # our MetricsCallback prints instead of raw log dicts
     return trainer
+
+
+def _trainer_class():
+    """SFTTrainer with atomic, validated checkpoints and a finiteness check on every optimizer step."""
+    from trl import SFTTrainer
+
+    from .checkpoints import is_disk_full
+
+    class LoraftTrainer(SFTTrainer):
+        def __init__(self, *args, writer, guard, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.writer, self.guard, self._staging = writer, guard, None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.guard.after_backward(
+                model, loss, step=self.state.global_step + 1, sync=self.accelerator.sync_gradients
+            )
+            return loss
+
+        def _get_output_dir(self, trial):
+            # While saving, the Trainer writes checkpoint-N under the staging folder instead.
+            return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            step = self.state.global_step
+            # Rank 0 alone prepares and commits the staging folder; every rank writes its RNG state into it.
+            if self.args.should_save:
+                self.writer.begin(step, self.model)
+            self.accelerator.wait_for_everyone()
+            self._staging = self.writer.staging_parent
+            try:
+                super()._save_checkpoint(model, trial)
+            except (OSError, RuntimeError) as exc:
+                if is_disk_full(exc) or self.writer.free_space_short():
+                    raise self.writer.disk_full(step) from None
+                raise
+            finally:
+                self._staging = None
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                self.writer.commit(step, self.state)
+
+    return LoraftTrainer
 
 
 def final_scores(model, data, tokenizer, batch_size: int) -> dict:
@@ -424,8 +510,8 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
     (stage / "README.md").write_text(model_card(cfg, manifest), encoding="utf-8")
     run.install(stage)
     stage.rmdir()
+    run.write_json("manifest.json", manifest)  # "finished" from here on; then the unfinished marker goes
     (run.path / "run_state.json").unlink(missing_ok=True)
-    run.write_json("manifest.json", manifest)
     return manifest
 
 
