@@ -177,6 +177,36 @@ def data_show(
     print_rows(show_rows(cfg, tokenizer, rows, split), color=sys.stdout.isatty())
 
 
+@data_app.command("check")
+@handled
+def data_check(
+    config: Path = ConfigArg,
+    report: Optional[Path] = typer.Option(None, "--report", help="Write data_report.json and data_report.md to this folder."),
+    fix: Optional[Path] = typer.Option(None, "--fix", help="Write cleaned copies of the data to this new folder."),
+    set_: Optional[List[str]] = SetOption,
+):
+    """Check CONFIG's train and eval data as train will feed it: malformed rows, token lengths, duplicates,
+    contradictions, eval rows leaked from train, label balance. Exit 0 when no check set to fail in
+    data.checks fires, 2 otherwise (the report and the cleaned copy are written either way).
+
+    Example: loraft data check recipes/quickstart.yaml --report runs/quickstart-data
+    """
+    from rich.console import Console
+
+    from .data_check import check_data
+    from .errors import DataError
+
+    console = Console()
+    result = check_data(_load(config, set_), console=console)
+    console.print(result.summary())
+    if report is not None:
+        console.print(f"report: {', '.join(str(p) for p in result.write_report(report))}")
+    if fix is not None:
+        console.print(result.write_fix(fix).summary(), markup=False)
+    if result.failed:
+        raise DataError(result.failure_line(str(config)))
+
+
 # ---------------------------------------------------------------------------------------------
 # merge
 

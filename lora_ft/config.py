@@ -110,6 +110,31 @@ class DataSource(Spec):
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
+CheckLevel = Literal["warn", "fail", "off"]
+
+
+class DataChecksSpec(Spec):
+    """What `loraft data check` and the start of `loraft train` do when a data check fires."""
+
+    row_schema: Literal["fail"] = Field(
+        "fail", description="Rows missing their format's fields, wrong types, bad chat roles: always fail (train cannot use them)."
+    )
+    tokens: CheckLevel = Field(
+        "warn", description="Rows longer than max_seq_length, empty completions, rows with no token in the loss."
+    )
+    duplicates: CheckLevel = Field("warn", description="Exact and near-duplicate rows within train and within eval.")
+    contradictions: CheckLevel = Field("warn", description="The same prompt with different answers.")
+    # fail: leaked eval rows make the held-out loss that train reports (base -> adapter) flatter than the truth.
+    leakage: CheckLevel = Field("fail", description="Eval rows that also appear, exactly or nearly, in train.")
+    balance: CheckLevel = Field("warn", description="Short-answer tasks where one answer dominates.")
+    near_duplicate_threshold: float = Field(
+        0.8, gt=0, le=1, description="Jaccard similarity of word-bigram sets (normalised text) at which rows are near-duplicates."
+    )
+    balance_max_share: float = Field(
+        0.7, gt=0, le=1, description="Flag a short-answer task when one answer is more than this share of the rows."
+    )
+
+
 class DataSpec(Spec):
     train: DataSource = Field(..., description="Training data (a path, or {path, split, subset}).")
     eval: DataSource | None = Field(None, description="Held-out data; if absent, eval_fraction of train is split off.")
@@ -129,6 +154,9 @@ class DataSpec(Spec):
     )
     packing: bool = Field(False, description="Pack several rows into each sequence (no cross-row attention).")
     system_prompt: str | None = Field(None, description="System message put in front of prompt/completion rows.")
+    checks: DataChecksSpec = Field(
+        default_factory=DataChecksSpec, description="Data checks run by `loraft data check` and before training."
+    )
 
     @model_validator(mode="before")
     @classmethod

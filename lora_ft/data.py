@@ -387,7 +387,11 @@ def load_rows(spec: DataSpec, seed: int) -> tuple[list[Row], list[Row] | None]:
     return train_rows, None
 
 
-def examples_from_rows(rows: list[Row], spec: DataSpec, tokenizer, fmt: str | None = None) -> tuple[str, list[Example]]:
+def examples_from_rows(
+    rows: list[Row], spec: DataSpec, tokenizer, fmt: str | None = None, *, errors: list[DataError] | None = None
+) -> tuple[str, list[Example]]:
+    """Rows in canonical form. Raises on the first bad row, unless `errors` is given: then every bad
+    row's DataError is appended there and the row skipped (the data check reports them all)."""
     fmt = fmt or detect_format(rows, spec)
     use_chat = bool(getattr(tokenizer, "chat_template", None))
     if fmt == "chat" and not use_chat:
@@ -395,7 +399,15 @@ def examples_from_rows(rows: list[Row], spec: DataSpec, tokenizer, fmt: str | No
             f"{rows[0].where}: chat rows need a chat template, and this tokenizer has none; "
             "set model.chat_template (e.g. chatml)"
         )
-    return fmt, [to_example(row, fmt, spec, use_chat=use_chat) for row in rows]
+    examples = []
+    for row in rows:
+        try:
+            examples.append(to_example(row, fmt, spec, use_chat=use_chat))
+        except DataError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
+    return fmt, examples
 
 
 def encode_split(name: str, rows: list[Row], spec: DataSpec, tokenizer, max_seq_length: int, fmt: str) -> SplitData:

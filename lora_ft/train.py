@@ -165,6 +165,7 @@ def train(
     from .chat_template import check_end_of_turn, require_end_of_turn
     from .checkpoints import check_same_data, data_hashes, plan_resume, report_resume, resume_hint, truncate_metrics
     from .data import load_training_data
+    from .data_check import gate_data
     from .fingerprint import fingerprint_model_path
     from .model import attach_lora, load_base_model
     from .speed import apply_checkpointing, plan_speed
@@ -172,6 +173,7 @@ def train(
     console = console or _default_console()
     started = time.time()
     check = preflight(cfg)
+    gate_data(cfg, check.tokenizer, console)  # a data check at fail stops every rank here, before weights load or files are written
     main = is_main_process()
     check_output_path(Path(cfg.output_dir), _input_paths(cfg, check.source))  # before --overwrite deletes anything
     # Only rank 0 prepares and writes the run folder; other ranks only read which checkpoint to resume.

@@ -1,0 +1,525 @@
+"""Data check stage: find what is wrong with the train and eval rows before any GPU time is spent.
+
+Reads the data exactly as training will (data.py parses, formats, renders and masks; nothing is
+re-implemented here) and reports, per split: malformed rows with file and line, token lengths after
+the chat template, truncation and rows with nothing to learn, exact and near-duplicates, one prompt
+with several answers, eval rows that leak from train, and a dominant answer in short-answer tasks.
+`data.checks` sets each check to warn, fail or off. LoRA learns bad data as efficiently as good
+data; the pitfall guarded here is a run that "works" on duplicated, contradictory or leaked rows.
+Memory grows linearly with the rows: near-duplicates come from MinHash + LSH banding (near_dup.py),
+never from comparing all pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataSpec, RunConfig
+from .data import IGNORE, Example, Row, detect_format, encode, examples_from_rows, load_rows
+from .errors import ConfigError, DataError
+from .near_dup import near_duplicate_pairs, near_matches
+
+CHECKS = ("row_schema", "tokens", "duplicates", "contradictions", "leakage", "balance")
+SHOWN = 5  # examples kept per finding: enough to recognise the problem, small enough to read
+SNIPPET = 100  # characters of a row shown in an example
+# A "short-answer task" (classification-like) is one where answers are labels: nearly all of them a
+# few words, and each distinct answer repeated. Only there is "one answer dominates" meaningful.
+SHORT_ANSWER_WORDS = 3
+SHORT_ANSWER_SHARE = 0.9
+SHORT_ANSWER_MAX_LABELS = 50
+_PUNCTUATION = re.compile(r"[^\w\s]+")
+
+
+def normalise(text: str) -> str:
+    """Lowercase, punctuation removed, whitespace collapsed: what counts as 'the same text'."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str  # one of CHECKS
+    name: str  # e.g. exact_duplicates
+    split: str  # train | eval | train+eval
+    count: int
+    level: str  # warn | fail
+    message: str
+    examples: tuple[dict, ...] = ()
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if k == "examples" else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class SplitReport:
+    name: str
+    rows: int
+    bad_rows: int
+    tokens: dict | None  # min/median/p95/max of rendered length, None when the tokens check is off
+    answers: dict | None  # answer -> count, for short-answer tasks
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class DataCheckResult:
+    format: str
+    max_seq_length: int
+    threshold: float
+    splits: tuple[SplitReport, ...]
+    findings: tuple[Finding, ...]
+    seconds: float
+    fix: "_FixPlan" = field(repr=False, compare=False)
+
+    @property
+    def failed(self) -> bool:
+        return any(f.level == "fail" for f in self.findings)
+
+    def headline(self) -> str:
+        if not self.findings:
+            return "data check: no problems found"
+        fired = Counter(f.level for f in self.findings)
+        worst = "FAILED" if self.failed else "passed with warnings"
+        return f"data check {worst}: {fired['fail']} failing, {fired['warn']} warning findings"
+
+    def failure_line(self, config: str = "CONFIG") -> str:
+        failing = [f for f in self.findings if f.level == "fail"]
+        parts = "; ".join(f"{f.check}: {f.message}" for f in failing[:3])
+        checks = sorted({f.check for f in failing})
+        return (
+            f"data check failed ({parts}); run `loraft data check {config}` for the rows "
+            f"(--fix DIR writes a cleaned copy), or set data.checks.{checks[0]}: warn"
+        )
+
+    def summary(self) -> str:
+        """Rich markup for the terminal; user text is escaped."""
+        from rich.markup import escape
+
+        lines = [f"[bold]format[/] {self.format}   max_seq_length {self.max_seq_length}   ({self.seconds:.1f}s)"]
+        for split in self.splits:
+            text = f"[bold]{split.name}[/]  {split.rows:,} rows"
+            if split.bad_rows:
+                text += f", {split.bad_rows} malformed"
+            if split.tokens:
+                t = split.tokens
+                text += f"; tokens min {t['min']} median {t['median']:g} p95 {t['p95']:g} max {t['max']}"
+            lines.append(text)
+            if split.answers:
+                shown = ", ".join(f"{escape(a)!s}: {n}" for a, n in list(split.answers.items())[:6])
+                lines.append(f"  answers ({len(split.answers)} distinct): {shown}")
+        for f in self.findings:
+            colour = "red" if f.level == "fail" else "yellow"
+            lines.append(f"[{colour}]{f.level.upper()}[/] {f.check}/{f.name} ({f.split}): {escape(f.message)}")
+            for ex in f.examples[:3]:
+                lines.append("    " + escape(_example_line(ex)))
+        lines.append(("[red]" if self.failed else "[green]") + escape(self.headline()) + "[/]")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "ok": not self.failed,
+            "format": self.format,
+            "max_seq_length": self.max_seq_length,
+            "near_duplicate_threshold": self.threshold,
+            "seconds": round(self.seconds, 2),
+            "splits": [s.to_json() for s in self.splits],
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+    def to_markdown(self) -> str:
+        out = [f"# Data check\n\n{self.headline()}\n", f"Format `{self.format}`, max_seq_length {self.max_seq_length}.\n"]
+        out.append("| split | rows | malformed | tokens min | median | p95 | max |\n|---|---|---|---|---|---|---|")
+        for s in self.splits:
+            t = s.tokens or {}
+            out.append(
+                f"| {s.name} | {s.rows} | {s.bad_rows} | {t.get('min', '')} | {t.get('median', '')} | {t.get('p95', '')} | {t.get('max', '')} |"
+            )
+        out.append("\n## Findings\n")
+        if not self.findings:
+            out.append("None.")
+        for f in self.findings:
+            out.append(f"### {f.level.upper()} {f.check}: {f.name} ({f.split})\n\n{f.message}\n")
+            out.extend(f"- `{_example_line(ex)}`" for ex in f.examples)
+            out.append("")
+        return "\n".join(out) + "\n"
+
+    def write_report(self, folder: Path) -> list[Path]:
+        """data_report.json and data_report.md in `folder`, each written atomically."""
+        from .run_dir import atomic_write_json, atomic_write_text
+
+        folder = Path(folder)
+        atomic_write_json(folder / "data_report.json", self.to_json())
+        atomic_write_text(folder / "data_report.md", self.to_markdown())
+        return [folder / "data_report.json", folder / "data_report.md"]
+
+    def write_fix(self, folder: Path) -> "FixResult":
+        return self.fix.write(Path(folder))
+
+
+def _example_line(ex: dict) -> str:
+    return "  ".join(f"{k}={v}" if k != "where" else str(v) for k, v in ex.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResult:
+    """Run every check that data.checks does not turn off, on the rows as training would see them."""
+    if cfg.data is None:
+        raise ConfigError("data: missing; add data.train: path/to/train.jsonl")
+    spec, levels = cfg.data, cfg.data.checks.model_dump()
+    if tokenizer is None:
+        from .model import load_tokenizer, resolve_model_source
+
+        tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
+    started = time.perf_counter()  # the check's own time; loading a tokenizer is not the data's cost
+    train_rows, eval_rows = load_rows(spec, cfg.training.seed)
+    fmt = detect_format(train_rows, spec)
+    splits = [_read_split("train", train_rows, spec, tokenizer, fmt)]
+    if eval_rows:
+        splits.append(_read_split("eval", eval_rows, spec, tokenizer, fmt))
+
+    findings: list[Finding] = []
+    add = _collector(findings, levels)
+    reports = []
+    for split in splits:
+        tokens = None
+        if levels["tokens"] != "off":
+            tokens = _token_checks(split, tokenizer, spec.train_on, cfg.training.max_seq_length, add, console)
+        add("row_schema", "malformed_rows", split.name, [_error_item(e) for e in split.errors],
+            f"rows do not fit the {fmt} format or its chat template")
+        if levels["duplicates"] != "off":
+            _duplicate_checks(split, cfg.data.checks.near_duplicate_threshold, add)
+        if levels["contradictions"] != "off" and fmt != "text":
+            _contradiction_checks(split, add)
+        answers = _answer_distribution(split) if fmt != "text" else None
+        if levels["balance"] != "off" and answers:
+            _balance_check(split, answers, cfg.data.checks.balance_max_share, add)
+        reports.append(SplitReport(split.name, len(split.rows), len(split.errors), tokens, answers))
+    if len(splits) == 2 and levels["leakage"] != "off":
+        _leakage_check(splits[0], splits[1], cfg.data.checks.near_duplicate_threshold, add)
+
+    plan = _FixPlan(splits)
+    return DataCheckResult(
+        fmt, cfg.training.max_seq_length, cfg.data.checks.near_duplicate_threshold, tuple(reports), tuple(findings),
+        time.perf_counter() - started, plan,
+    )
+
+
+def gate_data(cfg: RunConfig, tokenizer, console) -> DataCheckResult:
+    """The checks at the start of `loraft train`: warnings print, a failing check stops the run (exit 2)."""
+    result = check_data(cfg, tokenizer, console=console)
+    for f in result.findings:
+        if f.level == "warn":
+            console.print(f"[yellow]warning[/]: data check {f.check} ({f.split}): {_escape(f.message)}")
+    if result.failed:
+        raise DataError(result.failure_line())
+    return result
+
+
+def _error_item(message: str) -> dict:
+    where, _, error = message.partition(": ")
+    return {"where": where, "error": error}
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _collector(findings: list[Finding], levels: dict):
+    def add(check: str, name: str, split: str, items: list[dict], what: str, count: int | None = None) -> None:
+        count = len(items) if count is None else count
+        if levels[check] == "off" or count == 0:
+            return
+        findings.append(Finding(check, name, split, count, levels[check], f"{count} {what}", tuple(items[:SHOWN])))
+
+    return add
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: one split's rows, examples and comparable texts
+
+
+@dataclass
+class _Split:
+    name: str
+    rows: list[Row]
+    examples: list[Example]  # the rows that parse; row_of[i] is the index in rows
+    row_of: list[int]
+    errors: list[str]
+    texts: list[str]  # normalised whole row
+    prompts: list[str | None]  # normalised prompt (None for text rows)
+    answers: list[str | None]  # normalised final answer
+    raw_answers: list[str | None]
+    removed: dict[int, str] = field(default_factory=dict)  # example index -> why --fix drops it
+    contradictions: list[dict] = field(default_factory=list)
+
+    def where(self, i: int) -> str:
+        return self.examples[i].where
+
+    def snippet(self, i: int) -> str:
+        return _snip(self.texts[i])
+
+
+def _snip(text: str) -> str:
+    return text if len(text) <= SNIPPET else text[: SNIPPET - 3] + "..."
+
+
+def _read_split(name: str, rows: list[Row], spec: DataSpec, tokenizer, fmt: str) -> _Split:
+    errors: list[DataError] = []
+    _, examples = examples_from_rows(rows, spec, tokenizer, fmt, errors=errors)
+    index = {row.where: i for i, row in enumerate(rows)}
+    split = _Split(name, rows, examples, [index[e.where] for e in examples], [str(e) for e in errors], [], [], [], [])
+    for example in examples:
+        prompt, answer, whole = _parts(example, spec.system_prompt)
+        split.texts.append(normalise(whole))
+        split.prompts.append(None if prompt is None else normalise(prompt))
+        split.answers.append(None if answer is None else normalise(answer))
+        split.raw_answers.append(answer)
+    return split
+
+
+def _parts(example: Example, system_prompt: str | None) -> tuple[str | None, str | None, str]:
+    """(prompt, final answer, whole row) as plain text; the configured system prompt is the same
+    for every row, so it is left out of what makes rows alike."""
+    if example.text is not None:
+        return None, None, example.text
+    messages = [m for m in example.messages if not (m["role"] == "system" and m["content"] == system_prompt)]
+    last = max(i for i, m in enumerate(messages) if m["role"] in ("assistant", "completion"))
+    prompt = "\n".join(m["content"] for m in messages[:last])
+    whole = "\n".join(m["content"] for m in messages)
+    return prompt, messages[last]["content"], whole
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens
+
+
+def _token_checks(split: _Split, tokenizer, train_on: str, max_len: int, add, console) -> dict | None:
+    n = len(split.examples)
+    full = np.zeros(n, dtype=np.int64)
+    before = np.zeros(n, dtype=np.int64)
+    after = np.zeros(n, dtype=np.int64)
+    ok = np.ones(n, dtype=bool)
+    with _progress(console, f"tokenizing {split.name}", n) as advance:
+        for i, example in enumerate(split.examples):
+            try:
+                item = encode(example, tokenizer, train_on=train_on, max_seq_length=max_len)
+            except DataError as exc:  # e.g. the chat template fails on this row
+                split.errors.append(str(exc))
+                split.removed[i] = "malformed"
+                ok[i] = False
+                continue
+            full[i], before[i] = item.full_length, item.trained_before_truncation
+            after[i] = sum(1 for label in item.labels if label != IGNORE)
+            if i % 1024 == 1023:
+                advance(1024)
+    if not ok.any():
+        return None
+    lengths = full[ok]
+
+    def where(indices) -> list[dict]:
+        return [{"where": split.where(int(i)), "tokens": int(full[i]), "text": split.snippet(int(i))} for i in indices]
+
+    long = np.flatnonzero(ok & (full > max_len))
+    cut_all = np.flatnonzero(ok & (full > max_len) & (before > 0) & (after == 0))
+    cut_part = np.flatnonzero(ok & (full > max_len) & (after > 0) & (after < before))
+    add("tokens", "too_long", split.name, where(long),
+        f"rows longer than max_seq_length {max_len} are truncated "
+        f"(completion cut away entirely in {len(cut_all)}, partly in {len(cut_part)})")
+    empty = [i for i, a in enumerate(split.raw_answers) if a is not None and not a.strip()]
+    add("tokens", "empty_completion", split.name, where(empty), "rows have an empty completion (the model learns to answer nothing)")
+    add("tokens", "no_trained_tokens", split.name, where(np.flatnonzero(ok & (after == 0))),
+        "rows have every label masked after masking and truncation (zero loss; training drops them)")
+    return {
+        "min": int(lengths.min()),
+        "median": float(np.median(lengths)),
+        "p95": float(np.percentile(lengths, 95)),
+        "max": int(lengths.max()),
+        "total": int(lengths.sum()),
+    }
+
+
+class _progress:
+    """A rich progress bar when a console is given; `advance(k)` is cheap either way."""
+
+    def __init__(self, console, label: str, total: int):
+        self.console, self.label, self.total, self.bar = console, label, total, None
+
+    def __enter__(self):
+        if self.console is None or self.total < 5000:
+            return lambda k: None
+        from rich.progress import Progress
+
+        self.bar = Progress(console=self.console, transient=True)
+        self.bar.start()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda k: self.bar.advance(task, k)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicates, contradictions, balance, leakage
+
+
+def _duplicate_checks(split: _Split, threshold: float, add) -> None:
+    first: dict[str, int] = {}
+    exact = []
+    for i, text in enumerate(split.texts):
+        kept = first.setdefault(text, i)
+        if kept != i:
+            split.removed[i] = f"exact duplicate of {split.where(kept)}"
+            exact.append({"where": split.where(i), "same_as": split.where(kept), "text": split.snippet(i)})
+    add("duplicates", "exact_duplicates", split.name, exact, "rows repeat an earlier row exactly (after normalising)")
+
+    unique = sorted(first.values())  # near-duplicates among distinct rows only
+    near = []
+    for dup, kept, similarity in near_duplicate_pairs([split.texts[i] for i in unique], threshold):
+        i, j = unique[dup], unique[kept]
+        split.removed[i] = f"near duplicate of {split.where(j)} (Jaccard {similarity:.2f})"
+        near.append({"where": split.where(i), "like": split.where(j), "jaccard": round(similarity, 3), "text": split.snippet(i)})
+    near.sort(key=lambda item: item["jaccard"], reverse=True)
+    add("duplicates", "near_duplicates", split.name, near, f"rows are near-duplicates of another row (Jaccard >= {threshold})")
+
+
+def _contradiction_checks(split: _Split, add) -> None:
+    by_prompt: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, (prompt, answer) in enumerate(zip(split.prompts, split.answers)):
+        by_prompt[prompt][answer].append(i)
+    for prompt, answers in by_prompt.items():
+        if len(answers) < 2:
+            continue
+        split.contradictions.append({
+            "split": split.name,
+            "prompt": prompt,
+            "answers": [{"answer": split.raw_answers[rows[0]], "rows": [split.where(i) for i in rows]} for rows in answers.values()],
+        })
+    shown = [
+        {"prompt": _snip(g["prompt"]), "answers": " | ".join(_snip(a["answer"]) + f" ({len(a['rows'])})" for a in g["answers"]),
+         "where": g["answers"][0]["rows"][0]}
+        for g in split.contradictions
+    ]
+    rows = sum(len(a["rows"]) for g in split.contradictions for a in g["answers"])
+    add("contradictions", "conflicting_answers", split.name, shown,
+        f"prompts have different answers ({rows} rows involved)", count=len(shown))
+
+
+def _answer_distribution(split: _Split) -> dict | None:
+    answers = [a for a in split.answers if a is not None]
+    if not answers:
+        return None
+    counts = Counter(answers)
+    short = sum(1 for a in answers if len(a.split()) <= SHORT_ANSWER_WORDS) / len(answers)
+    labels_repeat = len(counts) <= min(SHORT_ANSWER_MAX_LABELS, len(answers) / 3)
+    if short < SHORT_ANSWER_SHARE or not labels_repeat:
+        return None
+    return dict(counts.most_common())
+
+
+def _balance_check(split: _Split, answers: dict, max_share: float, add) -> None:
+    top, count = next(iter(answers.items()))
+    share = count / sum(answers.values())
+    if share <= max_share:
+        return
+    example = {"answer": top, "rows": count, "share": round(share, 3)}
+    add("balance", "dominant_answer", split.name, [example],
+        f"answer {top!r} is {share:.0%} of {sum(answers.values())} rows (more than {max_share:.0%}): "
+        "always answering it would score that well", count=1)
+
+
+def _leakage_check(train: _Split, evaluation: _Split, threshold: float, add) -> None:
+    in_train: dict[str, int] = {}
+    for i, text in enumerate(train.texts):
+        in_train.setdefault(text, i)
+    leaked, rest = [], []
+    for i, text in enumerate(evaluation.texts):
+        if text in in_train:
+            j = in_train[text]
+            leaked.append({"where": evaluation.where(i), "in_train": train.where(j), "jaccard": 1.0, "text": evaluation.snippet(i)})
+            evaluation.removed[i] = f"also in train at {train.where(j)}"
+        else:
+            rest.append(i)
+    train_unique = sorted(in_train.values())
+    matches = near_matches([evaluation.texts[i] for i in rest], [train.texts[j] for j in train_unique], threshold)
+    for q, (t, similarity) in matches.items():
+        i, j = rest[q], train_unique[t]
+        leaked.append({"where": evaluation.where(i), "in_train": train.where(j), "jaccard": round(similarity, 3), "text": evaluation.snippet(i)})
+        evaluation.removed[i] = f"nearly in train at {train.where(j)} (Jaccard {similarity:.2f})"
+    exact = sum(1 for item in leaked if item["jaccard"] == 1.0)
+    add("leakage", "eval_rows_in_train", "train+eval", leaked,
+        f"eval rows also appear in train ({exact} exactly, {len(leaked) - exact} nearly)")
+
+
+# ---------------------------------------------------------------------------------------------
+# --fix: cleaned copies, never touching the originals
+
+
+@dataclass(frozen=True)
+class FixResult:
+    folder: Path
+    kept: dict  # split -> rows written
+    removed: dict  # split -> rows dropped
+    contradictions: int
+    snippet: str
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{s}: {self.kept[s]} kept, {self.removed[s]} removed" for s in self.kept)
+        return (
+            f"cleaned copy written to {self.folder} ({counts}; {self.contradictions} contradictions listed in "
+            f"contradictions.jsonl for a person to resolve). To train on it, add to the config:\n{self.snippet}"
+        )
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "folder": str(self.folder)}
+
+
+class _FixPlan:
+    """What --fix writes, kept from the check: the rows and, per split, which to drop and why."""
+
+    def __init__(self, splits: list[_Split]):
+        self.splits = splits
+        self.contradictions = [group for split in splits for group in split.contradictions]
+
+    def write(self, folder: Path) -> FixResult:
+        from .run_dir import atomic_dir
+
+        kept, removed = {}, {}
+        with atomic_dir(folder) as tmp:
+            with open(tmp / "removed.jsonl", "w", encoding="utf-8") as log:
+                for split in self.splits:
+                    keep = [split.row_of[i] for i in range(len(split.examples)) if i not in split.removed]
+                    with open(tmp / f"{split.name}.jsonl", "w", encoding="utf-8") as out:
+                        for r in keep:
+                            out.write(json.dumps(split.rows[r].data, ensure_ascii=False) + "\n")
+                    reasons = {split.row_of[i]: why for i, why in split.removed.items()}
+                    reasons.update({r: "malformed" for r in set(range(len(split.rows))) - set(split.row_of)})
+                    for r in sorted(reasons):
+                        log.write(json.dumps({"split": split.name, "where": split.rows[r].where, "reason": reasons[r],
+                                              "row": split.rows[r].data}, ensure_ascii=False) + "\n")
+                    kept[split.name], removed[split.name] = len(keep), len(split.rows) - len(keep)
+            with open(tmp / "contradictions.jsonl", "w", encoding="utf-8") as out:
+                for group in self.contradictions:
+                    out.write(json.dumps(group, ensure_ascii=False) + "\n")
+            snippet = self._snippet(folder)
+            (tmp / "data_config.yaml").write_text(snippet, encoding="utf-8")
+        return FixResult(folder, kept, removed, len(self.contradictions), snippet)
+
+    def _snippet(self, folder: Path) -> str:
+        lines = ["data:", f"  train: {folder / 'train.jsonl'}"]
+        if len(self.splits) == 2:
+            # The eval rows are now a file of their own; a fraction would split the cleaned train again.
+            lines += [f"  eval: {folder / 'eval.jsonl'}", "  eval_fraction: 0.0"]
+        return "\n".join(lines) + "\n"
