@@ -24,7 +24,7 @@ import numpy as np
 from .config import DataSpec, RunConfig
 from .data import IGNORE, Example, Row, detect_format, encode, examples_from_rows, load_rows
 from .errors import ConfigError, DataError
-from .near_dup import near_duplicate_pairs, near_matches
+from .near_dup import ShingleIndex
 
 CHECKS = ("row_schema", "tokens", "duplicates", "contradictions", "leakage", "balance")
 SHOWN = 5  # examples kept per finding: enough to recognise the problem, small enough to read
@@ -94,7 +94,7 @@ class DataCheckResult:
         parts = "; ".join(f"{f.check}: {f.message}" for f in failing[:3])
         checks = sorted({f.check for f in failing})
         return (
-            f"data check failed ({parts}); run `loraft data check {config}` for the rows "
+            f"data check failed: {parts}; run `loraft data check {config}` for the rows "
             f"(--fix DIR writes a cleaned copy), or set data.checks.{checks[0]}: warn"
         )
 
@@ -253,6 +253,7 @@ def _collector(findings: list[Finding], levels: dict):
 @dataclass
 class _Split:
     name: str
+    system_prompt: str | None
     rows: list[Row]
     examples: list[Example]  # the rows that parse; row_of[i] is the index in rows
     row_of: list[int]
@@ -263,12 +264,20 @@ class _Split:
     raw_answers: list[str | None]
     removed: dict[int, str] = field(default_factory=dict)  # example index -> why --fix drops it
     contradictions: list[dict] = field(default_factory=list)
+    _index: ShingleIndex | None = None
+
+    def index(self, threshold: float) -> ShingleIndex:
+        """MinHash index of the normalised rows, built once and shared by the duplicate and leakage checks."""
+        if self._index is None:
+            self._index = ShingleIndex(self.texts, threshold)
+        return self._index
 
     def where(self, i: int) -> str:
         return self.examples[i].where
 
     def snippet(self, i: int) -> str:
-        return _snip(self.texts[i])
+        """The row as written (not normalised), shortened, on one line."""
+        return _snip(_parts(self.examples[i], self.system_prompt)[2].replace("\n", "\\n"))
 
 
 def _snip(text: str) -> str:
@@ -279,12 +288,20 @@ def _read_split(name: str, rows: list[Row], spec: DataSpec, tokenizer, fmt: str)
     errors: list[DataError] = []
     _, examples = examples_from_rows(rows, spec, tokenizer, fmt, errors=errors)
     index = {row.where: i for i, row in enumerate(rows)}
-    split = _Split(name, rows, examples, [index[e.where] for e in examples], [str(e) for e in errors], [], [], [], [])
+    split = _Split(name, spec.system_prompt, rows, examples, [index[e.where] for e in examples], [str(e) for e in errors], [], [], [], [])
     for example in examples:
         prompt, answer, whole = _parts(example, spec.system_prompt)
-        split.texts.append(normalise(whole))
-        split.prompts.append(None if prompt is None else normalise(prompt))
-        split.answers.append(None if answer is None else normalise(answer))
+        if prompt is None:
+            split.texts.append(normalise(whole))
+            split.prompts.append(None)
+            split.answers.append(None)
+        else:
+            prompt, normal_answer = normalise(prompt), normalise(answer)
+            split.prompts.append(prompt)
+            split.answers.append(normal_answer)
+            # prompt + answer is the whole row unless turns follow the last answer (normalising is the slow part)
+            ends_with_answer = whole.endswith(answer)
+            split.texts.append(" ".join(filter(None, (prompt, normal_answer))) if ends_with_answer else normalise(whole))
         split.raw_answers.append(answer)
     return split
 
@@ -334,9 +351,10 @@ def _token_checks(split: _Split, tokenizer, train_on: str, max_len: int, add, co
     long = np.flatnonzero(ok & (full > max_len))
     cut_all = np.flatnonzero(ok & (full > max_len) & (before > 0) & (after == 0))
     cut_part = np.flatnonzero(ok & (full > max_len) & (after > 0) & (after < before))
-    add("tokens", "too_long", split.name, where(long),
-        f"rows longer than max_seq_length {max_len} are truncated "
-        f"(completion cut away entirely in {len(cut_all)}, partly in {len(cut_part)})")
+    longest_first = long[np.argsort(-full[long], kind="stable")]
+    add("tokens", "too_long", split.name, where(longest_first),
+        f"rows longer than max_seq_length {max_len} are truncated (completion cut away entirely in {len(cut_all)}, "
+        f"partly in {len(cut_part)}, intact in {len(long) - len(cut_all) - len(cut_part)})")
     empty = [i for i, a in enumerate(split.raw_answers) if a is not None and not a.strip()]
     add("tokens", "empty_completion", split.name, where(empty), "rows have an empty completion (the model learns to answer nothing)")
     add("tokens", "no_trained_tokens", split.name, where(np.flatnonzero(ok & (after == 0))),
@@ -387,8 +405,7 @@ def _duplicate_checks(split: _Split, threshold: float, add) -> None:
 
     unique = sorted(first.values())  # near-duplicates among distinct rows only
     near = []
-    for dup, kept, similarity in near_duplicate_pairs([split.texts[i] for i in unique], threshold):
-        i, j = unique[dup], unique[kept]
+    for i, j, similarity in split.index(threshold).duplicates(np.asarray(unique, dtype=np.int64)):
         split.removed[i] = f"near duplicate of {split.where(j)} (Jaccard {similarity:.2f})"
         near.append({"where": split.where(i), "like": split.where(j), "jaccard": round(similarity, 3), "text": split.snippet(i)})
     near.sort(key=lambda item: item["jaccard"], reverse=True)
@@ -452,10 +469,9 @@ def _leakage_check(train: _Split, evaluation: _Split, threshold: float, add) -> 
             evaluation.removed[i] = f"also in train at {train.where(j)}"
         else:
             rest.append(i)
-    train_unique = sorted(in_train.values())
-    matches = near_matches([evaluation.texts[i] for i in rest], [train.texts[j] for j in train_unique], threshold)
-    for q, (t, similarity) in matches.items():
-        i, j = rest[q], train_unique[t]
+    train_unique = np.asarray(sorted(in_train.values()), dtype=np.int64)
+    matches = evaluation.index(threshold).matches(np.asarray(rest, dtype=np.int64), train.index(threshold), train_unique)
+    for i, (j, similarity) in sorted(matches.items()):
         leaked.append({"where": evaluation.where(i), "in_train": train.where(j), "jaccard": round(similarity, 3), "text": evaluation.snippet(i)})
         evaluation.removed[i] = f"nearly in train at {train.where(j)} (Jaccard {similarity:.2f})"
     exact = sum(1 for item in leaked if item["jaccard"] == 1.0)

@@ -314,7 +314,7 @@ def test_train_with_a_failing_check_exits_2_before_the_model_loads_and_writes_no
     before = sorted(p.name for p in tmp_path.iterdir())
     code, _, err = run_cli("train", config)
     assert code == 2
-    assert "data check failed (leakage: 2 eval rows also appear in train" in err and "loraft data check" in err
+    assert "data check failed: leakage: 2 eval rows also appear in train" in err and "loraft data check" in err
     assert not (tmp_path / "run").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
