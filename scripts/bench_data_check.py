@@ -3,7 +3,10 @@
 Each measurement runs in a fresh process (so peak RSS is its own), with the quickstart tokenizer
 (SmolLM2-135M-Instruct's, read from the GGUF file through lora_ft.model.load_tokenizer) and with a
 tiny byte-level BPE tokenizer. It reports seconds (check only, and with the tokens check off, which
-shows what tokenization costs), the process's peak RSS, and the planted counts beside the found ones.
+shows what tokenization costs), CPU seconds (the machine is shared; CPU time is what an idle 2-core machine would
+take for this single-threaded work), the process's peak RSS, and the planted counts beside the found
+ones. A last run uses 100,000 rows from the quickstart generator: templated rows that are the hard case
+for near-duplicate search.
 Writes scripts/results/data_check_100k.json.
 
 Usage: python scripts/bench_data_check.py [--rows 100000] [--profile]
@@ -77,6 +80,19 @@ def make_data(folder: Path, rows: int, seed: int = 0) -> dict:
     return plant
 
 
+def make_templated_data(folder: Path, rows: int) -> None:
+    """The hard case for near-duplicate search: rows from the quickstart generator share most of their
+    words (Jaccard 0.4-0.8 between many pairs), so LSH buckets fill up. No planted problems; the
+    generator's own repeats are what is found."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_quickstart_data import make_row
+
+    rng = random.Random(2)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", rows), ("eval", rows // 50)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(make_row(rng)) + "\n" for _ in range(n)), encoding="utf-8")
+
+
 def tiny_tokenizer(folder: Path) -> Path:
     """A 1,000-token byte-level BPE with a ChatML template, saved like a model's tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -122,6 +138,7 @@ def measure(data: Path, tokenizer_name: str, tokens_check: str, profile: bool) -
         "training": {"max_seq_length": MAX_SEQ},
     })
     rss_before = _peak_rss_mib()
+    cpu_before = _cpu_seconds()
     started = time.perf_counter()
     if profile:
         import cProfile
@@ -133,17 +150,24 @@ def measure(data: Path, tokenizer_name: str, tokens_check: str, profile: bool) -
     else:
         result = check_data(cfg, tokenizer)
     seconds = time.perf_counter() - started
+    cpu = _cpu_seconds() - cpu_before
     found: dict[str, int] = {}
     for f in result.findings:
         found[f"{f.split}:{f.name}"] = f.count
     return {
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu, 2),
         "peak_rss_mib": round(_peak_rss_mib(), 1),
         "rss_before_check_mib": round(rss_before, 1),
         "rows": sum(s.rows for s in result.splits),
         "found": found,
         "tokens_train": result.splits[0].tokens,
     }
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _peak_rss_mib() -> float:
@@ -183,6 +207,8 @@ def main() -> None:
         quarter = tmp / "quarter"
         make_data(quarter, args.rows // 4)
         runs["tiny_bpe_quarter_rows"] = run_child(quarter, tiny, "warn", False)
+        make_templated_data(tmp / "templated", args.rows)
+        runs["gguf_smollm2_templated_rows"] = run_child(tmp / "templated", "gguf", "warn", False)
     result = {
         "command": "python scripts/bench_data_check.py" + (f" --rows {args.rows}" if args.rows != 100_000 else ""),
         "rows_train_plus_eval": runs["gguf_smollm2"]["rows"],
