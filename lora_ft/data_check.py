@@ -207,6 +207,8 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
     if len(splits) == 2 and levels["leakage"] != "off":
         _leakage_check(splits[0], splits[1], cfg.data.checks.near_duplicate_threshold, add)
 
+    for split in splits:
+        split.release()  # the result keeps rows and verdicts for --fix, not the comparison texts and index
     plan = _FixPlan(splits)
     return DataCheckResult(
         fmt, cfg.training.max_seq_length, cfg.data.checks.near_duplicate_threshold, tuple(reports), tuple(findings),
@@ -271,6 +273,9 @@ class _Split:
         if self._index is None:
             self._index = ShingleIndex(self.texts, threshold)
         return self._index
+
+    def release(self) -> None:
+        self.texts, self.prompts, self.answers, self.raw_answers, self._index = [], [], [], [], None
 
     def where(self, i: int) -> str:
         return self.examples[i].where

@@ -28,6 +28,7 @@ BUCKET_CAP = 5  # earliest rows of an LSH bucket that a row is compared with
 # Jaccard 0.4-0.7, and the vectorised estimate is far cheaper than a set intersection per pair.
 ESTIMATE_SIGMAS = 3.0
 BLOCK = 1 << 14  # shingles hashed at once (x NUM_PERM x 8 bytes = 16 MiB per temporary)
+WORD_CHUNK = 8192  # texts split into words at once
 PAIR_BLOCK = 1 << 16  # candidate pairs whose signatures are compared at once
 
 
@@ -172,11 +173,19 @@ def _shingles(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     # dict/map do the word -> id lookups in C: the slow part would be a Python loop over words.
     # Each distinct word is hashed by content (blake2b, not Python's per-process salted hash), so two
     # indexes (train and eval) give the same word the same id and results repeat from run to run.
-    words = " ".join(texts).split(" ")
-    vocab = {w: int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") for w in dict.fromkeys(words)}
-    ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.uint64, count=len(words))
+    # Chunks of rows keep the list of word strings small (100k rows are ~3.5M words, ~200 MB as str).
+    vocab: dict[str, int] = {}
+    parts = []
+    for first in range(0, len(texts), WORD_CHUNK):
+        joined = " ".join(t for t in texts[first : first + WORD_CHUNK] if t)
+        if not joined:
+            continue
+        words = joined.split(" ")
+        for word in dict.fromkeys(words).keys() - vocab.keys():
+            vocab[word] = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+        parts.append(np.fromiter(map(vocab.__getitem__, words), dtype=np.uint64, count=len(words)))
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
     lengths = np.fromiter((t.count(" ") + 1 if t else 0 for t in texts), dtype=np.int64, count=len(texts))
-    ids = ids[np.repeat(lengths > 0, np.where(lengths > 0, lengths, 1))]  # an empty text still added one "" word
     word_starts = np.concatenate([[0], np.cumsum(lengths)])
     row_end = np.repeat(word_starts[1:], lengths)
     position = np.arange(len(ids))

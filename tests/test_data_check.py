@@ -206,6 +206,12 @@ def test_near_matches_map_queries_to_corpus_rows():
     assert found[0] == (10, 1.0) and found[1][0] == 50 and 2 not in found
 
 
+def test_near_duplicate_search_handles_empty_and_one_word_rows():
+    texts = ["", "hello", "", "alpha beta gamma delta", "hello", "alpha beta gamma delta epsilon", ""]
+    # 3 of 4 bigrams shared: Jaccard 0.75 passes 0.7; "hello" is one shingle; empty rows never match.
+    assert near_duplicate_pairs(texts, 0.7) == [(4, 1, 1.0), (5, 3, 0.75)]
+
+
 def test_banding_finds_pairs_at_the_threshold_with_high_probability():
     for threshold in (0.5, 0.8, 0.9):
         bands, rows = bands_for(threshold)
