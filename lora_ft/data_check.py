@@ -526,7 +526,9 @@ class _FixPlan:
                         for r in keep:
                             out.write(json.dumps(split.rows[r].data, ensure_ascii=False) + "\n")
                     reasons = {split.row_of[i]: why for i, why in split.removed.items()}
-                    reasons.update({r: "malformed" for r in set(range(len(split.rows))) - set(split.row_of)})
+                    errors = dict(message.split(": ", 1) for message in split.errors if ": " in message)
+                    for r in set(range(len(split.rows))) - set(split.row_of):
+                        reasons[r] = f"malformed: {errors.get(split.rows[r].where, 'does not fit the format')}"
                     for r in sorted(reasons):
                         log.write(json.dumps({"split": split.name, "where": split.rows[r].where, "reason": reasons[r],
                                               "row": split.rows[r].data}, ensure_ascii=False) + "\n")

@@ -177,6 +177,10 @@ def test_every_malformed_row_is_listed_with_file_and_line(make_config, tmp_path)
     assert lines == ["4", "5", "9", "10"]
     assert "role 'wizard'" in result.findings[0].examples[0]["error"]
     assert result.failed  # row_schema always fails: training could not use these rows
+    fixed = result.write_fix(tmp_path / "clean")
+    assert fixed.kept == {"train": 6} and fixed.removed == {"train": 4}
+    removed = [json.loads(line) for line in (tmp_path / "clean" / "removed.jsonl").read_text().splitlines()]
+    assert removed[1]["reason"] == "malformed: two user messages in a row; user and assistant turns must alternate"
 
 
 def test_off_turns_a_check_off(make_config):
