@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 
 import pytest
@@ -133,6 +134,20 @@ def test_over_long_rows_report_whether_truncation_cuts_the_completion(make_confi
     too_long = result.findings[0]
     assert "cut away entirely in 2, partly in 1" in too_long.message
     assert all(item["tokens"] > MAX_LEN for item in too_long.examples)
+
+
+def test_forked_workers_give_the_same_token_counts_as_one_process(make_config, monkeypatch):
+    import lora_ft.data_check as data_check
+
+    rows = clean_rows(30) + clean_rows(2, seed=3, prompt_words=120) + [{"prompt": "x", "completion": ""}]
+    cfg = validate_dict(make_config(rows))
+    serial = check_data(cfg)
+    monkeypatch.setattr(data_check, "PARALLEL_MIN_ROWS", 0)
+    monkeypatch.setattr(data_check, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two workers even on a one-core runner
+    forked = check_data(cfg)
+    assert forked.splits == serial.splits and forked.findings == serial.findings
+    assert findings(forked) == {"train:too_long": 2, "train:empty_completion": 1, "train:no_trained_tokens": 2}
 
 
 def test_empty_completion_is_reported_but_still_trains_the_end_of_turn_token(make_config):
