@@ -200,18 +200,17 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
             f"rows do not fit the {fmt} format or its chat template")
         if levels["duplicates"] != "off":
             _duplicate_checks(split, cfg.data.checks.near_duplicate_threshold, add)
-        if levels["contradictions"] != "off" and fmt != "text":
-            _contradiction_checks(split, add)
         answers = _answer_distribution(split) if fmt != "text" else None
         if levels["balance"] != "off" and answers:
             _balance_check(split, answers, cfg.data.checks.balance_max_share, add)
         reports.append(SplitReport(split.name, len(split.rows), len(split.errors), tokens, answers))
     if len(splits) == 2 and levels["leakage"] != "off":
         _leakage_check(splits[0], splits[1], cfg.data.checks.near_duplicate_threshold, add)
+    contradictions = _contradiction_checks(splits, add) if levels["contradictions"] != "off" and fmt != "text" else []
 
     for split in splits:
         split.release()  # the result keeps rows and verdicts for --fix, not the comparison texts and index
-    plan = _FixPlan(splits)
+    plan = _FixPlan(splits, contradictions)
     return DataCheckResult(
         fmt, cfg.training.max_seq_length, cfg.data.checks.near_duplicate_threshold, tuple(reports), tuple(findings),
         time.perf_counter() - started, plan,
@@ -267,7 +266,6 @@ class _Split:
     answers: list[str | None]  # normalised final answer
     raw_answers: list[str | None]
     removed: dict[int, str] = field(default_factory=dict)  # example index -> why --fix drops it
-    contradictions: list[dict] = field(default_factory=list)
     _index: ShingleIndex | None = None
 
     def index(self, threshold: float) -> ShingleIndex:
@@ -453,26 +451,37 @@ def _duplicate_checks(split: _Split, threshold: float, add) -> None:
     add("duplicates", "near_duplicates", split.name, near, f"rows are near-duplicates of another row (Jaccard >= {threshold})")
 
 
-def _contradiction_checks(split: _Split, add) -> None:
-    by_prompt: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for i, (prompt, answer) in enumerate(zip(split.prompts, split.answers)):
-        by_prompt[prompt][answer].append(i)
+def _contradiction_checks(splits: list[_Split], add) -> list[dict]:
+    """Prompts with more than one answer, within a split and across train and eval (an eval row that
+    contradicts train penalises the model for learning train's answer). Groups are reported under the
+    splits they involve."""
+    by_prompt: dict[str, dict[str, list[tuple[_Split, int]]]] = defaultdict(lambda: defaultdict(list))
+    for split in splits:
+        for i, (prompt, answer) in enumerate(zip(split.prompts, split.answers)):
+            by_prompt[prompt][answer].append((split, i))
+    groups: dict[str, list[dict]] = defaultdict(list)
     for prompt, answers in by_prompt.items():
         if len(answers) < 2:
             continue
-        split.contradictions.append({
-            "split": split.name,
+        involved = "+".join(s.name for s in splits if any(owner is s for rows in answers.values() for owner, _ in rows))
+        groups[involved].append({
+            "split": involved,
             "prompt": prompt,
-            "answers": [{"answer": split.raw_answers[rows[0]], "rows": [split.where(i) for i in rows]} for rows in answers.values()],
+            "answers": [
+                {"answer": rows[0][0].raw_answers[rows[0][1]], "rows": [owner.where(i) for owner, i in rows]}
+                for rows in answers.values()
+            ],
         })
-    shown = [
-        {"prompt": _snip(g["prompt"]), "answers": " | ".join(_snip(a["answer"]) + f" ({len(a['rows'])})" for a in g["answers"]),
-         "where": g["answers"][0]["rows"][0]}
-        for g in split.contradictions
-    ]
-    rows = sum(len(a["rows"]) for g in split.contradictions for a in g["answers"])
-    add("contradictions", "conflicting_answers", split.name, shown,
-        f"prompts have different answers ({rows} rows involved)", count=len(shown))
+    for involved, found in groups.items():
+        shown = [
+            {"prompt": _snip(g["prompt"]), "answers": " | ".join(_snip(a["answer"]) + f" ({len(a['rows'])})" for a in g["answers"]),
+             "where": g["answers"][0]["rows"][0]}
+            for g in found
+        ]
+        rows = sum(len(a["rows"]) for g in found for a in g["answers"])
+        add("contradictions", "conflicting_answers", involved, shown,
+            f"prompts have different answers ({rows} rows involved)", count=len(shown))
+    return [group for found in groups.values() for group in found]
 
 
 def _answer_distribution(split: _Split) -> dict | None:
@@ -546,9 +555,8 @@ class FixResult:
 class _FixPlan:
     """What --fix writes, kept from the check: the rows and, per split, which to drop and why."""
 
-    def __init__(self, splits: list[_Split]):
-        self.splits = splits
-        self.contradictions = [group for split in splits for group in split.contradictions]
+    def __init__(self, splits: list[_Split], contradictions: list[dict]):
+        self.splits, self.contradictions = splits, contradictions
 
     def write(self, folder: Path) -> FixResult:
         from .run_dir import atomic_dir

@@ -116,6 +116,14 @@ def test_contradictions_count_prompts_with_different_answers(make_config):
     assert "4 rows involved" in result.findings[0].message
 
 
+def test_an_eval_row_contradicting_train_is_found_across_splits(make_config):
+    train = clean_rows(30)
+    evaluation = clean_rows(5, seed=1) + [{"prompt": train[6]["prompt"], "completion": clean_rows(1, seed=8)[0]["completion"]}]
+    result = check_data(validate_dict(make_config(train, evaluation)))
+    assert findings(result) == {"train+eval:conflicting_answers": 1}  # Jaccard 29/39 = 0.74: not a leak
+    assert result.findings[0].examples[0]["where"].endswith("train.jsonl:7")
+
+
 def test_leaked_eval_rows_are_found_exactly_and_nearly_and_fail_by_default(make_config):
     train = clean_rows(40)
     evaluation = clean_rows(10, seed=1) + [dict(train[4]), dict(train[8]), one_word_changed(train[20], 3)]
