@@ -119,7 +119,8 @@ class DataChecksSpec(Spec):
     row_schema: Literal["fail"] = Field(
         "fail", description="Rows missing their format's fields, wrong types, bad chat roles: always fail (train cannot use them)."
     )
-    tokens: CheckLevel = Field(
+    # Not named "tokens": redact() masks any key that contains "token" in the run folder's config.yaml.
+    lengths: CheckLevel = Field(
         "warn", description="Rows longer than max_seq_length, empty completions, rows with no token in the loss."
     )
     duplicates: CheckLevel = Field("warn", description="Exact and near-duplicate rows within train and within eval.")

@@ -28,7 +28,7 @@ from .data import IGNORE, Example, Row, detect_format, encode, examples_from_row
 from .errors import ConfigError, DataError
 from .near_dup import ShingleIndex
 
-CHECKS = ("row_schema", "tokens", "duplicates", "contradictions", "leakage", "balance")
+CHECKS = ("row_schema", "lengths", "duplicates", "contradictions", "leakage", "balance")
 SHOWN = 5  # examples kept per finding: enough to recognise the problem, small enough to read
 SNIPPET = 100  # characters of a row shown in an example
 # A "short-answer task" (classification-like) is one where answers are labels: nearly all of them a
@@ -63,7 +63,7 @@ class SplitReport:
     name: str
     rows: int
     bad_rows: int
-    tokens: dict | None  # min/median/p95/max of rendered length, None when the tokens check is off
+    tokens: dict | None  # min/median/p95/max of rendered length, None when the lengths check is off
     answers: dict | None  # answer -> count, for short-answer tasks
 
     def to_json(self) -> dict:
@@ -194,7 +194,7 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
     reports = []
     for split in splits:
         tokens = None
-        if levels["tokens"] != "off":
+        if levels["lengths"] != "off":
             tokens = _token_checks(split, tokenizer, spec.train_on, cfg.training.max_seq_length, add, console)
         add("row_schema", "malformed_rows", split.name, [_error_item(e) for e in split.errors],
             f"rows do not fit the {fmt} format or its chat template")
@@ -353,12 +353,12 @@ def _token_checks(split: _Split, tokenizer, train_on: str, max_len: int, add, co
     cut_all = np.flatnonzero(ok & (full > max_len) & (before > 0) & (after == 0))
     cut_part = np.flatnonzero(ok & (full > max_len) & (after > 0) & (after < before))
     longest_first = long[np.argsort(-full[long], kind="stable")]
-    add("tokens", "too_long", split.name, where(longest_first),
+    add("lengths", "too_long", split.name, where(longest_first),
         f"rows longer than max_seq_length {max_len} are truncated (completion cut away entirely in {len(cut_all)}, "
         f"partly in {len(cut_part)}, intact in {len(long) - len(cut_all) - len(cut_part)})")
     empty = [i for i, a in enumerate(split.raw_answers) if a is not None and not a.strip()]
-    add("tokens", "empty_completion", split.name, where(empty), "rows have an empty completion (the model learns to answer nothing)")
-    add("tokens", "no_trained_tokens", split.name, where(np.flatnonzero(ok & (after == 0))),
+    add("lengths", "empty_completion", split.name, where(empty), "rows have an empty completion (the model learns to answer nothing)")
+    add("lengths", "no_trained_tokens", split.name, where(np.flatnonzero(ok & (after == 0))),
         "rows have every label masked after masking and truncation (zero loss; training drops them)")
     return {
         "min": int(lengths.min()),

@@ -134,7 +134,7 @@ def measure(data: Path, tokenizer_name: str, tokens_check: str, profile: bool) -
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     cfg = validate_dict({
         "model": {"name": GGUF},
-        "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "checks": {"tokens": tokens_check}},
+        "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "checks": {"lengths": tokens_check}},
         "training": {"max_seq_length": MAX_SEQ},
     })
     rss_before = _peak_rss_mib()

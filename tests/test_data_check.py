@@ -206,6 +206,15 @@ def test_every_malformed_row_is_listed_with_file_and_line(make_config, tmp_path)
     assert removed[1]["reason"] == "malformed: two user messages in a row; user and assistant turns must alternate"
 
 
+def test_checks_survive_the_redacted_config_the_run_folder_keeps(make_config):
+    from lora_ft.config import config_to_yaml
+
+    checks = {"lengths": "fail", "duplicates": "off", "leakage": "warn", "near_duplicate_threshold": 0.9}
+    cfg = validate_dict(make_config(clean_rows(3), checks=checks))
+    reread = validate_dict(yaml.safe_load(config_to_yaml(cfg)))
+    assert reread.data.checks == cfg.data.checks and reread.data.checks.lengths == "fail"
+
+
 def test_off_turns_a_check_off(make_config):
     rows = clean_rows(20)
     result = check_data(validate_dict(make_config(rows + [dict(rows[0])], checks={"duplicates": "off"})))
