@@ -219,7 +219,8 @@ def inspect_command(
 
     Example: loraft inspect runs/quickstart --report runs/quickstart/inspect
     """
-    from .rank_diagnostics import inspect_adapter, write_report
+    from .rank_diagnostics import inspect_adapter
+    from .rank_report import write_report
 
     result = inspect_adapter(adapter_dir, against=against, base=base, energy=energy)
     if report is not None:

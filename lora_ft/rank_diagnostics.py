@@ -12,8 +12,6 @@ of the r×r core (ΔW = s·Q_b (R_b R_aᵀ) Q_aᵀ), so memory stays O((out + in
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import re
 import statistics
@@ -53,137 +51,130 @@ HEURISTIC = (
     f"Non-finite, growing or 2+ spikes -> learning rate or alpha too high; mean ||dW||/||W|| under {TINY_UPDATE:g} "
     f"with finite gradients -> scaling (alpha/r) or learning rate too low."
 )
-TOP_MODULES = 10
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer|decoder_layers)\.(\d+)\.")
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear algebra on the factors
+# The stage
 
 
 @dataclass(frozen=True)
-class Spectrum:
-    """ΔW = left · diag(values) · rightᵀ, from the factors."""
-
-    values: torch.Tensor  # (k,) float64, descending
-    left: torch.Tensor  # (out, k) orthonormal columns: the update's column space
-    right: torch.Tensor  # (in, k)
+class InspectResult:
+    adapter_dir: Path
+    energy: float
+    lora: dict  # r, alpha, use_rslora, use_dora as configured
+    base_note: str
+    modules: tuple[ModuleStats, ...]
+    by_type: tuple[GroupStats, ...]
+    by_layer: tuple[GroupStats, ...]
+    verdict: str
+    median_rank_used: float | None
+    gradients: GradientReport | None
+    comparison: Comparison | None
+    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
-    def norm(self) -> float:
-        return float(self.values.square().sum().sqrt())
+    def mean_relative_norm(self) -> float | None:
+        return mean_relative_norm(self.modules)
+
+    def to_json(self) -> dict:
+        return {
+            "adapter_dir": str(self.adapter_dir),
+            "energy": self.energy,
+            "lora": self.lora,
+            "base": self.base_note,
+            "verdict": self.verdict,
+            "advice": ADVICE[self.verdict],
+            "median_rank_used": self.median_rank_used,
+            "thresholds": {"saturated_at": SATURATED_FRACTION, "unused_at": UNUSED_FRACTION},
+            "mean_relative_norm": self.mean_relative_norm,
+            "changed_most": {"module_types": changed_most(list(self.by_type)), "layers": changed_most(list(self.by_layer))},
+            "by_module_type": [g.to_json() for g in self.by_type],
+            "by_layer": [g.to_json() for g in self.by_layer],
+            "gradients": self.gradients.to_json() if self.gradients else None,
+            "comparison": self.comparison.to_json() if self.comparison else None,
+            "notes": list(self.notes),
+            "modules": [m.to_json() for m in self.modules],
+        }
+
+    def summary(self, width: int = 120) -> str:
+        from .rank_report import render_summary
+
+        return render_summary(self, width)
 
 
-def spectrum_from_factors(lora_b: torch.Tensor, lora_a: torch.Tensor, scaling: float) -> Spectrum:
-    """SVD of s·B·A (B: out×r, A: r×in) without forming it: B = Q_b R_b, Aᵀ = Q_a R_a, SVD of R_b R_aᵀ."""
-    q_b, r_b = torch.linalg.qr(lora_b.detach().to("cpu", torch.float64))
-    q_a, r_a = torch.linalg.qr(lora_a.detach().to("cpu", torch.float64).T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
-    return Spectrum(s * abs(scaling), q_b @ u, q_a @ vh.T)
+def inspect_adapter(
+    adapter_dir: str | Path,
+    *,
+    against: str | Path | None = None,
+    base: str | None = None,
+    energy: float = DEFAULT_ENERGY,
+    console=None,
+) -> InspectResult:
+    """Per-module spectra, effective ranks and verdicts of an adapter; its gradient-norm history; optionally
+    its subspace overlap with a second adapter `against`. `base` overrides the base recorded for ||W||."""
+    from .progress import read_metrics
+    from .run_dir import METRICS
+
+    if not 0 < energy <= 1:
+        raise LoraftError(f"--energy: {energy} is not in (0, 1]; use e.g. 0.9 for 90% of the squared spectrum")
+    console = console or _default_console()
+    run, factors, spectra = _read_adapter(adapter_dir, "ADAPTER_DIR")
+    with console.status("reading base weight norms"):
+        norms, base_note = base_weight_norms(run, {m: f.shape for m, f in factors.items()}, base)
+    stats = {m: module_stats(factors[m], spectra[m], norms.get(m), energy) for m in factors}
+    modules = list(stats.values())
+    verdict, median = overall_verdict(modules)
+    comparison = None
+    if against is not None:
+        other, other_factors, other_spectra = _read_adapter(against, "--against")
+        theirs = {m: (other_spectra[m], module_stats(f, other_spectra[m], None, energy)) for m, f in other_factors.items()}
+        comparison = compare({m: (spectra[m], stats[m]) for m in stats}, theirs, str(other.path))
+    return InspectResult(
+        adapter_dir=run.path,
+        energy=energy,
+        lora={k: run.adapter_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")},
+        base_note=base_note,
+        modules=tuple(modules),
+        by_type=tuple(group(modules, lambda m: m.module_type)),
+        by_layer=tuple(group(modules, lambda m: m.layer)),
+        verdict=verdict,
+        median_rank_used=median,
+        gradients=gradient_report(read_metrics(run.path / METRICS), mean_relative_norm(modules)),
+        comparison=comparison,
+        notes=tuple(_notes(run, factors)),
+    )
 
 
-def effective_rank(values: torch.Tensor | list[float], energy: float = DEFAULT_ENERGY) -> int:
-    """The fewest singular values holding `energy` of the squared spectrum (0 for a zero update)."""
-    squares = torch.as_tensor(values, dtype=torch.float64).square()
-    total = squares.sum()
-    if total <= 0:
-        return 0
-    share = torch.cumsum(squares, 0) / total
-    return int((share < energy - 1e-9).sum()) + 1  # tolerance: a planted 90% must not read as 89.99999%
+def _default_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
-def rank_verdict(effective: int, rank: int) -> str:
-    if effective == 0:
-        return NO_UPDATE
-    if effective >= SATURATED_FRACTION * rank:
-        return SATURATED
-    if effective <= UNUSED_FRACTION * rank:
-        return UNUSED
-    return BALANCED
+def _read_adapter(path: str | Path, what: str):
+    from .run_dir import AdapterRun
+
+    folder = Path(path).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise LoraftError(f"{what}: {folder} holds no adapter (no adapter_config.json); pass a run folder written by loraft train")
+    run = AdapterRun.load(folder)
+    factors = read_factors(load_adapter_state(run.path), run.adapter_config)
+    if not factors:
+        raise LoraftError(f"{what}: {folder}/adapter_model.safetensors holds no lora_A/lora_B weights; is it a LoRA adapter?")
+    spectra = {m: spectrum_from_factors(f.lora_b, f.lora_a, f.scaling) for m, f in factors.items()}
+    return run, factors, spectra
 
 
-def subspace_overlap(left_a: torch.Tensor, left_b: torch.Tensor, k: int) -> float:
-    """||U_a[:, :k]ᵀ U_b[:, :k]||_F² / k: 1 for the same k-dim column space, about k/d for random ones."""
-    k = max(1, min(k, left_a.shape[1], left_b.shape[1]))
-    return float((left_a[:, :k].T @ left_b[:, :k]).square().sum() / k)
-
-
-def energy_inside(spectrum: Spectrum, basis: Spectrum) -> float:
-    """Share of `spectrum`'s squared norm that lies in the column space of `basis` (its nonzero directions)."""
-    total = spectrum.values.square().sum()
-    if total <= 0:
-        return float("nan")
-    keep = basis.values > basis.values.max() * 1e-6
-    projected = (basis.left[:, keep].T @ spectrum.left).square().sum(0)  # each direction's share inside
-    return float((projected * spectrum.values.square()).sum() / total)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading factors
-
-
-@dataclass(frozen=True)
-class Factors:
-    module: str
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    rank: int
-    alpha: float
-    scaling: float
-
-
-def read_factors(state: Mapping[str, torch.Tensor], adapter_config: dict) -> dict[str, Factors]:
-    """PEFT keys -> per-module factors with their own r/alpha (rank_pattern, alpha_pattern, rsLoRA)."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        match = _KEY.match(key)
-        if match:
-            pairs.setdefault(match["module"], {})[match["ab"]] = tensor
-    broken = sorted(m for m, ab in pairs.items() if len(ab) != 2)
-    if broken:
-        raise LoraftError(f"adapter: {broken[0]} has lora_A without lora_B (or the reverse); the adapter file is damaged")
-    rslora = bool(adapter_config.get("use_rslora"))
-    base_alpha = float(adapter_config.get("lora_alpha") or adapter_config.get("r") or 1)
-    alpha_pattern = adapter_config.get("alpha_pattern") or {}
-    factors = {}
-    for module in sorted(pairs, key=_natural):
-        a, b = pairs[module]["A"], pairs[module]["B"]
-        rank = a.shape[0]  # the stored shape is the truth; rank_pattern only explains it
-        alpha = float(alpha_pattern.get(_pattern_key(alpha_pattern, module), base_alpha))
-        scaling = alpha / (math.sqrt(rank) if rslora else rank)
-        factors[module] = Factors(module, a, b, rank, alpha, scaling)
-    return factors
-
-
-def _pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
-    """PEFT's rule (peft.utils.other.get_pattern_key): a pattern matches the module name's tail."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
-
-
-def _natural(name: str):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def module_type(module: str) -> str:
-    return module.rsplit(".", 1)[-1]
-
-
-def layer_index(module: str) -> int | None:
-    match = _LAYER.search(f".{module}.")
-    return int(match.group(1)) if match else None
-
-
-def load_adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = Path(adapter_dir) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise LoraftError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters are read)")
-    return load_file(str(path))
+def _notes(run, factors: dict[str, Factors]) -> list[str]:
+    notes = []
+    if run.adapter_config.get("use_dora"):
+        notes.append("DoRA adapter: figures describe the direction update s*B*A; the learned magnitude vector is not included")
+    ranks = {f.rank for f in factors.values()}
+    if len(ranks) > 1:
+        notes.append(f"ranks differ per module (rank_pattern): {sorted(ranks)}; verdicts use each module's own r")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,12 +217,12 @@ class ModuleStats:
 
 def module_stats(factors: Factors, spectrum: Spectrum, base_norm: float | None, energy: float) -> ModuleStats:
     effective = effective_rank(spectrum.values, energy)
-    cap = min(factors.rank, factors.lora_b.shape[0], factors.lora_a.shape[1])  # r cannot exceed min(out, in)
+    cap = min(factors.rank, *factors.shape)  # r cannot exceed min(out, in)
     return ModuleStats(
         module=factors.module,
         module_type=module_type(factors.module),
         layer=layer_index(factors.module),
-        shape=(int(factors.lora_b.shape[0]), int(factors.lora_a.shape[1])),
+        shape=factors.shape,
         rank=factors.rank,
         alpha=factors.alpha,
         scaling=factors.scaling,
@@ -288,6 +279,12 @@ def changed_most(groups: list[GroupStats]) -> list[str]:
     if groups and all(g.mean_relative_norm is not None for g in groups):
         return [g.key for g in sorted(groups, key=lambda g: -g.mean_relative_norm)]
     return [g.key for g in sorted(groups, key=lambda g: -g.mean_update_norm)]
+
+
+def mean_relative_norm(stats) -> float | None:
+    """Mean ||ΔW||/||W|| over all modules; None unless every module has its base norm."""
+    values = [m.relative_norm for m in stats if m.relative_norm is not None]
+    return statistics.fmean(values) if values and len(values) == len(stats) else None
 
 
 def overall_verdict(stats: list[ModuleStats]) -> tuple[str, float | None]:
@@ -357,6 +354,139 @@ def model_weight_norms(peft_model) -> dict[str, float]:
                 weight = dequantize_module_weight(module.base_layer)
                 norms[name.removeprefix("base_model.model.")] = float(weight.float().norm())
     return norms
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading factors
+
+
+@dataclass(frozen=True)
+class Factors:
+    module: str
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    rank: int
+    alpha: float
+    scaling: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the adapted layer."""
+        return int(self.lora_b.shape[0]), int(self.lora_a.shape[1])
+
+
+def read_factors(state: Mapping[str, torch.Tensor], adapter_config: dict) -> dict[str, Factors]:
+    """PEFT keys -> per-module factors with their own r/alpha (rank_pattern, alpha_pattern, rsLoRA)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        match = _KEY.match(key)
+        if match:
+            pairs.setdefault(match["module"], {})[match["ab"]] = tensor
+    broken = sorted(m for m, ab in pairs.items() if len(ab) != 2)
+    if broken:
+        raise LoraftError(f"adapter: {broken[0]} has lora_A without lora_B (or the reverse); the adapter file is damaged")
+    rslora = bool(adapter_config.get("use_rslora"))
+    base_alpha = float(adapter_config.get("lora_alpha") or adapter_config.get("r") or 1)
+    alpha_pattern = adapter_config.get("alpha_pattern") or {}
+    factors = {}
+    for module in sorted(pairs, key=_natural):
+        a, b = pairs[module]["A"], pairs[module]["B"]
+        rank = a.shape[0]  # the stored shape is the truth; rank_pattern only explains it
+        alpha = float(alpha_pattern.get(_pattern_key(alpha_pattern, module), base_alpha))
+        scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        factors[module] = Factors(module, a, b, rank, alpha, scaling)
+    return factors
+
+
+def _pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
+    """PEFT's rule (peft.utils.other.get_pattern_key): a pattern matches the module name's tail."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _natural(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def module_type(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def layer_index(module: str) -> int | None:
+    match = _LAYER.search(f".{module}.")
+    return int(match.group(1)) if match else None
+
+
+def load_adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise LoraftError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters are read)")
+    return load_file(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear algebra on the factors
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """ΔW = left · diag(values) · rightᵀ, from the factors."""
+
+    values: torch.Tensor  # (k,) float64, descending
+    left: torch.Tensor  # (out, k) orthonormal columns: the update's column space
+    right: torch.Tensor  # (in, k)
+
+    @property
+    def norm(self) -> float:
+        return float(self.values.square().sum().sqrt())
+
+
+def spectrum_from_factors(lora_b: torch.Tensor, lora_a: torch.Tensor, scaling: float) -> Spectrum:
+    """SVD of s·B·A (B: out×r, A: r×in) without forming it: B = Q_b R_b, Aᵀ = Q_a R_a, SVD of R_b R_aᵀ."""
+    q_b, r_b = torch.linalg.qr(lora_b.detach().to("cpu", torch.float64))
+    q_a, r_a = torch.linalg.qr(lora_a.detach().to("cpu", torch.float64).T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    return Spectrum(s * abs(scaling), q_b @ u, q_a @ vh.T)
+
+
+def effective_rank(values: torch.Tensor | list[float], energy: float = DEFAULT_ENERGY) -> int:
+    """The fewest singular values holding `energy` of the squared spectrum (0 for a zero update)."""
+    squares = torch.as_tensor(values, dtype=torch.float64).square()
+    total = squares.sum()
+    if total <= 0:
+        return 0
+    share = torch.cumsum(squares, 0) / total
+    return int((share < energy - 1e-9).sum()) + 1  # tolerance: a planted 90% must not read as 89.99999%
+
+
+def rank_verdict(effective: int, rank: int) -> str:
+    if effective == 0:
+        return NO_UPDATE
+    if effective >= SATURATED_FRACTION * rank:
+        return SATURATED
+    if effective <= UNUSED_FRACTION * rank:
+        return UNUSED
+    return BALANCED
+
+
+def subspace_overlap(left_a: torch.Tensor, left_b: torch.Tensor, k: int) -> float:
+    """||U_a[:, :k]ᵀ U_b[:, :k]||_F² / k: 1 for the same k-dim column space, about k/d for random ones."""
+    k = max(1, min(k, left_a.shape[1], left_b.shape[1]))
+    return float((left_a[:, :k].T @ left_b[:, :k]).square().sum() / k)
+
+
+def energy_inside(spectrum: Spectrum, basis: Spectrum) -> float:
+    """Share of `spectrum`'s squared norm that lies in the column space of `basis` (its nonzero directions)."""
+    total = spectrum.values.square().sum()
+    if total <= 0:
+        return float("nan")
+    keep = basis.values > basis.values.max() * 1e-6
+    projected = (basis.left[:, keep].T @ spectrum.left).square().sum(0)  # each direction's share inside
+    return float((projected * spectrum.values.square()).sum() / total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,7 +597,7 @@ class GradientReport:
         return data
 
 
-def gradient_report(history: list[dict], mean_relative_norm: float | None) -> GradientReport | None:
+def gradient_report(history: list[dict], relative_update: float | None) -> GradientReport | None:
     logged = [(int(h.get("step", 0)), float(h["grad_norm"])) for h in history if h.get("grad_norm") is not None]
     if not logged:
         return None
@@ -486,8 +616,8 @@ def gradient_report(history: list[dict], mean_relative_norm: float | None) -> Gr
     elif trend == "growing" or len(spikes) >= 2:
         hint = ("grad norms grow or spike in the first steps: learning rate or alpha likely too high; "
                 "lower training.learning_rate or lora.alpha, or lengthen warmup")
-    elif mean_relative_norm is not None and mean_relative_norm < TINY_UPDATE:
-        hint = (f"the update is only {mean_relative_norm:.1e} of the weights while gradients are finite: scaling (alpha/r) "
+    elif relative_update is not None and relative_update < TINY_UPDATE:
+        hint = (f"the update is only {relative_update:.1e} of the weights while gradients are finite: scaling (alpha/r) "
                 "or learning rate likely too low; raise lora.alpha (or use_rslora at high rank) or training.learning_rate")
     else:
         hint = "no sign of an alpha or learning-rate problem"
@@ -580,284 +710,3 @@ def compare(mine: dict[str, tuple[Spectrum, ModuleStats]], theirs: dict[str, tup
         only_here=len(set(mine) - set(theirs)),
         only_there=len(set(theirs) - set(mine)),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# The stage
-
-
-@dataclass(frozen=True)
-class InspectResult:
-    adapter_dir: Path
-    energy: float
-    lora: dict  # r, alpha, use_rslora, use_dora as configured
-    base_note: str
-    modules: tuple[ModuleStats, ...]
-    by_type: tuple[GroupStats, ...]
-    by_layer: tuple[GroupStats, ...]
-    verdict: str
-    median_rank_used: float | None
-    gradients: GradientReport | None
-    comparison: Comparison | None
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def mean_relative_norm(self) -> float | None:
-        values = [m.relative_norm for m in self.modules if m.relative_norm is not None]
-        return statistics.fmean(values) if values and len(values) == len(self.modules) else None
-
-    def to_json(self) -> dict:
-        return {
-            "adapter_dir": str(self.adapter_dir),
-            "energy": self.energy,
-            "lora": self.lora,
-            "base": self.base_note,
-            "verdict": self.verdict,
-            "advice": ADVICE[self.verdict],
-            "median_rank_used": self.median_rank_used,
-            "thresholds": {"saturated_at": SATURATED_FRACTION, "unused_at": UNUSED_FRACTION},
-            "mean_relative_norm": self.mean_relative_norm,
-            "changed_most": {"module_types": changed_most(list(self.by_type)), "layers": changed_most(list(self.by_layer))},
-            "by_module_type": [g.to_json() for g in self.by_type],
-            "by_layer": [g.to_json() for g in self.by_layer],
-            "gradients": self.gradients.to_json() if self.gradients else None,
-            "comparison": self.comparison.to_json() if self.comparison else None,
-            "notes": list(self.notes),
-            "modules": [m.to_json() for m in self.modules],
-        }
-
-    def summary(self, width: int = 120) -> str:
-        from rich.console import Console
-
-        buffer = io.StringIO()
-        console = Console(file=buffer, width=width, color_system=None, force_terminal=False, highlight=False)
-        for part in _summary_parts(self):
-            console.print(part, soft_wrap=isinstance(part, str))  # tables fit the width; sentences stay whole lines
-        return buffer.getvalue().rstrip()
-
-
-def inspect_adapter(
-    adapter_dir: str | Path,
-    *,
-    against: str | Path | None = None,
-    base: str | None = None,
-    energy: float = DEFAULT_ENERGY,
-    console=None,
-) -> InspectResult:
-    from .progress import read_metrics
-    from .run_dir import METRICS
-
-    if not 0 < energy <= 1:
-        raise LoraftError(f"--energy: {energy} is not in (0, 1]; use e.g. 0.9 for 90% of the squared spectrum")
-    console = console or _default_console()
-    run, spectra, factors = _read_adapter(adapter_dir, "ADAPTER_DIR")
-    shapes = {m: (int(f.lora_b.shape[0]), int(f.lora_a.shape[1])) for m, f in factors.items()}
-    with console.status("reading base weight norms"):
-        norms, base_note = base_weight_norms(run, shapes, base)
-    stats = {m: module_stats(factors[m], spectra[m], norms.get(m), energy) for m in factors}
-    modules = list(stats.values())
-    verdict, median = overall_verdict(modules)
-    result_modules = tuple(modules)
-    relative = [m.relative_norm for m in modules if m.relative_norm is not None]
-    mean_relative = statistics.fmean(relative) if relative and len(relative) == len(modules) else None
-    comparison = None
-    if against is not None:
-        other_run, other_spectra, other_factors = _read_adapter(against, "--against")
-        theirs = {m: (other_spectra[m], module_stats(other_factors[m], other_spectra[m], None, energy)) for m in other_factors}
-        comparison = compare({m: (spectra[m], stats[m]) for m in stats}, theirs, str(other_run.path))
-    return InspectResult(
-        adapter_dir=run.path,
-        energy=energy,
-        lora={k: run.adapter_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")},
-        base_note=base_note,
-        modules=result_modules,
-        by_type=tuple(group(modules, lambda m: m.module_type)),
-        by_layer=tuple(group(modules, lambda m: m.layer)),
-        verdict=verdict,
-        median_rank_used=median,
-        gradients=gradient_report(read_metrics(run.path / METRICS), mean_relative),
-        comparison=comparison,
-        notes=tuple(_notes(run, factors)),
-    )
-
-
-def _default_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _read_adapter(path: str | Path, what: str):
-    from .run_dir import AdapterRun
-
-    folder = Path(path).expanduser()
-    if not (folder / "adapter_config.json").is_file():
-        raise LoraftError(f"{what}: {folder} holds no adapter (no adapter_config.json); pass a run folder written by loraft train")
-    run = AdapterRun.load(folder)
-    factors = read_factors(load_adapter_state(run.path), run.adapter_config)
-    if not factors:
-        raise LoraftError(f"{what}: {folder}/adapter_model.safetensors holds no lora_A/lora_B weights; is it a LoRA adapter?")
-    spectra = {m: spectrum_from_factors(f.lora_b, f.lora_a, f.scaling) for m, f in factors.items()}
-    return run, spectra, factors
-
-
-def _notes(run, factors: dict[str, Factors]) -> list[str]:
-    notes = []
-    if run.adapter_config.get("use_dora"):
-        notes.append("DoRA adapter: figures describe the direction update s*B*A; the learned magnitude vector is not included")
-    ranks = {f.rank for f in factors.values()}
-    if len(ranks) > 1:
-        notes.append(f"ranks differ per module (rank_pattern): {sorted(ranks)}; verdicts use each module's own r")
-    return notes
-
-
-# ---------------------------------------------------------------------------------------------
-# Terminal summary
-
-
-def _fmt(value: float | None, spec: str = ".3g") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _verdict_counts(counts: dict[str, int]) -> str:
-    return " ".join(f"{counts[v]} {v}" for v in (SATURATED, BALANCED, UNUSED, NO_UPDATE) if counts.get(v))
-
-
-def _summary_parts(result: InspectResult) -> list:
-    from rich import box
-    from rich.table import Table
-
-    lora = result.lora
-    rsl = ", rsLoRA" if lora.get("use_rslora") else ""
-    parts: list = [
-        f"adapter  {result.adapter_dir}  (r={lora.get('r')}, alpha={lora.get('lora_alpha')}{rsl}, {len(result.modules)} modules)",
-        result.base_note,
-    ]
-    metric = "||dW||/||W||" if result.mean_relative_norm is not None else "||dW|| (base unavailable)"
-
-    def group_table(title: str, groups: tuple[GroupStats, ...], first: str) -> Table:
-        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-        for name in (first, "modules", "r", f"eff. rank @{result.energy:.0%}", metric, "verdicts"):
-            table.add_column(name, justify="left" if name in (first, "verdicts") else "right")
-        for g in groups:
-            value = g.mean_relative_norm if result.mean_relative_norm is not None else g.mean_update_norm
-            table.add_row(g.key, str(g.modules), f"{g.mean_rank:g}", f"{g.mean_effective_rank:.1f}", _fmt(value),
-                          _verdict_counts(g.verdicts))
-        return table
-
-    parts.append(group_table("By module type", result.by_type, "type"))
-    if result.by_layer:
-        parts.append(group_table("By layer", result.by_layer, "layer"))
-    top = sorted(result.modules, key=lambda m: -(m.relative_norm if m.relative_norm is not None else m.update_norm))
-    table = Table(title=f"Largest updates (top {min(TOP_MODULES, len(top))} of {len(top)})", box=box.SIMPLE_HEAD,
-                  title_justify="left", pad_edge=False)
-    table.add_column("module", no_wrap=True)
-    for name in ("r", "eff. rank", "||dW||", "||dW||/||W||"):
-        table.add_column(name, justify="right")
-    table.add_column("top singular values", no_wrap=True)
-    table.add_column("verdict", no_wrap=True)
-    for m in top[:TOP_MODULES]:
-        head = " ".join(f"{v:.3g}" for v in m.singular_values[:3]) + (" ..." if len(m.singular_values) > 3 else "")
-        table.add_row(m.module, str(m.rank), str(m.effective_rank), f"{m.update_norm:.3g}", _fmt(m.relative_norm), head, m.verdict)
-    parts.append(table)
-    parts.append(
-        f"changed most    module types: {', '.join(changed_most(list(result.by_type))[:3])}"
-        + (f";  layers: {', '.join(changed_most(list(result.by_layer))[:3])}" if result.by_layer else "")
-    )
-    used = f" (median module uses {result.median_rank_used:.0%} of its rank)" if result.median_rank_used is not None else ""
-    parts.append(
-        f"verdict         {ADVICE[result.verdict]}{used}; thresholds: saturated >= {SATURATED_FRACTION:g}r, "
-        f"largely unused <= {UNUSED_FRACTION:g}r"
-    )
-    g = result.gradients
-    if g is None:
-        parts.append("grad norms      (no grad_norm in metrics.jsonl)")
-    else:
-        spikes = ", ".join(f"step {s}: {v:.3g}" for s, v in g.spikes) or "none"
-        ratio = f" x{g.trend_ratio:.2f}" if g.trend_ratio is not None else ""
-        parts.append(
-            f"grad norms      first {len(g.values)} logged: max {g.max:.3g}, median {g.median:.3g}, {g.trend}{ratio}, spikes: {spikes}\n"
-            f"                hint: {g.hint}\n                heuristic: {g.heuristic}"
-        )
-    c = result.comparison
-    if c is not None:
-        parts.append(
-            f"against         {c.other} (r={c.other_rank:g}), {len(c.modules)} shared modules"
-            f" ({c.only_here} only here, {c.only_there} only there)\n"
-            f"                top-k column-space overlap {c.mean_overlap:.3f} (1 = same subspace, random ~ {c.mean_random:.3f}); "
-            f"its update inside this one's column space {c.mean_other_in_this:.0%}, this inside its {c.mean_this_in_other:.0%}\n"
-            f"                {c.reading}"
-        )
-    parts.extend(f"note            {n}" for n in result.notes)
-    return parts
-
-
-# ---------------------------------------------------------------------------------------------
-# Report folder
-
-
-REPORT_FILES = ("inspect.json", "spectra.png", "update_norm_by_layer.png")
-
-
-def write_report(result: InspectResult, out_dir: str | Path) -> Path:
-    """inspect.json and two charts, written into a temporary sibling folder and renamed into place."""
-    from .run_dir import atomic_dir
-
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(p.name not in REPORT_FILES for p in out.iterdir())):
-        raise LoraftError(f"--report: {out} exists and holds other files; choose a new folder")
-    with atomic_dir(out, overwrite=True) as tmp:
-        (tmp / "inspect.json").write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
-        _plot_spectra(result, tmp / "spectra.png")
-        _plot_layers(result, tmp / "update_norm_by_layer.png")
-    return out
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plot_spectra(result: InspectResult, path: Path) -> None:
-    """Mean normalised spectrum (s_i / s_1) per module type: a flat curve is a saturated rank, a cliff an unused one."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
-    for g in result.by_type:
-        spectra = [torch.tensor(m.singular_values) for m in result.modules if m.module_type == g.key and m.update_norm > 0]
-        if not spectra:
-            continue
-        length = min(len(s) for s in spectra)
-        mean = torch.stack([s[:length] / s[0] for s in spectra]).mean(0)
-        ax.plot(range(1, length + 1), mean.tolist(), marker=".", label=g.key)
-    ax.set_xlabel("singular value index")
-    ax.set_ylabel("s_i / s_1 (mean over layers)")
-    ax.set_yscale("log")
-    ax.set_title("Update spectra by module type")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _plot_layers(result: InspectResult, path: Path) -> None:
-    relative = result.mean_relative_norm is not None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
-    for g in result.by_type:
-        points = sorted((m.layer, m.relative_norm if relative else m.update_norm)
-                        for m in result.modules if m.module_type == g.key and m.layer is not None)
-        if points:
-            ax.plot(*zip(*points), marker=".", label=g.key)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("||dW||_F / ||W||_F" if relative else "||dW||_F (base unavailable)")
-    ax.set_title("Update norm per layer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

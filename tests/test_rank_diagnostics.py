@@ -25,8 +25,8 @@ from lora_ft.rank_diagnostics import (
     inspect_adapter,
     spectrum_from_factors,
     subspace_overlap,
-    write_report,
 )
+from lora_ft.rank_report import write_report
 
 HIDDEN, KV = 32, 16
 FLAT = [1.0] * 8  # effective rank 8 of 8 -> saturated
@@ -260,13 +260,13 @@ def history(values):
 
 
 def test_growing_grad_norms_point_to_a_too_high_learning_rate_or_alpha():
-    report = gradient_report(history([0.5, 0.6, 0.9, 1.4, 2.5, 4.0, 7.0, 12.0]), mean_relative_norm=0.01)
+    report = gradient_report(history([0.5, 0.6, 0.9, 1.4, 2.5, 4.0, 7.0, 12.0]), relative_update=0.01)
     assert report.trend == "growing" and report.trend_ratio > 2
     assert "too high" in report.hint
 
 
 def test_spikes_are_values_five_times_the_median_after_the_first_step():
-    report = gradient_report(history([9.0, 1.0, 1.1, 0.9, 6.0, 1.0, 1.0, 7.0, 1.0, 1.0, 50.0]), mean_relative_norm=0.01)
+    report = gradient_report(history([9.0, 1.0, 1.1, 0.9, 6.0, 1.0, 1.0, 7.0, 1.0, 1.0, 50.0]), relative_update=0.01)
     assert report.values == (9.0, 1.0, 1.1, 0.9, 6.0, 1.0, 1.0, 7.0, 1.0, 1.0)  # the first 10 logged
     assert report.median == 1.0 and report.max == 9.0
     assert report.spikes == ((21, 6.0), (36, 7.0))  # step 1's 9.0 is not a spike: the first step is the largest by nature
@@ -274,17 +274,17 @@ def test_spikes_are_values_five_times_the_median_after_the_first_step():
 
 
 def test_non_finite_grad_norm_names_its_step():
-    report = gradient_report(history([1.0, 0.8, float("nan"), 0.7]), mean_relative_norm=None)
+    report = gradient_report(history([1.0, 0.8, float("nan"), 0.7]), relative_update=None)
     assert report.nonfinite_step == 11 and "step 11" in report.hint
 
 
 def test_tiny_update_with_healthy_gradients_points_to_too_low_scaling():
-    report = gradient_report(history([1.0, 0.9, 0.8, 0.8, 0.7]), mean_relative_norm=2e-4)
+    report = gradient_report(history([1.0, 0.9, 0.8, 0.8, 0.7]), relative_update=2e-4)
     assert report.trend == "steady" and "too low" in report.hint
 
 
 def test_shrinking_grad_norms_and_a_real_update_raise_no_alarm():
-    report = gradient_report(history([1.5, 0.7, 0.14, 0.17, 0.15, 0.13]), mean_relative_norm=0.007)
+    report = gradient_report(history([1.5, 0.7, 0.14, 0.17, 0.15, 0.13]), relative_update=0.007)
     assert report.trend == "shrinking" and report.spikes == ()
     assert report.hint == "no sign of an alpha or learning-rate problem"
 
