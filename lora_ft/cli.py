@@ -209,7 +209,9 @@ def merge(
 @app.command("inspect")
 @handled
 def inspect_command(
-    adapter_dir: Path = typer.Argument(..., help="A run folder (or any PEFT LoRA adapter folder).", show_default=False),
+    adapter_dir: Path = typer.Argument(
+        ..., metavar="ADAPTER_DIR", help="A run folder (or any PEFT LoRA adapter folder).", show_default=False
+    ),
     against: Optional[Path] = typer.Option(None, "--against", help="A second adapter to compare subspaces with."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write inspect.json and PNG charts to this folder."),
     energy: float = typer.Option(0.9, "--energy", help="Share of the squared spectrum that defines effective rank."),
@@ -217,7 +219,7 @@ def inspect_command(
 ):
     """Show what an adapter learned per layer and module type, and whether its rank was the right size.
 
-    Example: loraft inspect runs/quickstart --report runs/quickstart/inspect
+    Example: loraft inspect runs/quickstart --report reports/quickstart
     """
     from .rank_diagnostics import inspect_adapter
     from .rank_report import write_report

@@ -36,7 +36,7 @@ SATURATED, BALANCED, UNUSED, NO_UPDATE = "saturated", "balanced", "largely unuse
 ADVICE = {
     SATURATED: "rank saturated: consider raising lora.rank",
     UNUSED: "rank largely unused: consider lowering lora.rank",
-    BALANCED: "rank balanced: the update uses most of its directions without crowding them",
+    BALANCED: "rank balanced: the update spreads over a fair share of its directions without filling them all",
     NO_UPDATE: "no update: B is zero (the adapter never trained)",
 }
 # Gradient-norm heuristics on the first logged values. The first logged step is left out of the

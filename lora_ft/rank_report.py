@@ -53,42 +53,16 @@ def _verdict_counts(counts: dict[str, int]) -> str:
 
 
 def _summary_parts(result: InspectResult) -> list:
-    from rich import box
-    from rich.table import Table
-
     lora = result.lora
     rsl = ", rsLoRA" if lora.get("use_rslora") else ""
     parts: list = [
         f"adapter  {result.adapter_dir}  (r={lora.get('r')}, alpha={lora.get('lora_alpha')}{rsl}, {len(result.modules)} modules)",
         result.base_note,
+        _group_table(result, "By module type", result.by_type, "type"),
     ]
-    metric = "||dW||/||W||" if result.mean_relative_norm is not None else "||dW|| (base unavailable)"
-
-    def group_table(title: str, groups: tuple[GroupStats, ...], first: str) -> Table:
-        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-        for name in (first, "modules", "r", f"eff. rank @{result.energy:.0%}", metric, "verdicts"):
-            table.add_column(name, justify="left" if name in (first, "verdicts") else "right")
-        for g in groups:
-            value = g.mean_relative_norm if result.mean_relative_norm is not None else g.mean_update_norm
-            table.add_row(g.key, str(g.modules), f"{g.mean_rank:g}", f"{g.mean_effective_rank:.1f}", _fmt(value),
-                          _verdict_counts(g.verdicts))
-        return table
-
-    parts.append(group_table("By module type", result.by_type, "type"))
     if result.by_layer:
-        parts.append(group_table("By layer", result.by_layer, "layer"))
-    top = sorted(result.modules, key=lambda m: -(m.relative_norm if m.relative_norm is not None else m.update_norm))
-    table = Table(title=f"Largest updates (top {min(TOP_MODULES, len(top))} of {len(top)})", box=box.SIMPLE_HEAD,
-                  title_justify="left", pad_edge=False)
-    table.add_column("module", no_wrap=True)
-    for name in ("r", "eff. rank", "||dW||", "||dW||/||W||"):
-        table.add_column(name, justify="right")
-    table.add_column("top singular values", no_wrap=True)
-    table.add_column("verdict", no_wrap=True)
-    for m in top[:TOP_MODULES]:
-        head = " ".join(f"{v:.3g}" for v in m.singular_values[:3]) + (" ..." if len(m.singular_values) > 3 else "")
-        table.add_row(m.module, str(m.rank), str(m.effective_rank), f"{m.update_norm:.3g}", _fmt(m.relative_norm), head, m.verdict)
-    parts.append(table)
+        parts.append(_group_table(result, "By layer", result.by_layer, "layer"))
+    parts.append(_top_modules_table(result))
     parts.append(
         f"changed most    module types: {', '.join(changed_most(list(result.by_type))[:3])}"
         + (f";  layers: {', '.join(changed_most(list(result.by_layer))[:3])}" if result.by_layer else "")
@@ -121,9 +95,42 @@ def _summary_parts(result: InspectResult) -> list:
     return parts
 
 
+def _table(title: str):
+    from rich import box
+    from rich.table import Table
+
+    return Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+
+
+def _group_table(result: InspectResult, title: str, groups: tuple[GroupStats, ...], first: str):
+    relative = result.mean_relative_norm is not None
+    table = _table(title)
+    table.add_column(first)
+    for name in ("modules", "r", f"eff. rank @{result.energy:.0%}", "||dW||/||W||" if relative else "||dW|| (no base)"):
+        table.add_column(name, justify="right")
+    table.add_column("verdicts")
+    for g in groups:
+        value = g.mean_relative_norm if relative else g.mean_update_norm
+        table.add_row(g.key, str(g.modules), f"{g.mean_rank:g}", f"{g.mean_effective_rank:.1f}", _fmt(value), _verdict_counts(g.verdicts))
+    return table
+
+
+def _top_modules_table(result: InspectResult):
+    top = sorted(result.modules, key=lambda m: -(m.relative_norm if m.relative_norm is not None else m.update_norm))
+    table = _table(f"Largest updates (top {min(TOP_MODULES, len(top))} of {len(top)})")
+    table.add_column("module", no_wrap=True)
+    for name in ("r", "eff. rank", "||dW||", "||dW||/||W||"):
+        table.add_column(name, justify="right")
+    table.add_column("top singular values", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    for m in top[:TOP_MODULES]:
+        head = " ".join(f"{v:.3g}" for v in m.singular_values[:3]) + (" ..." if len(m.singular_values) > 3 else "")
+        table.add_row(m.module, str(m.rank), str(m.effective_rank), f"{m.update_norm:.3g}", _fmt(m.relative_norm), head, m.verdict)
+    return table
+
+
 # ---------------------------------------------------------------------------------------------
 # Report folder
-
 
 
 def write_report(result: InspectResult, out_dir: str | Path) -> Path:
