@@ -407,3 +407,20 @@ def test_cli_inspect_on_a_folder_without_an_adapter_exits_2_with_one_line(tmp_pa
 def test_cli_inspect_refuses_an_energy_outside_0_1(planted_adapter, run_cli):
     code, _, err = run_cli("inspect", planted_adapter, "--energy", "1.5")
     assert code == 2 and "--energy" in err
+
+
+@pytest.mark.slow
+def test_gguf_base_norms_come_from_the_dequantized_weights(tmp_path, quickstart_gguf):
+    """The quickstart base is a .gguf file: its norms are read through transformers, and match gguf's own reader."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(quickstart_gguf))
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    # llama.cpp permutes q/k rows; a row permutation leaves the Frobenius norm unchanged
+    expected = float(np.linalg.norm(gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64)))
+    q = plant(orthonormal(576, 4, 1), orthonormal(576, 4, 2), [2.0, 1.0, 0.5, 0.25], 2.0)
+    folder = write_adapter(tmp_path / "a", {(0, "q_proj"): q}, r=4, alpha=8, base=quickstart_gguf)
+    module = inspect_adapter(folder).modules[0]
+    assert module.base_norm == pytest.approx(expected, rel=1e-5)
+    assert module.relative_norm == pytest.approx(math.sqrt(4 + 1 + 0.25 + 0.0625) / expected, rel=1e-5)
