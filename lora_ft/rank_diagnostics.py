@@ -350,8 +350,14 @@ def model_weight_norms(peft_model) -> dict[str, float]:
     norms = {}
     with torch.no_grad():
         for name, module in peft_model.named_modules():
-            if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-                weight = dequantize_module_weight(module.base_layer)
+            if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")):
+                continue
+            # finalize runs on rank 0 alone: a sharded weight (FSDP2 DTensor, FSDP1 flat parameter, ZeRO-3
+            # placeholder) would need a collective the other ranks never join, so it gets no norm.
+            if type(module.base_layer.weight).__name__ == "DTensor":
+                continue
+            weight = dequantize_module_weight(module.base_layer)
+            if weight.dim() == 2 and weight.numel() > 0:
                 norms[name.removeprefix("base_model.model.")] = float(weight.float().norm())
     return norms
 
