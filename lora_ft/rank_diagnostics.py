@@ -157,6 +157,8 @@ def _read_adapter(path: str | Path, what: str):
     from .run_dir import AdapterRun
 
     folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise LoraftError(f"{what}: {folder} is not a folder; pass a run folder written by loraft train")
     if not (folder / "adapter_config.json").is_file():
         raise LoraftError(f"{what}: {folder} holds no adapter (no adapter_config.json); pass a run folder written by loraft train")
     run = AdapterRun.load(folder)
