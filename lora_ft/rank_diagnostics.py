@@ -45,11 +45,12 @@ GRAD_WINDOW = 10
 SPIKE_FACTOR = 5.0
 TREND_FACTOR = 2.0  # geometric mean of the window's second half vs first half: above -> growing, below 1/x -> shrinking
 TINY_UPDATE = 1e-3  # mean ||ΔW||/||W|| below this: the adapter barely moved the weights
+HUGE_UPDATE = 1.0  # above this the update outweighs the pretrained weight itself (seen at lr 0.5 on the tiny model: 115)
 HEURISTIC = (
     f"first {GRAD_WINDOW} logged grad norms; spike = a value after the first above {SPIKE_FACTOR:g}x their median; "
     f"growing/shrinking = second half's geometric mean above {TREND_FACTOR:g}x / below 1/{TREND_FACTOR:g} of the first's. "
-    f"Non-finite, growing or 2+ spikes -> learning rate or alpha too high; mean ||dW||/||W|| under {TINY_UPDATE:g} "
-    f"with finite gradients -> scaling (alpha/r) or learning rate too low."
+    f"Non-finite, growing, 2+ spikes or mean ||dW||/||W|| above {HUGE_UPDATE:g} -> learning rate or alpha too high; "
+    f"mean ||dW||/||W|| under {TINY_UPDATE:g} with finite gradients -> scaling (alpha/r) or learning rate too low."
 )
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer|decoder_layers)\.(\d+)\.")
@@ -143,7 +144,7 @@ def inspect_adapter(
         median_rank_used=median,
         gradients=gradient_report(read_metrics(run.path / METRICS), mean_relative_norm(modules)),
         comparison=comparison,
-        notes=tuple(_notes(run, factors)),
+        notes=tuple(_notes(run, factors, modules)),
     )
 
 
@@ -169,10 +170,14 @@ def _read_adapter(path: str | Path, what: str):
     return run, factors, spectra
 
 
-def _notes(run, factors: dict[str, Factors]) -> list[str]:
+def _notes(run, factors: dict[str, Factors], stats: list[ModuleStats]) -> list[str]:
     notes = []
     if run.adapter_config.get("use_dora"):
         notes.append("DoRA adapter: figures describe the direction update s*B*A; the learned magnitude vector is not included")
+    relative = mean_relative_norm(stats)
+    if relative is not None and relative < TINY_UPDATE:
+        notes.append(f"the update is tiny ({relative:.1e} of the weights): its spectrum may still be A's random "
+                     "initialisation rather than anything learned, so read the rank verdicts with care")
     ranks = {f.rank for f in factors.values()}
     if len(ranks) > 1:
         notes.append(f"ranks differ per module (rank_pattern): {sorted(ranks)}; verdicts use each module's own r")
@@ -624,6 +629,9 @@ def gradient_report(history: list[dict], relative_update: float | None) -> Gradi
     elif trend == "growing" or len(spikes) >= 2:
         hint = ("grad norms grow or spike in the first steps: learning rate or alpha likely too high; "
                 "lower training.learning_rate or lora.alpha, or lengthen warmup")
+    elif relative_update is not None and relative_update > HUGE_UPDATE:
+        hint = (f"the update is {relative_update:.3g}x the size of the weights it adapts: learning rate or alpha likely too high; "
+                "lower training.learning_rate or lora.alpha")
     elif relative_update is not None and relative_update < TINY_UPDATE:
         hint = (f"the update is only {relative_update:.1e} of the weights while gradients are finite: scaling (alpha/r) "
                 "or learning rate likely too low; raise lora.alpha (or use_rslora at high rank) or training.learning_rate")

@@ -203,6 +203,13 @@ def test_missing_base_reports_the_ratio_as_missing_not_an_error(tmp_path):
     assert by_name(result)[(0, "q_proj")].update_norm == pytest.approx(math.sqrt(8), rel=1e-5)
 
 
+def test_a_tiny_update_warns_that_its_verdict_may_reflect_initialisation(tmp_path, known_base):
+    q = plant(orthonormal(HIDDEN, 8, 1), orthonormal(HIDDEN, 8, 2), [1e-4 * v for v in FLAT], 2.0)
+    result = inspect_adapter(write_adapter(tmp_path / "a", {(0, "q_proj"): q}, base=known_base))
+    assert result.mean_relative_norm == pytest.approx(math.sqrt(8) * 1e-4 / (0.5 * HIDDEN), rel=1e-5)
+    assert any("random initialisation" in note for note in result.notes)
+
+
 def test_zero_update_reads_no_update(tmp_path):
     b, a = torch.zeros(HIDDEN, 8), orthonormal(HIDDEN, 8, 0).T.float()
     result = inspect_adapter(write_adapter(tmp_path / "a", {(0, "q_proj"): (b, a)}))
@@ -276,6 +283,12 @@ def test_spikes_are_values_five_times_the_median_after_the_first_step():
 def test_non_finite_grad_norm_names_its_step():
     report = gradient_report(history([1.0, 0.8, float("nan"), 0.7]), relative_update=None)
     assert report.nonfinite_step == 11 and "step 11" in report.hint
+
+
+def test_an_update_larger_than_the_weights_points_to_a_too_high_learning_rate_or_alpha():
+    report = gradient_report(history([1.0, 0.9, 0.8, 0.8, 0.7]), relative_update=3.0)
+    assert report.trend == "steady" and report.spikes == ()
+    assert "3x the size of the weights" in report.hint and "too high" in report.hint
 
 
 def test_tiny_update_with_healthy_gradients_points_to_too_low_scaling():
