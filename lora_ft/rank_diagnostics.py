@@ -300,11 +300,7 @@ def overall_verdict(stats: list[ModuleStats]) -> tuple[str, float | None]:
     if not used:
         return NO_UPDATE, None
     median = statistics.median(used)
-    if median >= SATURATED_FRACTION:
-        return SATURATED, median
-    if median <= UNUSED_FRACTION:
-        return UNUSED, median
-    return BALANCED, median
+    return share_verdict(median), median
 
 
 def adapter_statistics(
@@ -321,12 +317,15 @@ def adapter_statistics(
     """
     stats = compute_module_stats(adapter_dir_or_state, adapter_config, base_weight_norms, energy=energy)
     verdict, median = overall_verdict(stats)
+    by_type, by_layer = group(stats, lambda m: m.module_type), group(stats, lambda m: m.layer)
     return {
         "energy": energy,
         "verdict": verdict,
         "median_rank_used": median,
-        "by_module_type": [g.to_json() for g in group(stats, lambda m: m.module_type)],
-        "by_layer": [g.to_json() for g in group(stats, lambda m: m.layer)],
+        "mean_relative_norm": mean_relative_norm(stats),
+        "changed_most": {"module_types": changed_most(by_type), "layers": changed_most(by_layer)},
+        "by_module_type": [g.to_json() for g in by_type],
+        "by_layer": [g.to_json() for g in by_layer],
         "modules": [m.to_json() for m in stats],
     }
 
@@ -477,11 +476,14 @@ def effective_rank(values: torch.Tensor | list[float], energy: float = DEFAULT_E
 
 
 def rank_verdict(effective: int, rank: int) -> str:
-    if effective == 0:
-        return NO_UPDATE
-    if effective >= SATURATED_FRACTION * rank:
+    return NO_UPDATE if effective == 0 else share_verdict(effective / rank)
+
+
+def share_verdict(share: float) -> str:
+    """Verdict on the share of its rank an update uses (effective rank / r)."""
+    if share >= SATURATED_FRACTION:
         return SATURATED
-    if effective <= UNUSED_FRACTION * rank:
+    if share <= UNUSED_FRACTION:
         return UNUSED
     return BALANCED
 
