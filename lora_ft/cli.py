@@ -236,5 +236,31 @@ def merge(
     typer.echo(result.summary())
 
 
+@app.command("inspect")
+@handled
+def inspect_command(
+    adapter_dir: Path = typer.Argument(
+        ..., metavar="ADAPTER_DIR", help="A run folder (or any PEFT LoRA adapter folder).", show_default=False
+    ),
+    against: Optional[Path] = typer.Option(None, "--against", help="A second adapter to compare subspaces with."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write inspect.json and PNG charts to this folder."),
+    energy: float = typer.Option(0.9, "--energy", help="Share of the squared spectrum that defines effective rank."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model for ||W|| (default: the one the run recorded)."),
+):
+    """Show what an adapter learned per layer and module type, and whether its rank was the right size.
+
+    Example: loraft inspect runs/quickstart --report reports/quickstart
+    """
+    from .rank_diagnostics import inspect_adapter
+    from .rank_report import write_report
+
+    result = inspect_adapter(adapter_dir, against=against, base=base, energy=energy)
+    if report is not None:
+        write_report(result, report)
+    typer.echo(result.summary())
+    if report is not None:
+        typer.echo(f"report written to {report}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -447,6 +447,7 @@ def final_scores(model, data, tokenizer, batch_size: int) -> dict:
 def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds) -> dict:
     from .chat_template import end_of_turn_token, generation_config
     from .progress import plot_loss_curve, read_metrics
+    from .rank_diagnostics import adapter_statistics, model_weight_norms
 
     stage = run.staging()
     model = trainer.model
@@ -508,6 +509,8 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
         },
         "environment": environment(),
         "serving": cfg.serving.model_dump(),
+        # what `loraft inspect` reports per module (spectrum, effective rank, ||dW||/||W||), kept with the run
+        "adapter_stats": adapter_statistics(stage, None, model_weight_norms(model)),
     }
     (stage / "README.md").write_text(model_card(cfg, manifest), encoding="utf-8")
     run.install(stage)
