@@ -142,7 +142,7 @@ def _readable_by_all(folder: Path) -> None:
 def _default_console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)  # a warning stays one line when piped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def inspect_adapter(
 def _default_console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)  # a warning stays one line when piped
 
 
 def _read_adapter(path: str | Path, what: str):

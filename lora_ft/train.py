@@ -266,7 +266,7 @@ def _input_paths(cfg: RunConfig, source) -> list[Path]:
 def _default_console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)  # a warning stays one line when piped
 
 
 def _report_data(console, data) -> None:

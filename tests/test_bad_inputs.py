@@ -350,10 +350,12 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, tiny
 
     code, _, err = run_cli("train", *args)
 
-    lines = err.strip().splitlines()
+    # Warnings (e.g. from the data checks) may precede it; the failure itself is exactly one error line.
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning: ")]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert case.expect in lines[0], lines[0]
+    assert "Traceback" not in err
     assert _snapshot(tmp_path) == before, "the failed run wrote or removed something"
     assert not (tmp_path / "out").exists()
 
