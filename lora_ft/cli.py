@@ -209,7 +209,7 @@ def _models(adapter: Optional[List[Path]], base: Optional[str], base_only: bool,
     from .generate import BASE, load_for_inference
 
     if base_only and with_base:
-        raise typer.BadParameter("--base-only and --with-base contradict each other; keep one")
+        raise LoraftError("--base-only and --with-base contradict each other; keep one")
     inference = load_for_inference([str(a) for a in adapter or []] or None, base, force)
     labels = [BASE] if base_only or not inference.labels else ([BASE] if with_base else []) + inference.labels
     return inference, labels

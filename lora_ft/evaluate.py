@@ -288,7 +288,7 @@ class EvalReport:
             for worst in r["worst"][:3]:
                 lines.append(
                     f"  worse by {worst['delta']:+.3f}  {worst['where']}: {_short(worst['prompt'])!r}  "
-                    f"base {_short(worst['base_output'])!r}  adapter {_short(worst['adapter_output'])!r}"
+                    f"base {_short(worst.get('base_output', ''))!r}  adapter {_short(worst.get('adapter_output', ''))!r}"
                 )
         lines.append("")
         if self.failures:
@@ -344,7 +344,7 @@ class EvalReport:
             ]
             lines += [
                 f"| {w['where']} | {w['delta']:+.3f} | {_cell(w['prompt'])} | {_cell(w['reference'])} | "
-                f"{_cell(w['base_output'])} | {_cell(w['adapter_output'])} |"
+                f"{_cell(w.get('base_output', ''))} | {_cell(w.get('adapter_output', ''))} |"
                 for w in r["worst"]
             ]
         examples = [e for e in self.task["examples"] if "base_output" in e][:10]
@@ -442,7 +442,8 @@ def evaluate(
 
     if inference is None:
         inference = load_for_inference(adapter, base, force)
-    label = inference.labels[0]
+    wanted = Path(adapter).expanduser().resolve()
+    label = next((name for name, run in inference.runs.items() if run.path == wanted), inference.labels[0])
     run = inference.runs[label]
     tokenizer = inference.tokenizer(label)
     max_seq_length = run.config.training.max_seq_length if run.config else 2048
