@@ -9,15 +9,10 @@ import pytest
 
 from conftest import copy_rows, write_jsonl
 from lora_ft.config import validate_dict
-from lora_ft.evaluate import (
-    DEFAULT_REGRESSION,
-    EvalSettings,
-    Gates,
+from lora_ft.evaluate import DEFAULT_REGRESSION, EvalSettings, Gates, evaluate, example_losses, heldout_loss
+from lora_ft.metrics import (
     contains,
-    evaluate,
     exact_match,
-    example_losses,
-    heldout_loss,
     json_fields,
     json_valid,
     lcs_length,
