@@ -138,6 +138,9 @@ BaseOption = typer.Option(None, "--base", help="Base model (default: the one the
 ForceOption = typer.Option(False, "--force", help="Use --base even though its weights differ from the recorded base.")
 
 
+from .evaluate import DEFAULT_MAX_REGRESSION  # noqa: E402  (no torch at import: --help stays instant)
+
+
 def _metric_option(name: str):
     return typer.Option(None, f"--min-{name}", help=f"Gate: exit 3 if the adapter's {name.replace('-', '_')} is below this.")
 
@@ -153,7 +156,7 @@ def eval_(
     ),
     no_regression: bool = typer.Option(False, "--no-regression", help="Skip the regression set."),
     max_regression: Optional[float] = typer.Option(
-        None, "--max-regression", help="Gate: largest mean per-example loss increase on the regression set, nats/token (default 0.25)."
+        None, "--max-regression", help=f"Gate: largest mean per-example loss increase on the regression set, nats/token (default {DEFAULT_MAX_REGRESSION:g})."
     ),
     min_exact_match: Optional[float] = _metric_option("exact-match"),
     min_contains: Optional[float] = _metric_option("contains"),
@@ -172,9 +175,9 @@ def eval_(
 
     Exit codes: 0 all gates passed, 2 bad input (e.g. wrong base), 3 a --min-* or --max-regression gate failed.
 
-    Example: loraft eval --adapter runs/quickstart --min-json-fields 0.8 --out runs/quickstart/eval
+    Example: loraft eval --adapter runs/quickstart --min-json-fields 0.8 --out reports/quickstart
     """
-    from .evaluate import DEFAULT_MAX_REGRESSION, EvalSettings, Gates, evaluate
+    from .evaluate import EvalSettings, Gates, evaluate
 
     minimums = {
         "exact_match": min_exact_match, "contains": min_contains, "regex": min_regex, "json_valid": min_json_valid,
