@@ -289,10 +289,13 @@ class EvalReport:
 
 
 def _table_line(name: str, row: dict) -> str:
-    def fmt(value):
-        return f"{value:>10.4f}" if value is not None else f"{'-':>10}"
+    def fmt(value, sign=""):
+        if value is None:
+            return f"{'-':>10}"
+        # a wrecked adapter's perplexity runs to 1e7+: keep the columns aligned
+        return f" {value:>{sign}9.3g}" if abs(value) >= 1e5 else f" {value:>{sign}9.4f}"
 
-    delta = f"{row['delta']:>+10.4f}" if row.get("delta") is not None else f"{'-':>10}"
+    delta = fmt(row.get("delta"), "+")
     return f"{name:<22}{fmt(row['base'])}{fmt(row['adapter'])}{delta}{row['n']:>7}"
 
 
