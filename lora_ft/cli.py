@@ -211,6 +211,100 @@ def data_check(
 # merge
 
 
+# ---------------------------------------------------------------------------------------------
+# eval, generate, chat: base vs adapter(s), through one loader (generate.load_for_inference)
+
+AdapterOption = typer.Option(None, "--adapter", help="Run folder of a trained adapter (give twice to compare two).")
+BaseOption = typer.Option(None, "--base", help="Base model (default: the one the run recorded; a different one is refused).")
+ForceOption = typer.Option(False, "--force", help="Use --base even though its weights differ from the recorded base.")
+
+
+from .evaluate import DEFAULT_MAX_REGRESSION  # noqa: E402  (no torch at import: --help stays instant)
+
+
+def _metric_option(name: str):
+    return typer.Option(None, f"--min-{name}", help=f"Gate: exit 3 if the adapter's {name.replace('-', '_')} is below this.")
+
+
+@app.command("eval")
+@handled
+def eval_(
+    adapter: Path = typer.Option(..., "--adapter", help="Run folder of the trained adapter."),
+    base: Optional[str] = BaseOption,
+    data: Optional[List[Path]] = typer.Option(None, "--data", help="Task data with reference answers (default: the run's eval split)."),
+    regression: Optional[List[Path]] = typer.Option(
+        None, "--regression", help="Base-capability set(s) the adapter must not get worse on (default: loraft's own)."
+    ),
+    no_regression: bool = typer.Option(False, "--no-regression", help="Skip the regression set."),
+    max_regression: Optional[float] = typer.Option(
+        None, "--max-regression", help=f"Gate: largest mean per-example loss increase on the regression set, nats/token (default {DEFAULT_MAX_REGRESSION:g})."
+    ),
+    min_exact_match: Optional[float] = _metric_option("exact-match"),
+    min_contains: Optional[float] = _metric_option("contains"),
+    min_regex: Optional[float] = _metric_option("regex"),
+    min_json_valid: Optional[float] = _metric_option("json-valid"),
+    min_json_fields: Optional[float] = _metric_option("json-fields"),
+    min_rouge_l: Optional[float] = _metric_option("rouge-l"),
+    min_stops: Optional[float] = _metric_option("stops"),
+    regex: Optional[str] = typer.Option(None, "--regex", help="Pattern every answer should match (re.search); rows may carry their own 'regex'."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Default: 16 + twice the longest reference."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward/generate batch."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write report.json, report.md and report.png here."),
+    force: bool = ForceOption,
+):
+    """Compare base and base+adapter on held-out task data and on a regression set; exit 3 when a gate fails.
+
+    Exit codes: 0 all gates passed, 2 bad input (e.g. wrong base), 3 a --min-* or --max-regression gate failed.
+
+    Example: loraft eval --adapter runs/quickstart --min-json-fields 0.8 --out reports/quickstart
+    """
+    from .evaluate import EvalSettings, Gates, evaluate
+
+    minimums = {
+        "exact_match": min_exact_match, "contains": min_contains, "regex": min_regex, "json_valid": min_json_valid,
+        "json_fields": min_json_fields, "rouge_l": min_rouge_l, "stops": min_stops,
+    }
+    gates = Gates(
+        {k: v for k, v in minimums.items() if v is not None},
+        DEFAULT_MAX_REGRESSION if max_regression is None else max_regression,
+    )
+    settings = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, regex=regex)
+    report = evaluate(
+        adapter, base=base, data=data or (), regression=[] if no_regression else (regression or None),
+        settings=settings, gates=gates, force=force,
+    )
+    typer.echo(report.summary())
+    if out is not None:
+        typer.echo(f"report written to {report.write(out)}")
+    if not report.passed:
+        raise typer.Exit(report.exit_code)
+
+
+def _generation_settings(max_new_tokens: int, batch_size: int, sample: bool, temperature: float, top_p: float, seed: int):
+    from .generate import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed
+    )
+
+
+def _models(adapter: Optional[List[Path]], base: Optional[str], base_only: bool, with_base: bool, force: bool):
+    """Load once; return (inference, labels to run) for --adapter [--adapter] / --base-only / --with-base."""
+    from .generate import BASE, load_for_inference
+
+    if base_only and with_base:
+        raise LoraftError("--base-only and --with-base contradict each other; keep one")
+    inference = load_for_inference([str(a) for a in adapter or []] or None, base, force)
+    labels = [BASE] if base_only or not inference.labels else ([BASE] if with_base else []) + inference.labels
+    return inference, labels
+
+
+SampleOption = typer.Option(False, "--sample", help="Sample instead of greedy decoding.")
+TemperatureOption = typer.Option(0.7, "--temperature", help="Sampling temperature (with --sample).")
+TopPOption = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (with --sample).")
+SeedOption = typer.Option(0, "--seed", help="Seed for sampling.")
+
+
 @app.command()
 @handled
 def merge(
@@ -260,6 +354,97 @@ def inspect_command(
     typer.echo(result.summary())
     if report is not None:
         typer.echo(f"report written to {report}")
+
+
+@app.command()
+@handled
+def generate(
+    prompts: Path = typer.Option(..., "--prompts", help="JSONL rows with prompt | instruction(+input) | messages."),
+    adapter: Optional[List[Path]] = AdapterOption,
+    out: Optional[Path] = typer.Option(None, "--out", help="Write JSONL here (default: JSONL on stdout)."),
+    base: Optional[str] = BaseOption,
+    base_only: bool = typer.Option(False, "--base-only", help="Generate with the base model alone."),
+    with_base: bool = typer.Option(False, "--with-base", help="Also generate with the base, side by side."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    sample: bool = SampleOption,
+    temperature: float = TemperatureOption,
+    top_p: float = TopPOption,
+    seed: int = SeedOption,
+    force: bool = ForceOption,
+):
+    """Batched generation for every prompt of a JSONL file, with the run's chat template and stop tokens.
+
+    Example: loraft generate --adapter runs/quickstart --with-base --prompts recipes/data/quickstart_eval.jsonl --out answers.jsonl
+    """
+    import json
+
+    from .generate import generate_file
+
+    settings = _generation_settings(max_new_tokens, batch_size, sample, temperature, top_p, seed)
+    inference, labels = _models(adapter, base, base_only, with_base, force)
+    result = generate_file(inference, prompts, settings, labels=labels, out=out)
+    if out is None:
+        for row in result.rows:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+        typer.echo(result.summary(), err=True)
+    else:
+        typer.echo(result.side_by_side())
+        typer.echo(result.summary())
+
+
+@app.command()
+@handled
+def chat(
+    adapter: Optional[List[Path]] = AdapterOption,
+    base: Optional[str] = BaseOption,
+    base_only: bool = typer.Option(False, "--base-only", help="Chat with the base model alone."),
+    with_base: bool = typer.Option(False, "--with-base", help="Each message also goes to the base; answers shown one after the other."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    sample: bool = SampleOption,
+    temperature: float = TemperatureOption,
+    top_p: float = TopPOption,
+    seed: int = SeedOption,
+    force: bool = ForceOption,
+):
+    """Talk to base+adapter in the terminal, streamed, with the run's saved template. /reset clears, /exit quits.
+
+    Example: loraft chat --adapter runs/quickstart --with-base
+    """
+    from .generate import run_system_prompt
+
+    settings = _generation_settings(max_new_tokens, 1, sample, temperature, top_p, seed)
+    inference, labels = _models(adapter, base, base_only, with_base, force)
+    system = system if system is not None else run_system_prompt(inference)
+    start = [{"role": "system", "content": system}] if system else []
+    history = {label: list(start) for label in labels}
+    typer.echo(f"chatting with {', '.join(labels)}; /reset clears the history, /exit quits", err=True)
+    while True:
+        try:
+            typer.echo("you> ", nl=False)
+            line = input()
+        except EOFError:
+            typer.echo("")
+            return
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history = {label: list(start) for label in labels}
+            typer.echo("(history cleared)")
+            continue
+        if not text:
+            continue
+        for label in labels:
+            history[label].append({"role": "user", "content": text})
+            typer.echo(f"{label}> ", nl=False)
+            reply = ""
+            for piece in inference.stream(history[label], settings, label):
+                reply += piece
+                typer.echo(piece, nl=False)
+            typer.echo("")
+            history[label].append({"role": "assistant", "content": reply})
 
 
 if __name__ == "__main__":  # pragma: no cover

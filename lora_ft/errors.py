@@ -7,6 +7,8 @@ The CLI turns a `LoraftError` into one line on stderr and its exit code; anythin
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USER = 2
+# `loraft eval` gates: the command worked and the adapter failed a threshold (CI tells this from a crash, 1, or bad input, 2).
+EXIT_GATE = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 

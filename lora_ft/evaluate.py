@@ -1,43 +1,82 @@
-"""Evaluation stage: held-out loss of base vs base+adapter (and, in `loraft eval`, generation metrics).
+"""Evaluation stage: does the adapter beat its base on the task, and what got worse?
 
-Loss is token-weighted (sum of token NLL over the number of trained tokens), so a batch of short
-rows does not count as much as a batch of long ones; the base model is measured with the adapter
-disabled in the same process, so both numbers see exactly the same tokens.
+Reads a finished run folder (adapter, saved tokenizer/template, config.yaml) and data with reference
+answers; writes nothing unless asked (`--out DIR`: report.json, report.md, report.png, atomically).
+Base and adapter are measured in the same process on exactly the same tokens (the adapter is
+disabled for the base), so every delta is the adapter's doing.
+
+- Task quality: held-out loss/perplexity (token-weighted, as in training) and generation metrics on
+  the reference answers: exact match, contains, regex, JSON valid, JSON field equality, ROUGE-L,
+  and "stops" (the share of answers that end with an end-of-turn/EOS token before the length limit).
+- Regressions: per-example loss of the reference answers of a "base capability" set (the user's, or
+  lora_ft/resources/regression_default.jsonl: short general questions SmolLM2-135M-Instruct answers
+  correctly). Loss on references is the gate because it is smooth and cheap and does not hinge on one
+  greedy token; generation match is reported beside it, with the worst regressions and both outputs.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
 
-import torch
+from .errors import EXIT_GATE, LoraftError
+from .metrics import GENERATION_METRICS, score_generation
+
+DEFAULT_REGRESSION = Path(__file__).parent / "resources" / "regression_default.jsonl"
+# A per-example loss change within this many nats/token is a tie: LoRA always moves the loss a little.
+TIE_NATS = 0.05
+DEFAULT_MAX_REGRESSION = 0.25
 
 
-@torch.no_grad()
-def heldout_loss(model, encoded, *, pad_token_id: int, batch_size: int = 8, disable_adapter: bool = False) -> dict:
-    """Token-weighted mean NLL and perplexity over encoded rows (input_ids + labels)."""
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def example_losses(model, encoded, *, pad_token_id: int, batch_size: int = 8, disable_adapter: bool = False) -> list[tuple[float, int]]:
+    """(summed NLL, trained tokens) of each encoded row, in order."""
+    import torch
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
+    out: list[tuple[float, int]] = []
     context = model.disable_adapter() if disable_adapter else nullcontext()
-    with context:
+    with context, torch.no_grad():
         for start in range(0, len(encoded), batch_size):
             batch = encoded[start : start + batch_size]
             input_ids, labels, attention = _pad(batch, pad_token_id)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-            shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
-            shift_labels = labels[:, 1:].reshape(-1).to(device)
-            nll = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-            total_nll += nll.item()
-            total_tokens += int((shift_labels != -100).sum())
+            shift_labels = labels[:, 1:].to(device)
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
+            )
+            sums, counts = nll.sum(dim=1), (shift_labels != -100).sum(dim=1)
+            out += [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
     if was_training:
         model.train()
+    return out
+
+
+def heldout_loss(model, encoded, *, pad_token_id: int, batch_size: int = 8, disable_adapter: bool = False) -> dict:
+    """Token-weighted mean NLL and perplexity over encoded rows (input_ids + labels)."""
+    per_row = example_losses(model, encoded, pad_token_id=pad_token_id, batch_size=batch_size, disable_adapter=disable_adapter)
+    return _loss_summary(per_row)
+
+
+def _loss_summary(per_row: list[tuple[float, int]]) -> dict:
+    total_nll = sum(s for s, _ in per_row)
+    total_tokens = sum(c for _, c in per_row)
     loss = total_nll / max(total_tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens, "rows": len(encoded)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens, "rows": len(per_row)}
 
 
 def _pad(batch, pad_token_id: int):
+    import torch
+
     width = max(len(item.input_ids) for item in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -48,3 +87,438 @@ def _pad(batch, pad_token_id: int):
         labels[row, :n] = torch.tensor(item.labels)
         attention[row, :n] = 1
     return input_ids, labels, attention
+
+
+# ---------------------------------------------------------------------------------------------
+# Items: a data row as the model sees it (prompt ids for generation, labelled ids for loss)
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    where: str
+    prompt: str  # the last user message (or plain prompt), for reports
+    prompt_ids: list[int] | None  # None for plain-text rows: loss only
+    reference: str | None
+    encoded: object | None  # data.Encoded with the reference in the labels; None if nothing is trained
+    regex: str | None = None
+    answer: str | None = None  # the row's optional "answer" field: what `contains` looks for
+
+
+def build_items(rows, spec, tokenizer, *, max_seq_length: int, regex: str | None = None) -> list[EvalItem]:
+    """Rows -> items, rendered exactly as training renders them (same format detection, template, masking)."""
+    from .data import Example, detect_format, encode, to_example
+    from .generate import render_prompt
+
+    if not rows:
+        return []
+    fmt = detect_format(rows, spec)
+    use_chat = bool(getattr(tokenizer, "chat_template", None))
+    items = []
+    for row in rows:
+        example = to_example(row, fmt, spec, use_chat=use_chat)
+        row_regex = row.data.get("regex") if isinstance(row.data.get("regex"), str) else regex
+        answer = row.data.get("answer") if isinstance(row.data.get("answer"), str) else None
+        if example.text is not None:
+            encoded = encode(example, tokenizer, train_on=spec.train_on, max_seq_length=max_seq_length)
+            items.append(EvalItem(row.where, example.text[:200], None, None, encoded if encoded.trained_tokens else None))
+            continue
+        messages = list(example.messages)
+        last = max(i for i, m in enumerate(messages) if m["role"] in ("assistant", "completion"))
+        context, reference = messages[:last], messages[last]["content"]
+        through = Example(tuple(messages[: last + 1]), None, row.where)
+        encoded = encode(through, tokenizer, train_on=spec.train_on, max_seq_length=max_seq_length)
+        items.append(
+            EvalItem(
+                row.where, context[-1]["content"], render_prompt(tokenizer, context), reference,
+                encoded if encoded.trained_tokens else None, row_regex, answer,
+            )
+        )
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass(frozen=True)
+class Gates:
+    """CI thresholds: minimums on the adapter's task metrics, a maximum on the regression."""
+
+    minimums: dict[str, float] = field(default_factory=dict)  # metric -> lowest acceptable adapter value
+    max_regression: float = DEFAULT_MAX_REGRESSION  # nats/token, mean per-example loss increase on the regression set
+
+    def __post_init__(self):
+        unknown = set(self.minimums) - set(GENERATION_METRICS)
+        if unknown:
+            raise LoraftError(f"--min-*: unknown metric {', '.join(sorted(unknown))}; known: {', '.join(GENERATION_METRICS)}")
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    adapter: str
+    base: str
+    base_matches: bool | None
+    settings: dict
+    task: dict  # {"sources", "rows", "metrics": {name: {base, adapter, delta, n}}, "examples": [...]}
+    regression: dict | None  # {"sources", "rows", "mean_delta", "wins", "losses", "ties", "metrics", "worst", ...}
+    failures: list[str]
+    gates: dict
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else EXIT_GATE
+
+    def summary(self) -> str:
+        lines = [f"adapter {self.adapter}", f"base    {self.base}" + ("  (fingerprint NOT matching: --force)" if self.base_matches is False else "")]
+        lines.append("")
+        lines.append(f"{'metric':<22}{'base':>10}{'adapter':>10}{'delta':>10}{'rows':>7}")
+        for name, row in self.task["metrics"].items():
+            lines.append(_table_line(name, row))
+        if self.regression:
+            r = self.regression
+            lines.append("")
+            lines.append(f"regression set ({r['rows']} rows: {', '.join(r['sources'])})")
+            for name, row in r["metrics"].items():
+                lines.append(_table_line(name, row))
+            lines.append(
+                f"per-example loss: adapter better on {r['wins']}, worse on {r['losses']}, tied on {r['ties']} "
+                f"(tie = within {TIE_NATS} nats/token); mean change {r['mean_delta']:+.4f} nats/token "
+                f"(gate: at most {self.gates['max_regression']:+.4f})"
+            )
+            for worst in r["worst"][:3]:
+                lines.append(
+                    f"  worse by {worst['delta']:+.3f}  {worst['where']}: {_short(worst['prompt'])!r}  "
+                    f"base {_short(worst.get('base_output', ''))!r}  adapter {_short(worst.get('adapter_output', ''))!r}"
+                )
+        lines.append("")
+        if self.failures:
+            lines += [f"GATE FAILED: {reason}" for reason in self.failures]
+        else:
+            lines.append("gates passed")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "adapter": self.adapter,
+            "base": self.base,
+            "base_fingerprint_matches": self.base_matches,
+            "settings": self.settings,
+            "task": self.task,
+            "regression": self.regression,
+            "gates": {**self.gates, "passed": self.passed, "failures": self.failures, "exit_code": self.exit_code},
+        }
+
+    def write(self, out: str | Path) -> Path:
+        """report.json, report.md and report.png in `out`, all or nothing (a temp folder renamed into place)."""
+        from .run_dir import atomic_dir
+
+        out = Path(out)
+        if out.exists() and not (out / "report.json").is_file():
+            raise LoraftError(f"--out: {out} exists and holds no loraft report; choose another folder")
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "report.json").write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            (tmp / "report.md").write_text(self.markdown(), encoding="utf-8")
+            self.chart(tmp / "report.png")
+        return out
+
+    def markdown(self) -> str:
+        lines = [f"# loraft eval: `{Path(self.adapter).name}` vs its base", "", f"- adapter: `{self.adapter}`", f"- base: `{self.base}`"]
+        lines += [f"- task data: {', '.join(self.task['sources'])} ({self.task['rows']} rows)"]
+        lines += [f"- result: **{'passed' if self.passed else 'FAILED'}**" + "".join(f"\n  - {f}" for f in self.failures), ""]
+        lines += ["| metric | base | adapter | delta | rows |", "|---|---:|---:|---:|---:|"]
+        lines += [_md_line(name, row) for name, row in self.task["metrics"].items()]
+        if self.regression:
+            r = self.regression
+            lines += ["", f"## Regression set ({r['rows']} rows)", "", "| metric | base | adapter | delta | rows |", "|---|---:|---:|---:|---:|"]
+            lines += [_md_line(name, row) for name, row in r["metrics"].items()]
+            lines += [
+                "",
+                f"Per-example loss: adapter better on **{r['wins']}**, worse on **{r['losses']}**, tied on **{r['ties']}** "
+                f"(tie: within {TIE_NATS} nats/token). Mean change {r['mean_delta']:+.4f} nats/token; "
+                f"gate {self.gates['max_regression']:+.4f}.",
+                "",
+                "### Worst regressions",
+                "",
+                "| where | loss change | prompt | reference | base output | adapter output |",
+                "|---|---:|---|---|---|---|",
+            ]
+            lines += [
+                f"| {w['where']} | {w['delta']:+.3f} | {_cell(w['prompt'])} | {_cell(w['reference'])} | "
+                f"{_cell(w.get('base_output', ''))} | {_cell(w.get('adapter_output', ''))} |"
+                for w in r["worst"]
+            ]
+        examples = [e for e in self.task["examples"] if "base_output" in e][:10]
+        if examples:
+            lines += ["", "## Task examples", "", "| where | reference | base output | adapter output |", "|---|---|---|---|"]
+            lines += [f"| {e['where']} | {_cell(e['reference'])} | {_cell(e['base_output'])} | {_cell(e['adapter_output'])} |" for e in examples]
+        return "\n".join(lines) + "\n"
+
+    def chart(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rates = {k: v for k, v in self.task["metrics"].items() if k in GENERATION_METRICS}
+        if self.regression:
+            rates.update({f"regr. {k}": v for k, v in self.regression["metrics"].items() if k in GENERATION_METRICS})
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100, gridspec_kw={"width_ratios": [3, 2]})
+        names = list(rates)
+        xs = range(len(names))
+        axes[0].bar([x - 0.2 for x in xs], [rates[n]["base"] for n in names], 0.4, label="base", color="tab:gray")
+        axes[0].bar([x + 0.2 for x in xs], [rates[n]["adapter"] for n in names], 0.4, label="adapter", color="tab:blue")
+        axes[0].set_xticks(list(xs), names, rotation=30, ha="right")
+        axes[0].set_ylim(0, 1.05)
+        axes[0].set_title("generation metrics (higher is better)")
+        axes[0].legend()
+        deltas = [d for d in (self.regression or {}).get("deltas", [])]
+        if deltas:
+            axes[1].hist(deltas, bins=20, color="tab:red", alpha=0.8)
+            axes[1].axvline(0, color="black", linewidth=0.8)
+            axes[1].set_title("regression set: per-example loss change")
+            axes[1].set_xlabel("adapter - base (nats/token; > 0 is worse)")
+        else:
+            axes[1].axis("off")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def _table_line(name: str, row: dict) -> str:
+    def fmt(value, sign=""):
+        if value is None:
+            return f"{'-':>10}"
+        # a wrecked adapter's perplexity runs to 1e7+: keep the columns aligned
+        return f" {value:>{sign}9.3g}" if abs(value) >= 1e5 else f" {value:>{sign}9.4f}"
+
+    delta = fmt(row.get("delta"), "+")
+    return f"{name:<22}{fmt(row['base'])}{fmt(row['adapter'])}{delta}{row['n']:>7}"
+
+
+def _md_line(name: str, row: dict) -> str:
+    def fmt(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    delta = "-" if row.get("delta") is None else f"{row['delta']:+.4f}"
+    return f"| {name} | {fmt(row['base'])} | {fmt(row['adapter'])} | {delta} | {row['n']} |"
+
+
+def _short(text: str, n: int = 50) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _cell(text) -> str:
+    return _short(text, 120).replace("|", "\\|")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    max_new_tokens: int | None = None  # None: 16 + twice the longest reference, at most 512 (per data set)
+    batch_size: int = 8
+    regex: str | None = None
+    worst: int = 5
+
+
+def evaluate(
+    adapter: str | Path,
+    *,
+    base: str | None = None,
+    data: Sequence[str | Path] = (),
+    regression: Sequence[str | Path] | None = None,
+    settings: EvalSettings = EvalSettings(),
+    gates: Gates = Gates(),
+    force: bool = False,
+    inference=None,
+    progress=None,
+) -> EvalReport:
+    """Base vs base+adapter on the task data (default: the run's eval split) and on the regression set.
+
+    `regression=None` uses the shipped default set; an empty list skips the regression check.
+    `inference` reuses an already loaded model (tests, notebooks); by default one is loaded here.
+    """
+    from .generate import load_for_inference
+
+    if inference is None:
+        inference = load_for_inference(adapter, base, force)
+    wanted = Path(adapter).expanduser().resolve()
+    label = next((name for name, run in inference.runs.items() if run.path == wanted), inference.labels[0])
+    run = inference.runs[label]
+    tokenizer = inference.tokenizer(label)
+    max_seq_length = run.config.training.max_seq_length if run.config else 2048
+    task_sources, task_rows = _task_rows(run, data)
+    task_spec = _data_spec(run, task_sources[0])
+    items = build_items(task_rows, task_spec, tokenizer, max_seq_length=max_seq_length, regex=settings.regex)
+    task = _compare(inference, label, items, settings, progress, "task")
+    task["sources"] = task_sources
+
+    regression_report = None
+    regression_files = [DEFAULT_REGRESSION] if regression is None else list(regression)
+    if regression_files:
+        rows = _read_all(regression_files)
+        from .config import DataSpec
+
+        # General-capability prompts are asked as a user would, without the task's system prompt.
+        spec = DataSpec(train={"path": str(regression_files[0])})
+        reg_items = build_items(rows, spec, tokenizer, max_seq_length=max_seq_length)
+        regression_report = _compare(inference, label, reg_items, settings, progress, "regression", worst=settings.worst)
+        regression_report["sources"] = [str(p) for p in regression_files]
+
+    failures = _gate(task, regression_report, gates)
+    return EvalReport(
+        adapter=str(run.path),
+        base=inference.base_name,
+        base_matches=inference.base_matches,
+        settings={"batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens, "greedy": True, "regex": settings.regex},
+        task=task,
+        regression=regression_report,
+        failures=failures,
+        gates={"minimums": dict(gates.minimums), "max_regression": gates.max_regression},
+    )
+
+
+def _task_rows(run, data: Sequence[str | Path]):
+    from .config import DataSource
+    from .data import load_rows, read_rows
+
+    if data:
+        return [str(p) for p in data], _read_all(data)
+    cfg = run.config
+    if cfg is None or cfg.data is None:
+        raise LoraftError(f"--data: {run.path} has no loraft config.yaml to take the eval split from; pass --data FILE")
+    if cfg.data.eval is not None:
+        return [cfg.data.eval.path], read_rows(cfg.data.eval)
+    if cfg.data.eval_fraction > 0:
+        # The same seeded split training held out (data.load_rows), so eval never sees training rows.
+        _, held = load_rows(cfg.data, cfg.training.seed)
+        return [f"{cfg.data.train.path} (held-out {cfg.data.eval_fraction:g}, seed {cfg.training.seed})"], held
+    raise LoraftError(f"--data: the run's config has no eval data (data.eval or data.eval_fraction); pass --data FILE")
+
+
+def _read_all(paths) -> list:
+    from .config import DataSource
+    from .data import read_rows
+
+    rows = []
+    for path in paths:
+        if not Path(path).expanduser().is_file():
+            raise LoraftError(f"data file not found: {path}")
+        found = read_rows(DataSource(path=str(path)))
+        if not found:
+            raise LoraftError(f"{path}: holds no rows")
+        rows += found
+    return rows
+
+
+def _data_spec(run, source: str):
+    """The run's data settings (field mapping, system prompt, masking) for any eval file."""
+    from .config import DataSpec
+
+    if run.config is not None and run.config.data is not None:
+        return run.config.data
+    return DataSpec(train={"path": source})
+
+
+def _compare(inference, label: str, items: list[EvalItem], settings: EvalSettings, progress, what: str, worst: int = 0) -> dict:
+    """Loss and generation metrics of base and adapter on the same items; per-example rows for the report."""
+    from .generate import BASE, GenerationSettings
+
+    tokenizer = inference.tokenizer(label)
+    scored = [i for i in items if i.encoded is not None]
+    losses = {}
+    for who in (BASE, label):
+        with inference.use(who):
+            losses[who] = example_losses(inference.model, [i.encoded for i in scored], pad_token_id=tokenizer.pad_token_id, batch_size=settings.batch_size)
+    metrics: dict[str, dict] = {}
+    if scored:
+        b, a = _loss_summary(losses[BASE]), _loss_summary(losses[label])
+        metrics["loss"] = {"base": b["loss"], "adapter": a["loss"], "delta": a["loss"] - b["loss"], "n": len(scored)}
+        metrics["perplexity"] = {"base": b["perplexity"], "adapter": a["perplexity"], "delta": a["perplexity"] - b["perplexity"], "n": len(scored)}
+
+    generated = [i for i in items if i.prompt_ids is not None and i.reference is not None]
+    outputs: dict[str, list] = {}
+    if generated:
+        gen = GenerationSettings(max_new_tokens=settings.max_new_tokens or _default_budget(tokenizer, generated), batch_size=settings.batch_size)
+        for who in (BASE, label):
+            outputs[who] = inference.generate([i.prompt_ids for i in generated], gen, who, progress=progress)
+        per_metric: dict[str, dict[str, list[float]]] = {}
+        for who in (BASE, label):
+            for item, out in zip(generated, outputs[who]):
+                for name, value in score_generation(out.text, out.stopped, item.reference, item.regex, item.answer).items():
+                    per_metric.setdefault(name, {BASE: [], label: []})[who].append(value)
+        for name in GENERATION_METRICS:
+            if name in per_metric:
+                base_mean, adapter_mean = _mean(per_metric[name][BASE]), _mean(per_metric[name][label])
+                metrics[name] = {"base": base_mean, "adapter": adapter_mean, "delta": adapter_mean - base_mean, "n": len(per_metric[name][BASE])}
+        metrics["mean_new_tokens"] = {
+            "base": _mean([o.new_tokens for o in outputs[BASE]]),
+            "adapter": _mean([o.new_tokens for o in outputs[label]]),
+            "delta": _mean([o.new_tokens for o in outputs[label]]) - _mean([o.new_tokens for o in outputs[BASE]]),
+            "n": len(generated),
+        }
+
+    examples = _examples(items, scored, losses, generated, outputs, label)
+    report = {"rows": len(items), "metrics": metrics, "examples": examples}
+    if what == "regression":
+        deltas = [e["delta"] for e in examples if e.get("delta") is not None]
+        report.update(
+            mean_delta=_mean(deltas),
+            deltas=deltas,
+            wins=sum(1 for d in deltas if d < -TIE_NATS),
+            losses=sum(1 for d in deltas if d > TIE_NATS),
+            ties=sum(1 for d in deltas if abs(d) <= TIE_NATS),
+            worst=sorted((e for e in examples if e.get("delta") is not None and e["delta"] > TIE_NATS), key=lambda e: -e["delta"])[:worst],
+        )
+    return report
+
+
+def _examples(items, scored, losses, generated, outputs, label) -> list[dict]:
+    from .generate import BASE
+
+    by_where = {i.where: {"where": i.where, "prompt": i.prompt, "reference": i.reference} for i in items}
+    for item, b, a in zip(scored, losses.get(BASE, []), losses.get(label, [])):
+        entry = by_where[item.where]
+        entry["base_loss"], entry["adapter_loss"] = b[0] / max(b[1], 1), a[0] / max(a[1], 1)
+        entry["delta"] = entry["adapter_loss"] - entry["base_loss"]
+    for index, item in enumerate(generated):
+        entry = by_where[item.where]
+        for who, key in ((BASE, "base"), (label, "adapter")):
+            out = outputs[who][index]
+            entry[f"{key}_output"], entry[f"{key}_stopped"] = out.text, out.stopped
+            entry[f"{key}_scores"] = score_generation(out.text, out.stopped, item.reference, item.regex, item.answer)
+    return list(by_where.values())
+
+
+def _default_budget(tokenizer, items: list[EvalItem]) -> int:
+    """Room for the longest reference twice over: a longer answer cannot match, and the base rambles."""
+    longest = max(len(tokenizer(i.reference, add_special_tokens=False)["input_ids"]) for i in items)
+    return min(512, 16 + 2 * longest)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def _gate(task: dict, regression: dict | None, gates: Gates) -> list[str]:
+    failures = []
+    for name, minimum in gates.minimums.items():
+        row = task["metrics"].get(name)
+        if row is None:
+            failures.append(f"--min-{name.replace('_', '-')} {minimum:g}: the task data has no rows this metric applies to")
+        elif row["adapter"] < minimum:
+            failures.append(f"{name} {row['adapter']:.4f} is below --min-{name.replace('_', '-')} {minimum:g}")
+    if regression and regression.get("deltas") and regression["mean_delta"] > gates.max_regression:
+        failures.append(
+            f"regression: mean loss on the regression set rose by {regression['mean_delta']:.4f} nats/token "
+            f"(worse on {regression['losses']} of {len(regression['deltas'])} rows), above --max-regression {gates.max_regression:g}"
+        )
+    return failures

@@ -1,0 +1,440 @@
+"""Generation stage: load base+adapter once, render prompts with the run's saved chat template, generate in batches.
+
+Shared by `loraft eval`, `loraft generate` and `loraft chat`, so all three see the same template,
+the same stop tokens and the same loader. Pitfalls guarded here:
+- the tokenizer (and its chat template) comes from the run folder, exactly as trained, never from the base;
+- generation stops on every end-of-turn id (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`, ...), not only on
+  the tokenizer's EOS: a model fine-tuned on ChatML that is only stopped at `</s>` never stops;
+- batches are left-padded with an attention mask (transformers derives position ids from it), so a
+  prompt's greedy output does not depend on the batch it lands in.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .errors import LoraftError
+from .run_dir import AdapterRun, read_json
+
+BASE = "base"
+# End-of-turn tokens of common chat templates; each one present in the vocabulary is a stop id.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>", "<|end|>", "<|eom_id|>")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to decode. Greedy by default: the same prompt gives the same answer on every run."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise LoraftError("--max-new-tokens: must be at least 1")
+        if self.batch_size < 1:
+            raise LoraftError("--batch-size: must be at least 1")
+        if self.do_sample and self.temperature <= 0:
+            raise LoraftError("--temperature: must be above 0 when sampling (use greedy decoding instead of 0)")
+
+    def to_hf(self, eos_ids: Sequence[int], pad_id: int):
+        from transformers import GenerationConfig
+
+        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} if self.do_sample else {}
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            repetition_penalty=self.repetition_penalty,
+            eos_token_id=list(eos_ids),
+            pad_token_id=pad_id,
+            **sampling,
+        )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    new_tokens: int
+    stopped: bool  # ended with an end-of-turn/EOS id before max_new_tokens
+
+
+@dataclass
+class Inference:
+    """A loaded base model with zero, one or two adapters, and what is needed to prompt it like in training."""
+
+    model: object
+    tokenizers: dict[str, object]  # label -> tokenizer (each adapter's own saved tokenizer; base uses the first's)
+    eos_ids: dict[str, list[int]]
+    labels: list[str]  # adapter labels in the order given (the base is always available as BASE)
+    base_name: str
+    base_matches: bool | None  # fingerprint check: True, False (forced), None (nothing recorded)
+    runs: dict[str, AdapterRun] = field(default_factory=dict)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @contextmanager
+    def use(self, label: str) -> Iterator[None]:
+        """Run the block with the base (adapter disabled) or with one adapter active."""
+        if label == BASE:
+            context = self.model.disable_adapter() if self.labels else nullcontext()
+            with context:
+                yield
+            return
+        if label not in self.labels:
+            raise LoraftError(f"no adapter labelled {label!r}; loaded: {', '.join(self.labels) or 'none'}")
+        self.model.set_adapter(label)
+        yield
+
+    def tokenizer(self, label: str = BASE):
+        return self.tokenizers.get(label) or self.tokenizers[BASE]
+
+    def render(self, messages: Sequence[dict], label: str = BASE) -> list[int]:
+        return render_prompt(self.tokenizer(label), messages)
+
+    def generate(self, prompts: Sequence[list[int]], settings: GenerationSettings, label: str = BASE, *, progress=None) -> list[Generation]:
+        with self.use(label):
+            return generate_batched(
+                self.model, self.tokenizer(label), prompts, settings, eos_ids=self.eos_ids[label], progress=progress,
+                description=f"generating ({label})",
+            )
+
+    def stream(self, messages: Sequence[dict], settings: GenerationSettings, label: str = BASE) -> Iterator[str]:
+        """Yield the reply's text as it is generated (for `loraft chat`)."""
+        from transformers import TextIteratorStreamer
+
+        tokenizer = self.tokenizer(label)
+        ids = self.render(messages, label)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        config = settings.to_hf(self.eos_ids[label], tokenizer.pad_token_id)
+        failure: list[BaseException] = []
+
+        def work():
+            import torch
+
+            try:
+                torch.manual_seed(settings.seed)
+                with self.use(label), torch.no_grad():
+                    input_ids = torch.tensor([ids], device=self.device)
+                    self.model.generate(
+                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer
+                    )
+            except BaseException as exc:  # surfaced in the caller's thread below
+                failure.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if failure:
+            raise failure[0]
+
+
+def load_for_inference(
+    adapter_dir: str | Path | Sequence[str | Path] | None,
+    base: str | None = None,
+    force: bool = False,
+    *,
+    precision: str = "auto",
+) -> Inference:
+    """Base + adapter(s) through AdapterRun.resolve_base (which refuses a wrong base) and PEFT.
+
+    `adapter_dir` may be one folder, a list of up to two folders trained on the same base, or None with
+    `base` set (the base alone, with its own tokenizer and template).
+    """
+    import torch
+
+    from .config import ModelSpec
+    from .model import load_base_model, load_tokenizer, resolve_model_source, resolve_precision
+
+    dirs = [] if adapter_dir is None else [adapter_dir] if isinstance(adapter_dir, (str, Path)) else list(adapter_dir)
+    if not dirs and not base:
+        raise LoraftError("give --adapter DIR (or --base MODEL with --base-only)")
+    if len(dirs) > 2:
+        raise LoraftError("--adapter: at most two adapters can be compared at once")
+    runs = [AdapterRun.load(d) for d in dirs]
+    labels = _labels(runs)
+    if runs:
+        spec, source, matches = runs[0].resolve_base(base, force=force)
+        for other in runs[1:]:
+            # The second adapter must fit the same base weights (same fingerprint rule as merge).
+            other.resolve_base(spec.name if base is None else base, force=force)
+    else:
+        spec = ModelSpec(name=base)
+        source, matches = resolve_model_source(spec), None
+    if precision == "auto" and runs and runs[0].config is not None:
+        precision = runs[0].config.training.precision
+    precision = resolve_precision(precision)
+    model = load_base_model(spec, source, precision)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    tokenizers = {BASE: load_tokenizer(spec, source)}
+    eos = {BASE: base_eos_ids(tokenizers[BASE], model)}
+    if runs:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(runs[0].path), adapter_name=labels[0])
+        for label, run in zip(labels[1:], runs[1:]):
+            model.load_adapter(str(run.path), adapter_name=label)
+        for label, run in zip(labels, runs):
+            tokenizers[label] = run_tokenizer(run)
+            eos[label] = run_eos_ids(run, tokenizers[label], model)
+        # The base is measured on exactly the adapter's prompts: same template, same stop ids.
+        tokenizers[BASE], eos[BASE] = tokenizers[labels[0]], eos[labels[0]]
+        model.set_adapter(labels[0])
+    model.eval()
+    return Inference(model, tokenizers, eos, labels, spec.name, matches, dict(zip(labels, runs)))
+
+
+def _labels(runs: list[AdapterRun]) -> list[str]:
+    names = [run.path.name or "adapter" for run in runs]
+    if len(set(names)) < len(names) or BASE in names:
+        names = [f"adapter{i + 1}" for i in range(len(runs))]
+    return names
+
+
+def run_tokenizer(run: AdapterRun):
+    """The tokenizer saved in the run folder: the chat template exactly as trained."""
+    from transformers import AutoTokenizer
+
+    if not (run.path / "tokenizer_config.json").is_file():
+        raise LoraftError(f"--adapter: {run.path} holds no tokenizer files; it was not written by loraft train")
+    tokenizer = AutoTokenizer.from_pretrained(str(run.path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def run_eos_ids(run: AdapterRun, tokenizer, model) -> list[int]:
+    """Stop ids: the run's generation_config.json if it records them, else derived from the tokenizer."""
+    path = run.path / "generation_config.json"
+    if path.is_file():
+        recorded = read_json(path).get("eos_token_id")
+        if recorded is not None:
+            return sorted(set(recorded if isinstance(recorded, list) else [recorded]))
+    return base_eos_ids(tokenizer, model)
+
+
+def base_eos_ids(tokenizer, model=None) -> list[int]:
+    """Tokenizer EOS + every known end-of-turn token in the vocabulary + the model's own generation EOS ids."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, list) else [configured])
+    if not ids:
+        raise LoraftError("the tokenizer has no EOS or end-of-turn token, so generation could never stop; fix its tokenizer_config.json")
+    return sorted(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def render_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation up to the assistant's turn, rendered as in training (data.render_with_spans).
+
+    Messages with role "prompt" are plain text for tokenizers without a chat template: BOS + text.
+    """
+    if messages and messages[0]["role"] == "prompt":
+        ids = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+        return ([bos] if adds_bos else []) + list(ids)
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_messages(row: dict, *, system_prompt: str | None, has_template: bool, where: str) -> tuple[list[dict], str | None]:
+    """A JSONL row -> (messages to continue, reference answer or None).
+
+    Accepts {"messages": [...]} (a trailing assistant turn is the reference), {"prompt", "completion"?},
+    {"instruction", "input"?, "output"?}, as the training data formats do.
+    """
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise LoraftError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        messages = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
+        reference = None
+        if messages[-1]["role"] == "assistant":
+            reference = messages.pop()["content"]
+        if not messages or messages[-1]["role"] != "user":
+            raise LoraftError(f"{where}: the conversation must end with a user turn (or a user turn and its reference answer)")
+        if not has_template:
+            raise LoraftError(f"{where}: chat rows need a chat template, and this tokenizer has none")
+        return messages, reference
+    if isinstance(row.get("prompt"), str):
+        prompt, reference = row["prompt"], row.get("completion")
+    elif isinstance(row.get("instruction"), str):
+        extra = row.get("input") or ""
+        prompt = f"{row['instruction']}\n\n{extra}" if str(extra).strip() else row["instruction"]
+        reference = row.get("output")
+    else:
+        raise LoraftError(f"{where}: a prompt row needs 'prompt', 'instruction' or 'messages' (fields: {', '.join(sorted(row))})")
+    if reference is not None and not isinstance(reference, str):
+        raise LoraftError(f"{where}: the reference answer must be a string")
+    if not has_template:
+        return [{"role": "prompt", "content": prompt}], reference
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + [{"role": "user", "content": prompt}], reference
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched generation
+
+
+def generate_batched(
+    model, tokenizer, prompts: Sequence[list[int]], settings: GenerationSettings, *, eos_ids: Sequence[int],
+    progress=None, description: str = "generating",
+) -> list[Generation]:
+    """Greedy (or sampled) continuations of token-id prompts, in input order.
+
+    Prompts are sorted by length so each batch wastes little padding (and the longest batch runs
+    first, so running out of memory shows at once); results are returned in the caller's order.
+    """
+    import torch
+
+    if not prompts:
+        return []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    config = settings.to_hf(eos_ids, pad)
+    stop = set(eos_ids)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(settings.seed)
+    with _progress(progress, description, len(prompts)) as advance, torch.no_grad():
+        for start in range(0, len(order), settings.batch_size):
+            chosen = order[start : start + settings.batch_size]
+            width = max(len(prompts[i]) for i in chosen)
+            input_ids = torch.full((len(chosen), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(chosen), width), dtype=torch.long)
+            for row, index in enumerate(chosen):
+                ids = prompts[index]
+                if not ids:
+                    raise LoraftError("an empty prompt cannot be continued; give each row some text")
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention[row, width - len(ids) :] = 1
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config)
+            for row, index in enumerate(chosen):
+                new = output[row, width:].tolist()
+                cut = next((k for k, token in enumerate(new) if token in stop), None)
+                tokens = new if cut is None else new[:cut]
+                results[index] = Generation(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), cut is not None)
+            advance(len(chosen))
+    if was_training:
+        model.train()
+    return results  # type: ignore[return-value]
+
+
+@contextmanager
+def _progress(progress, description: str, total: int):
+    """A rich progress bar on stderr (progress=None: default console; False: silent)."""
+    if progress is False:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = progress if progress is not None else Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# `loraft generate`: JSONL in, JSONL out
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    rows: list[dict]
+    labels: list[str]
+    out: Path | None
+    settings: GenerationSettings
+
+    def summary(self) -> str:
+        stops = {label: sum(r["outputs"][label]["stopped"] for r in self.rows) for label in self.labels}
+        lines = [f"{len(self.rows)} prompts, {len(self.labels)} model(s): " + ", ".join(self.labels)]
+        lines += [f"stopped before {self.settings.max_new_tokens} new tokens: " + ", ".join(f"{k} {v}/{len(self.rows)}" for k, v in stops.items())]
+        if self.out:
+            lines.append(f"written to {self.out}")
+        return "\n".join(lines)
+
+    def side_by_side(self, limit: int = 20) -> str:
+        blocks = []
+        for row in self.rows[:limit]:
+            block = [f"### {row['where']}", f"prompt: {row['prompt']}"]
+            for label in self.labels:
+                out = row["outputs"][label]
+                block.append(f"[{label}]{'' if out['stopped'] else ' (cut at max_new_tokens)'} {out['text']}")
+            blocks.append("\n".join(block))
+        return "\n\n".join(blocks)
+
+    def to_json(self) -> dict:
+        return {"labels": self.labels, "settings": self.settings.to_json(), "rows": self.rows}
+
+
+def generate_file(
+    inference: Inference, prompts_file: Path, settings: GenerationSettings, *, labels: Sequence[str],
+    out: Path | None = None, progress=None,
+) -> GenerateResult:
+    """Read prompt rows, generate with each label (base and/or adapters), write one JSONL row per prompt."""
+    from .config import DataSource
+    from .data import read_rows
+    from .run_dir import atomic_write_text
+
+    rows = read_rows(DataSource(path=str(prompts_file)))
+    if not rows:
+        raise LoraftError(f"--prompts: {prompts_file} holds no rows")
+    system_prompt = run_system_prompt(inference)
+    results = []
+    per_label: dict[str, list[Generation]] = {}
+    prompts_shown = []
+    for label in labels:
+        tokenizer = inference.tokenizer(label)
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        ids = []
+        for row in rows:
+            messages, _ = prompt_messages(row.data, system_prompt=system_prompt, has_template=has_template, where=row.where)
+            ids.append(render_prompt(tokenizer, messages))
+            if label == labels[0]:
+                prompts_shown.append(messages[-1]["content"])
+        per_label[label] = inference.generate(ids, settings, label, progress=progress)
+    for index, row in enumerate(rows):
+        outputs = {label: asdict(per_label[label][index]) for label in labels}
+        results.append({"where": row.where, "prompt": prompts_shown[index], "input": row.data, "outputs": outputs})
+    if out is not None:
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+    return GenerateResult(results, list(labels), out, settings)
+
+
+def run_system_prompt(inference: Inference) -> str | None:
+    run = next(iter(inference.runs.values()), None)
+    if run is not None and run.config is not None and run.config.data is not None:
+        return run.config.data.system_prompt
+    return None
