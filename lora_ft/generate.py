@@ -232,9 +232,9 @@ def run_eos_ids(run: AdapterRun, tokenizer, model) -> list[int]:
 
 def base_eos_ids(tokenizer, model=None) -> list[int]:
     """Tokenizer EOS + every known end-of-turn token in the vocabulary + the model's own generation EOS ids."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
+    from .chat_template import stop_token_ids
+
+    ids = set(stop_token_ids(tokenizer))  # EOS and the template's own end-of-turn token (the rule training used)
     vocab = tokenizer.get_vocab()
     ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
