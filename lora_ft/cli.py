@@ -44,7 +44,7 @@ def main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for internal errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ):
-    STATE["debug"] = debug
+    STATE["debug"] = debug or os.environ.get("LORAFT_DEBUG") == "1"
     _quiet_libraries()
 
 
