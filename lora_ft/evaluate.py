@@ -386,7 +386,6 @@ def evaluate(
 
 
 def _task_rows(run, data: Sequence[str | Path]):
-    from .config import DataSource
     from .data import load_rows, read_rows
 
     if data:
@@ -400,7 +399,7 @@ def _task_rows(run, data: Sequence[str | Path]):
         # The same seeded split training held out (data.load_rows), so eval never sees training rows.
         _, held = load_rows(cfg.data, cfg.training.seed)
         return [f"{cfg.data.train.path} (held-out {cfg.data.eval_fraction:g}, seed {cfg.training.seed})"], held
-    raise LoraftError(f"--data: the run's config has no eval data (data.eval or data.eval_fraction); pass --data FILE")
+    raise LoraftError("--data: the run's config has no eval data (data.eval or data.eval_fraction); pass --data FILE")
 
 
 def _read_all(paths) -> list:

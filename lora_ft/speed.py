@@ -10,6 +10,7 @@ allows and recompute only the rest.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .config import RunConfig
@@ -117,3 +118,28 @@ def apply_checkpointing(model, layers_to_checkpoint: int) -> None:
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for index, block in enumerate(blocks):
         block.gradient_checkpointing = index < layers_to_checkpoint
+
+
+@contextmanager
+def liger_patches_scoped(model_config, active: bool):
+    """Liger patches the architecture's modeling module globally (its RMSNorm class, rope function), not just
+    our model; a model built later in the same process, e.g. on the CPU to verify a merge, would then run
+    Triton kernels on CPU tensors. Restore the module's names when training is done."""
+    if not active:
+        yield
+        return
+    import importlib
+
+    model_type = getattr(model_config, "model_type", "")
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        yield
+        return
+    saved = dict(vars(module))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)

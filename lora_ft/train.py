@@ -159,16 +159,15 @@ def train(
     """Train as `cfg` says. An unfinished run of the same config in output_dir is continued from its
     last complete checkpoint (`resume=True` insists there is one). `command` is what the user typed,
     quoted back in interruption and resume messages."""
-    import torch
     from transformers import set_seed
 
     from .chat_template import check_end_of_turn, require_end_of_turn
-    from .checkpoints import check_same_data, data_hashes, plan_resume, report_resume, resume_hint, truncate_metrics
+    from .checkpoints import check_same_data, data_hashes, plan_resume, report_resume, truncate_metrics
     from .data import load_training_data
     from .data_check import gate_data
     from .fingerprint import fingerprint_model_path
     from .model import attach_lora, load_base_model
-    from .speed import apply_checkpointing, plan_speed
+    from .speed import apply_checkpointing, liger_patches_scoped, plan_speed
 
     console = console or _default_console()
     started = time.time()
@@ -214,7 +213,18 @@ def train(
             (run.path / METRICS).unlink(missing_ok=True)
 
     signals = StopSignals()
-    trainer = _build_trainer(cfg, check, model, data, run, console, speed, signals, command)
+    with liger_patches_scoped(check.model_config, speed.liger):
+        trainer = _build_trainer(cfg, check, model, data, run, console, speed, signals, command)
+        return _run_and_finish(cfg, check, model, data, run, console, speed, signals, command, trainer, state,
+                               resume_from, base_fingerprint, started, main)
+
+
+def _run_and_finish(cfg, check, model, data, run, console, speed, signals, command, trainer, state, resume_from,
+                    base_fingerprint, started, main) -> TrainResult:
+    import torch
+
+    from .checkpoints import resume_hint
+
     try:
         with signals:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
