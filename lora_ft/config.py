@@ -128,6 +128,9 @@ class DataChecksSpec(Spec):
     # fail: leaked eval rows make the held-out loss that train reports (base -> adapter) flatter than the truth.
     leakage: CheckLevel = Field("fail", description="Eval rows that also appear, exactly or nearly, in train.")
     balance: CheckLevel = Field("warn", description="Short-answer tasks where one answer dominates.")
+    end_of_turn: CheckLevel = Field(
+        "fail", description="Chat rows whose assistant turns do not end with a trained end-of-turn token (the model never stops)."
+    )
     near_duplicate_threshold: float = Field(
         0.8, gt=0, le=1, description="Jaccard similarity of word-bigram sets (normalised text) at which rows are near-duplicates."
     )
@@ -474,7 +477,8 @@ def config_to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
 
 
-SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.I)
+# Whole key names (or their last _part): hf_token, hub_token, api_key, password... but not max_new_tokens.
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api[_-]?key|apikey|credentials?)$", re.I)
 SECRET_VALUE = re.compile(r"(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,}|://[^/\s:@]+:[^/\s@]+@)")
 
 

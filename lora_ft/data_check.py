@@ -204,6 +204,8 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
         if levels["balance"] != "off" and answers:
             _balance_check(split, answers, cfg.data.checks.balance_max_share, add)
         reports.append(SplitReport(split.name, len(split.rows), len(split.errors), tokens, answers))
+    if levels["end_of_turn"] != "off" and fmt != "text" and getattr(tokenizer, "chat_template", None):
+        _end_of_turn_check(splits[0], tokenizer, spec.train_on, cfg.training.max_seq_length, add)
     if len(splits) == 2 and levels["leakage"] != "off":
         _leakage_check(splits[0], splits[1], cfg.data.checks.near_duplicate_threshold, add)
     contradictions = _contradiction_checks(splits, add) if levels["contradictions"] != "off" and fmt != "text" else []
@@ -505,6 +507,30 @@ def _balance_check(split: _Split, answers: dict, max_share: float, add) -> None:
     add("balance", "dominant_answer", split.name, [example],
         f"answer {top!r} is {share:.0%} of {sum(answers.values())} rows (more than {max_share:.0%}): "
         "always answering it would score that well", count=1)
+
+
+END_OF_TURN_SAMPLE = 200  # the template decides this, not the row; a sample finds a broken setup
+
+
+def _end_of_turn_check(split: _Split, tokenizer, train_on: str, max_len: int, add) -> None:
+    """The same rule train enforces (chat_template.check_end_of_turn), reported with the other findings."""
+    from .chat_template import check_end_of_turn
+
+    encoded = []
+    for example in split.examples[:END_OF_TURN_SAMPLE]:
+        try:
+            encoded.append(encode(example, tokenizer, train_on=train_on, max_seq_length=max_len))
+        except DataError:
+            continue  # reported as a malformed row
+    report = check_end_of_turn(encoded, tokenizer, train_on)
+    if report.token is None and report.turns:
+        add("end_of_turn", "no_end_of_turn_token", split.name, [{"where": "chat template"}],
+            "assistant turns (sampled) get no end-of-turn token from the chat template: a trained model cannot "
+            "learn to stop; set model.chat_template", count=report.turns)
+    elif report.missing:
+        add("end_of_turn", "end_of_turn_not_trained", split.name, [{"where": report.example}],
+            f"of {report.turns} sampled assistant turns do not end with a trained {report.token}: the model would "
+            "not learn to stop (see it with loraft data show)", count=report.missing)
 
 
 def _leakage_check(train: _Split, evaluation: _Split, threshold: float, add) -> None:

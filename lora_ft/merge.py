@@ -29,6 +29,7 @@ from typing import Iterator
 
 import torch
 
+from .speed import one_torch_thread
 from . import __version__
 from .errors import LoraftError, VerificationError
 from .merge_check import check_module, full_check_unfits, verify_logits
@@ -111,7 +112,7 @@ def merge(
     qlora = _qlora_choice(run, qlora_base)
     lora = load_adapter(run)
 
-    with _one_thread(), atomic_dir(out) as staging, _base_checkpoint(spec, source, out.parent, console) as base_dir:
+    with one_torch_thread(), atomic_dir(out) as staging, _base_checkpoint(spec, source, out.parent, console) as base_dir:
         plan = plan_merge(base_dir, lora, dtype, qlora)
         written = write_merged(plan, staging, console)
         tokenizer = write_sidecars(plan, base_dir, run, spec, source, staging)
@@ -427,17 +428,6 @@ def write_merged(plan: MergePlan, out_dir: Path, console) -> Written:
     return Written(weight_map, total, time.time() - started, worst_abs, worst_ratio, checked, scalings)
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Merge is bound by memory and disk, not arithmetic (B@A costs r/4 of a matvec's bytes; the logits
-    check runs 3 short prompts). On a shared 2-core machine torch's OpenMP threads spun 20-50x slower
-    than one thread (measured: shard pass 17.6 s -> 1.9 s, a 135M forward 17 s -> under 1 s), so use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _merged_tensor(job: TensorJob) -> tuple[torch.Tensor, tuple[float, float] | None]:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from .speed import one_torch_thread
 from .errors import LoraftError
 
 DEFAULT_ENERGY = 0.9
@@ -456,20 +456,10 @@ class Spectrum:
         return float(self.values.square().sum().sqrt())
 
 
-@contextmanager
-def _one_thread():
-    """These are hundreds of tiny QRs and r×r SVDs: extra threads only add sync cost (on 2 busy cores the
-    quickstart adapter took 42 s with 2 threads, 0.5 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def spectra_of(factors: Mapping[str, "Factors"]) -> dict[str, Spectrum]:
-    with _one_thread():
+    with one_torch_thread():
         return {m: spectrum_from_factors(f.lora_b, f.lora_a, f.scaling) for m, f in factors.items()}
 
 

@@ -114,6 +114,28 @@ def copy_rows(n: int, offset: int = 0) -> list[dict]:
     ]
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished tiny run folder (30 steps of the copy task), trained once for the whole session.
+
+    Read-only for tests: copy it before changing anything in it."""
+    from lora_ft.config import validate_dict
+    from lora_ft.train import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    cfg = {
+        "model": {"name": str(tiny_model_dir)},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(write_jsonl(root / "train.jsonl", copy_rows(32))),
+                 "eval": str(write_jsonl(root / "eval.jsonl", copy_rows(8, 3))),
+                 "checks": {"leakage": "warn"}},  # the copy task's eval rows repeat train rows on purpose
+        "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 3e-2, "max_seq_length": 64, "logging_steps": 5,
+                     "precision": "fp32", "warmup_ratio": 0.0},
+        "output_dir": str(root / "run"),
+    }
+    return train(validate_dict(cfg)).run_dir
+
+
 @pytest.fixture
 def write_yaml(tmp_path):
     def _write(data: dict, name: str = "config.yaml") -> Path:

@@ -387,3 +387,24 @@ def test_gate_raises_one_line_data_error(make_config):
 
         gate_data(cfg, load_tokenizer(cfg.model, resolve_model_source(cfg.model)), Console(quiet=True))
     assert "\n" not in str(info.value)
+
+
+def test_a_template_that_never_ends_assistant_turns_fails_the_end_of_turn_check(tmp_path, tiny_config, write_yaml, run_cli):
+    broken = tmp_path / "no_end.jinja"
+    broken.write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    tiny_config["model"]["chat_template"] = str(broken)
+    code, out, err = run_cli("data", "check", write_yaml(tiny_config), "--report", tmp_path / "report")
+    assert code == 2
+    report = json.loads((tmp_path / "report" / "data_report.json").read_text())
+    found = {(f["check"], f["name"]): f["count"] for f in report["findings"]}
+    assert found[("end_of_turn", "no_end_of_turn_token")] == 32  # every assistant turn of the 32 train rows
+    assert "no end-of-turn token" in err
+
+
+def test_the_shipped_template_passes_the_end_of_turn_check(tmp_path, tiny_config, write_yaml, run_cli):
+    code, out, err = run_cli("data", "check", write_yaml(tiny_config), "--report", tmp_path / "report")
+    report = json.loads((tmp_path / "report" / "data_report.json").read_text())
+    assert not [f for f in report["findings"] if f["check"] == "end_of_turn"]

@@ -31,22 +31,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir):
-    """A finished tiny run (the conftest tiny_config, built here once for the module)."""
-    from conftest import copy_rows
-
-    root = tmp_path_factory.mktemp("gen_run")
-    cfg = {
-        "model": {"name": str(tiny_model_dir)},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(write_jsonl(root / "train.jsonl", copy_rows(32))), "eval": str(write_jsonl(root / "eval.jsonl", copy_rows(8, 3))),
-                 "checks": {"leakage": "warn"}},  # the copy task's eval rows repeat train rows on purpose
-        "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 3e-2, "max_seq_length": 64, "logging_steps": 5,
-                     "precision": "fp32", "warmup_ratio": 0.0},
-        "output_dir": str(root / "run"),
-    }
-    return train(validate_dict(cfg)).run_dir
 
 
 @pytest.fixture(scope="module")
