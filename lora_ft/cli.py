@@ -381,6 +381,8 @@ def generate(
 
     from .generate import generate_file
 
+    if not prompts.is_file():  # before loading any model
+        raise LoraftError(f"--prompts: data file not found: {prompts}")
     settings = _generation_settings(max_new_tokens, batch_size, sample, temperature, top_p, seed)
     inference, labels = _models(adapter, base, base_only, with_base, force)
     result = generate_file(inference, prompts, settings, labels=labels, out=out)

@@ -30,13 +30,14 @@ def test_fsdp_config_has_the_settings_lora_needs():
         accelerate_config(cfg.distributed, 2, precision="fp32", cpu=True)
 
 
-def test_deepspeed_without_the_package_is_a_clear_error():
+def test_deepspeed_without_the_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
     cfg = validate_dict({"model": {"name": "m"}, "distributed": {"strategy": "deepspeed_zero3"}})
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match="pip install deepspeed"):
-            accelerate_config(cfg.distributed, 2, precision="bf16")
+    with pytest.raises(ConfigError, match="pip install deepspeed"):
+        accelerate_config(cfg.distributed, 2, precision="bf16")
 
 
 def test_effective_batch_scales_with_world_size():

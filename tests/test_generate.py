@@ -194,3 +194,14 @@ def test_chat_streams_replies_keeps_history_per_model_and_resets(tiny_run, infer
         expected = inference.generate([inference.render(history, label)], GenerationSettings(max_new_tokens=4), label, progress=False)
         assert call["reply"] == expected[0].text
     assert calls[1]["reply"] in result.stdout and result.stdout.count("run> ") == 3
+
+
+def test_generate_refuses_a_missing_prompts_file_before_loading_a_model(tmp_path, run_cli, monkeypatch):
+    import lora_ft.generate as generate_module
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded for a missing prompts file")
+
+    monkeypatch.setattr(generate_module, "load_for_inference", must_not_load)
+    code, _, err = run_cli("generate", "--prompts", tmp_path / "none.jsonl", "--base-only")
+    assert code == 2 and "--prompts: data file not found" in err
