@@ -46,6 +46,9 @@ def main(
 ):
     STATE["debug"] = debug or os.environ.get("LORAFT_DEBUG") == "1"
     _quiet_libraries()
+    from .speed import configure_cuda_allocator
+
+    configure_cuda_allocator()
 
 
 def _quiet_libraries() -> None:

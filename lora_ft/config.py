@@ -217,6 +217,11 @@ class TrainingSpec(Spec):
     activation_offloading: bool = Field(
         False, description="Move saved activations to CPU memory during forward (CUDA): less GPU memory, a little slower."
     )
+    fused_lora: bool = Field(
+        True,
+        description="Run each plain LoRA projection as one fused autograd op (dropout, low-rank product and add in as few "
+        "memory passes as possible; no dropout masks kept). Same math as PEFT's forward; false uses PEFT's.",
+    )
     liger: bool | Literal["auto"] = Field(
         "auto",
         description="Liger Kernel fused ops (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without materialised logits); "

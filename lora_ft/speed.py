@@ -1,4 +1,5 @@
-"""Speed choices, resolved once: Liger kernels, how many layers to checkpoint, the optimizer kernel.
+"""Speed choices, resolved once: fused LoRA projections, Liger kernels, how many layers to checkpoint, the
+optimizer kernel, the CUDA allocator.
 
 None of these changes the training math (same losses to float tolerance; `tests/test_speed.py`
 checks the optimised path against the plain PEFT+TRL one). Gradient checkpointing is
@@ -15,11 +16,18 @@ from dataclasses import dataclass
 
 from .config import RunConfig
 
-# Activation bytes one decoder layer keeps per token when not checkpointed, bf16, LoRA with dropout on
-# all 7 projections: ~2*(12*hidden + 3*intermediate). Calibrated on Llama-3.1-8B on an H100
-# (scripts/results/bench_train.json: 47.9 GiB for 32 layers at 4x2048 tokens ~ 183 KB/token/layer).
-ACTIVATION_HIDDEN_FACTOR = 12
-ACTIVATION_INTERMEDIATE_FACTOR = 3
+# Activation bytes one decoder layer keeps per token when not checkpointed, bf16, LoRA with dropout on all 7
+# projections of a Llama-style layer (6 projections read a hidden-wide input, down_proj an intermediate-wide one).
+# The layer itself keeps ~2*(5*hidden + intermediate) bytes. PEFT's LoRA adds, per projection, its dropout mask
+# and the dropped bf16 copy of the input: 3 bytes per input element. The fused path keeps only each distinct
+# input once (q/k/v share one, gate/up another): 2 bytes. Calibrated on Llama-3.1-8B on an H100: PEFT's path
+# measured 47.9 GiB for 32 layers at 4x2048 tokens (~183 KB/token/layer; this model: 186).
+def _layer_bytes_per_token(hidden: int, inter: int, fused_lora: bool) -> int:
+    layer = 2 * (5 * hidden + inter)
+    lora = 2 * (3 * hidden + inter) if fused_lora else 3 * (6 * hidden + inter)
+    return layer + lora
+
+
 # A 4-bit base dequantizes each weight into a temporary per matmul and keeps more per-layer state:
 # measured ~1.5x the bf16 figure on the same H100 run.
 QUANTIZED_ACTIVATION_SCALE = 1.6
@@ -32,9 +40,11 @@ class SpeedPlan:
     checkpoint_layers: int  # decoder layers recomputed in backward (0 = none)
     total_layers: int
     optimizer: str
+    fused_lora: bool = True
 
     def to_json(self) -> dict:
         return {
+            "fused_lora": self.fused_lora,
             "liger": self.liger,
             "checkpoint_layers": self.checkpoint_layers,
             "total_layers": self.total_layers,
@@ -43,7 +53,8 @@ class SpeedPlan:
 
     def summary(self) -> str:
         gc = "off" if self.checkpoint_layers == 0 else f"{self.checkpoint_layers}/{self.total_layers} layers"
-        return f"liger {'on' if self.liger else 'off'}, checkpointing {gc}, optimizer {self.optimizer}"
+        fused = "fused LoRA, " if self.fused_lora else ""
+        return f"{fused}liger {'on' if self.liger else 'off'}, checkpointing {gc}, optimizer {self.optimizer}"
 
 
 def liger_available() -> bool:
@@ -74,14 +85,13 @@ def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None
     optimizer = t.optimizer
     if optimizer == "auto":
         optimizer = "adamw_torch_fused" if cuda else "adamw_torch"
-    return SpeedPlan(liger, checkpoint, layers, optimizer)
+    return SpeedPlan(liger, checkpoint, layers, optimizer, fused_lora=t.fused_lora)
 
 
-def activation_gib_per_layer(model_config, tokens: int, bytes_per_value: int = 2) -> float:
+def activation_gib_per_layer(model_config, tokens: int, *, fused_lora: bool = True) -> float:
     hidden = model_config.hidden_size
     inter = getattr(model_config, "intermediate_size", 4 * hidden)
-    per_token = bytes_per_value * (ACTIVATION_HIDDEN_FACTOR * hidden + ACTIVATION_INTERMEDIATE_FACTOR * inter)
-    return per_token * tokens / 2**30
+    return _layer_bytes_per_token(hidden, inter, fused_lora) * tokens / 2**30
 
 
 def _layers_to_checkpoint(cfg: RunConfig, model_config, layers: int, weights_gib, trainable: int) -> int:
@@ -93,7 +103,7 @@ def _layers_to_checkpoint(cfg: RunConfig, model_config, layers: int, weights_gib
     tokens = t.batch_size * t.max_seq_length
     if weights_gib is None:
         weights_gib = torch.cuda.memory_allocated() / 2**30
-    per_layer = activation_gib_per_layer(model_config, tokens)
+    per_layer = activation_gib_per_layer(model_config, tokens, fused_lora=t.fused_lora)
     if cfg.model.quantization is not None:
         per_layer *= QUANTIZED_ACTIVATION_SCALE
     boundary = tokens * model_config.hidden_size * 2 / 2**30  # a checkpointed layer keeps only its input
@@ -101,6 +111,23 @@ def _layers_to_checkpoint(cfg: RunConfig, model_config, layers: int, weights_gib
     free = budget - fixed
     keep = max(0, min(layers, math.floor(free / max(per_layer - boundary, 1e-9))))
     return layers - keep
+
+
+def apply_speed_plan(model, plan: SpeedPlan) -> None:
+    """Fuse the LoRA projections (if planned) and set per-layer checkpointing on a PEFT-wrapped model."""
+    if plan.fused_lora:
+        from .fused_lora import fuse_lora_layers
+
+        fuse_lora_layers(model)
+    apply_checkpointing(model, plan.checkpoint_layers)
+
+
+def configure_cuda_allocator() -> None:
+    """Expandable segments: long and variable-length batches otherwise fragment the caching allocator until a
+    run that fits on paper dies out of memory. Only before CUDA starts, and never over the user's own setting."""
+    import os
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def apply_checkpointing(model, layers_to_checkpoint: int) -> None:

@@ -167,7 +167,7 @@ def train(
     from .data_check import gate_data
     from .fingerprint import fingerprint_model_path
     from .model import attach_lora, load_base_model
-    from .speed import apply_checkpointing, liger_patches_scoped, plan_speed
+    from .speed import apply_speed_plan, liger_patches_scoped, plan_speed
 
     console = console or _default_console()
     started = time.time()
@@ -197,7 +197,7 @@ def train(
         model = load_base_model(cfg.model, check.source, check.precision)
         speed = plan_speed(cfg, check.model_config, trainable=check.trainable)
         model = attach_lora(model, cfg.lora)
-        apply_checkpointing(model, speed.checkpoint_layers)
+        apply_speed_plan(model, speed)
     console.print(f"speed: {speed.summary()}")
     model.peft_config["default"].base_model_name_or_path = _recorded_base_name(cfg, check.source)
 
@@ -328,7 +328,7 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eva
         weight_decay=t.weight_decay,
         optim=speed.optimizer,
         max_grad_norm=t.max_grad_norm,
-        # Checkpointing is set per layer by speed.apply_checkpointing before the Trainer sees the model.
+        # Checkpointing is set per layer by speed.apply_speed_plan before the Trainer sees the model.
         gradient_checkpointing=False,
         use_liger_kernel=speed.liger,
         activation_offloading=t.activation_offloading and torch.cuda.is_available(),

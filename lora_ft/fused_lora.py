@@ -1,0 +1,201 @@
+"""Fused LoRA projections: one autograd node per adapted linear layer instead of PEFT's chain of eight.
+
+PEFT computes `base(x) + lora_B(lora_A(dropout(x.float()))) * scaling` op by op. Under bf16 autocast the input
+is copied to fp32, dropped out in fp32, cast back to bf16 for the matmul, and the rank-r result is scaled and
+added in two more passes; backward walks the chain in reverse. Each pass reads or writes a tensor the size of
+the layer's input or output, and at rank 16 those passes, not the matmuls, are what LoRA costs. Here the
+dropout runs once in the compute dtype and keeps nothing (backward redraws the same mask from the saved RNG
+state), the low-rank product is added by the GEMM itself (addmm), and the input gradient's low-rank term is
+accumulated in one pass.
+
+Same math: matmuls in the compute dtype with the fp32 LoRA weights cast to it, as autocast does; independent
+dropout masks per projection; the gradients land on PEFT's own parameters, so saving, merging and inspecting
+are untouched. `tests/test_fused_lora.py` checks outputs and gradients against PEFT's layer, with and without
+dropout; anything PEFT does that this does not (DoRA, several active adapters, LoRA bias, other base layer
+types) runs through PEFT's own forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+
+def _drop(x: torch.Tensor, p: float):
+    """Dropout that stores no mask: returns the dropped input and the RNG state that drew it (None when p = 0).
+    Backward redraws the same mask from that state instead of keeping one byte per input element alive (on an
+    8B model at 8k tokens a step, ~10 GiB of masks)."""
+    if p == 0.0:
+        return x, None
+    state = _rng_state(x.device)
+    return torch.native_dropout(x, p, True)[0], state
+
+
+def _redraw(x: torch.Tensor, p: float, state):
+    """The dropped input and mask `_drop` drew from `state`, leaving the global RNG where it was."""
+    if state is None:
+        return x, None
+    devices = [x.device.index] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        _set_rng_state(x.device, state)
+        return torch.native_dropout(x, p, True)
+
+
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _lora_grads(grad_out, dropped, hidden, lora_a, lora_b, scaling):
+    """Gradients of y = base + scaling * (x_d A^T) B^T for A, B and the rank-r hidden state."""
+    grad_hidden = (grad_out @ lora_b).mul_(scaling)
+    grad_b = (grad_out.t() @ hidden).mul_(scaling)
+    grad_a = grad_hidden.t() @ dropped
+    return grad_hidden, grad_a, grad_b
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """y = x W^T + b + scaling * dropout(x) A^T B^T with the base weight frozen."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            weight_c, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+            out = torch.nn.functional.linear(x2, weight_c, None if bias is None else bias.to(dtype))
+            dropped, ctx.rng_state = _drop(x2, p)
+            hidden = dropped @ a.t()
+            del dropped
+            out.addmm_(hidden, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, hidden, weight_c, a, b)
+        ctx.scaling, ctx.p, ctx.in_shape, ctx.in_dtype = scaling, p, x.shape, x.dtype
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, hidden, weight_c, a, b = ctx.saved_tensors
+        p = ctx.p
+        with torch.autocast(grad_y.device.type, enabled=False):
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(a.dtype)
+            dropped, mask = _redraw(x2, p, ctx.rng_state)
+            grad_hidden, grad_a, grad_b = _lora_grads(g, dropped, hidden, a, b, ctx.scaling)
+            del dropped
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = g @ weight_c
+                if mask is None:
+                    grad_x.addmm_(grad_hidden, a)
+                else:
+                    grad_x.addcmul_(grad_hidden @ a, mask, value=1.0 / (1.0 - p))  # one pass: += t * mask / (1-p)
+                grad_x = grad_x.view(ctx.in_shape).to(ctx.in_dtype)
+        return grad_x, None, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None
+
+
+class _FusedLoraDelta(torch.autograd.Function):
+    """y = base_out + scaling * dropout(x) A^T B^T, for base layers with their own kernels (4-bit)."""
+
+    @staticmethod
+    def forward(ctx, x, base_out, lora_a, lora_b, scaling, p, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            dropped, ctx.rng_state = _drop(x2, p)
+            hidden = dropped @ a.t()
+            del dropped
+            base2 = base_out.reshape(-1, base_out.shape[-1]).to(dtype)
+            out = torch.addmm(base2, hidden, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, hidden, a, b)
+        ctx.scaling, ctx.p, ctx.in_shape, ctx.in_dtype = scaling, p, x.shape, x.dtype
+        ctx.base_dtype, ctx.param_dtypes = base_out.dtype, (lora_a.dtype, lora_b.dtype)
+        return out.view(*base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, hidden, a, b = ctx.saved_tensors
+        p = ctx.p
+        with torch.autocast(grad_y.device.type, enabled=False):
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(a.dtype)
+            dropped, mask = _redraw(x2, p, ctx.rng_state)
+            grad_hidden, grad_a, grad_b = _lora_grads(g, dropped, hidden, a, b, ctx.scaling)
+            del dropped
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_hidden @ a
+                if mask is not None:
+                    grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - p))
+                grad_x = grad_x.view(ctx.in_shape).to(ctx.in_dtype)
+        grad_base = grad_y.to(ctx.base_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_base, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None
+
+
+def _fusable_adapter(layer, x: torch.Tensor, args, kwargs):
+    """The one active plain-LoRA adapter and its compute dtype, or None where PEFT's own forward must run."""
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
+        return None
+    name = active[0]
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if lora_a.bias is not None or lora_b.bias is not None:
+        return None
+    dropout = layer.lora_dropout[name]
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    elif x.dtype == lora_a.weight.dtype == lora_b.weight.dtype:
+        dtype = x.dtype
+    else:
+        return None  # mixed dtypes without autocast: PEFT's casts define the math
+    p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    return name, dtype, p
+
+
+def _fused_forward(layer, x: torch.Tensor, *args, **kwargs):
+    chosen = _fusable_adapter(layer, x, args, kwargs)
+    if chosen is None:
+        return layer._loraft_peft_forward(x, *args, **kwargs)
+    name, dtype, p = chosen
+    base = layer.get_base_layer()
+    lora_a, lora_b, scaling = layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
+    if layer._loraft_fused_kind == "linear" and not base.weight.requires_grad:
+        return _FusedLoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling, p, dtype)
+    if layer._loraft_fused_kind == "delta":
+        return _FusedLoraDelta.apply(x, base(x), lora_a, lora_b, scaling, p, dtype)
+    return layer._loraft_peft_forward(x, *args, **kwargs)
+
+
+def _base_kind(base: nn.Module) -> str | None:
+    if type(base) is nn.Linear:
+        return "linear"
+    if type(base).__name__ == "Linear4bit":  # bitsandbytes: its own dequantizing kernel, then our LoRA term
+        return "delta"
+    return None
+
+
+def fuse_lora_layers(model: nn.Module) -> int:
+    """Route every plain LoRA projection of `model` through the fused path; returns how many were fused."""
+    from peft.tuners.lora import LoraLayer
+
+    fused = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or hasattr(module, "_loraft_peft_forward"):
+            continue
+        kind = _base_kind(module.get_base_layer())
+        if kind is None:
+            continue
+        module._loraft_fused_kind = kind
+        module._loraft_peft_forward = module.forward
+        module.forward = types.MethodType(_fused_forward, module)
+        fused += 1
+    return fused
