@@ -8,6 +8,7 @@ the curves can be compared step by step ("speed must not change the math").
   python scripts/bench_train.py all --steps 20 --out scripts/results/bench_train.json   (driver: every case below)
   python scripts/bench_train.py one anchor lora 4 2048 20            (one case, one JSON line)
   python scripts/bench_train.py one loraft lora 4 2048 20 --gc auto  (loraft with its automatic plan)
+  python scripts/bench_train.py probe --mode qlora                   (longest batch-1 sequence, anchor vs loraft)
 
 The anchor case follows ../shared/bench/seed_recipe_baseline.py exactly (bf16 autocast, gradient
 checkpointing, TRL defaults), except that its weights load from the shared checkpoint. LoRA-MFU counts
@@ -25,10 +26,20 @@ import sys
 import time
 from pathlib import Path
 
-CKPT = "/tmp/llama8b"
+# BENCH_SMOKE=1: a CPU dry run of this script on a tiny model (checks the plumbing, measures nothing).
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"
+CKPT = "/tmp/bench-tiny" if SMOKE else "/tmp/llama8b"
+DEVICE_MAP = {"": "cpu"} if SMOKE else {"": 0}
+TOKEN_RANGE = (10, 900) if SMOKE else (1000, 120000)
 N_LINEAR = 6.98e9  # linear weights in the 32 decoder layers of Llama-3.1-8B
 HIDDEN, VOCAB, LAYERS = 4096, 128256, 32
 PEAK_TFLOPS = 989e12  # H100 SXM dense bf16
+
+
+def _cuda(name: str, default=None):
+    import torch
+
+    return getattr(torch.cuda, name)() if torch.cuda.is_available() else default
 
 
 def useful_flops_per_token(seq: int) -> float:
@@ -43,7 +54,7 @@ def chat_length_rows(n_rows: int, max_len: int, seed: int = 0) -> list[dict]:
     lengths = torch.exp(torch.randn(n_rows, generator=g) * 0.8 + 5.52).clamp(16, max_len).long()  # e^5.52 ~ 250
     rows = []
     for n in lengths.tolist():
-        motif = torch.randint(1000, 120000, (32,), generator=g)
+        motif = torch.randint(*TOKEN_RANGE, (32,), generator=g)
         rows.append({"input_ids": motif.repeat(n // 32 + 1)[:n].tolist()})
     return rows
 
@@ -54,23 +65,35 @@ def motif_rows(n_rows: int, seq: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n_rows):
-        motif = torch.randint(1000, 120000, (64,), generator=g)
+        motif = torch.randint(*TOKEN_RANGE, (64,), generator=g)
         rows.append({"input_ids": motif.repeat(seq // 64 + 1)[:seq].tolist()})
     return rows
 
 
-def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, liger: str, offload: bool = False) -> dict:
+def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, liger: str, offload: bool = False,
+            fused: bool = True, profile: Path | None = None) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
+        """Step times and losses; with `profile`, a kernel table of steps 5-6 (timings of such a run don't count)."""
+
         def __init__(self):
-            self.t, self.losses = [], []
+            self.t, self.losses, self.profiler = [], [], None
 
         def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize()
+            _cuda("synchronize")
             self.t.append(time.perf_counter())
+            if profile and state.global_step == 4:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                   torch.profiler.ProfilerActivity.CUDA])
+                self.profiler.__enter__()
+            elif self.profiler is not None and state.global_step == 6:
+                self.profiler.__exit__(None, None, None)
+                table = self.profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+                Path(profile).write_text(table)
+                self.profiler = None
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -85,8 +108,8 @@ def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, lig
     if tool == "anchor":
         trainer, plan = _anchor_trainer(mode, batch, seq, steps, rows, clock)
     else:
-        trainer, plan = _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload)
-    torch.cuda.reset_peak_memory_stats()
+        trainer, plan = _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload, fused)
+    _cuda("reset_peak_memory_stats")
     trainer.train()
     warm = 2
     dt = (clock.t[-1] - clock.t[warm - 1]) / (len(clock.t) - warm)
@@ -100,9 +123,9 @@ def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, lig
     return {
         "tool": tool, "mode": mode, "batch": batch, "seq": seq, "steps": steps, "plan": plan,
         "step_s": round(dt, 4), "tokens_per_s": round(tok_s, 1),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_gib": round(_cuda("max_memory_allocated", 0) / 2**30, 2),
         "lora_mfu": round(tok_s * useful_flops_per_token(seq) / PEAK_TFLOPS, 4),
-        "losses": clock.losses, "gpu": torch.cuda.get_device_name(),
+        "losses": clock.losses, "gpu": _cuda("get_device_name", "cpu (smoke)"),
     }
 
 
@@ -112,7 +135,7 @@ def _sft_args(batch, seq, steps, **extra):
     settings = dict(output_dir="/tmp/bench-out", max_steps=steps, per_device_train_batch_size=batch,
                     gradient_accumulation_steps=1, learning_rate=2e-4, lr_scheduler_type="cosine",
                     warmup_steps=0.03, logging_steps=1, save_strategy="no", bf16=True, max_length=seq,
-                    report_to=[], packing=False, dataloader_num_workers=0, seed=42)
+                    report_to=[], packing=False, dataloader_num_workers=0, seed=42, use_cpu=SMOKE)
     return SFTConfig(**{**settings, **extra})
 
 
@@ -126,33 +149,46 @@ def _tokenizer():
 
 def _anchor_trainer(mode, batch, seq, steps, rows, clock):
     """The seed recipe, line for line (../shared/bench/seed_recipe_baseline.py)."""
+    from trl import SFTTrainer
+
+    model, plan = _anchor_model(mode)
+    args = _sft_args(batch, seq, steps, gradient_checkpointing=True, remove_unused_columns=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer(), callbacks=[clock])
+    return trainer, plan
+
+
+def _anchor_model(mode):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from trl import SFTTrainer
 
     if mode in ("lora", "real"):
-        model = AutoModelForCausalLM.from_pretrained(CKPT, dtype=torch.bfloat16, device_map={"": 0})
+        model = AutoModelForCausalLM.from_pretrained(CKPT, dtype=torch.bfloat16, device_map=DEVICE_MAP)
     else:
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(CKPT, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0})
+        model = AutoModelForCausalLM.from_pretrained(CKPT, quantization_config=bnb, dtype=torch.bfloat16, device_map=DEVICE_MAP)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, lora)
-    args = _sft_args(batch, seq, steps, gradient_checkpointing=True, remove_unused_columns=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer(), callbacks=[clock])
-    return trainer, {"gradient_checkpointing": "all", "liger": False, "optimizer": "adamw_torch"}
+    return model, {"gradient_checkpointing": "all", "liger": False, "optimizer": "adamw_torch"}
 
 
-def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=False):
-    """loraft's own path: load_base_model, attach_lora, plan_speed, apply_checkpointing, its SFTConfig choices."""
-    from trl import SFTTrainer
+def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=False, fused=True):
+    """loraft's own path: load_base_model, attach_lora, plan_speed, apply_speed_plan, its SFTConfig choices."""
+    model, plan = _loraft_model(mode, batch, seq, gc, liger, fused)
+    extra = {"packing": True, "packing_strategy": "bfd"} if mode == "real" else {}
+    extra["activation_offloading"] = offload
+    args = _sft_args(batch, seq, steps, gradient_checkpointing=False, use_liger_kernel=plan.liger, optim=plan.optimizer, **extra)
+    trainer = _loraft_sft_trainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer(), callbacks=[clock])
+    return trainer, {**plan.to_json(), "activation_offloading": offload}
 
+
+def _loraft_model(mode, batch, seq, gc, liger, fused):
     from lora_ft.config import validate_dict
     from lora_ft.model import attach_lora, load_base_model, resolve_model_source
-    from lora_ft.speed import apply_checkpointing, plan_speed
+    from lora_ft.speed import apply_speed_plan, plan_speed
 
     gc_value = {"true": True, "false": False, "auto": "auto"}.get(gc, True)
     raw = {
@@ -161,64 +197,181 @@ def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=Fal
                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
         "data": {"train": "unused.jsonl"},
         "training": {"batch_size": batch, "max_seq_length": seq, "precision": "bf16", "gradient_checkpointing": gc_value,
-                     "liger": {"true": True, "false": False}.get(liger, "auto")},
+                     "liger": {"true": True, "false": False}.get(liger, "auto"), "fused_lora": fused},
     }
     if mode == "qlora":
         raw["model"]["quantization"] = {"bits": 4, "quant_type": "nf4", "double_quant": True}
     cfg = validate_dict(raw)
     source = resolve_model_source(cfg.model)
-    model = load_base_model(cfg.model, source, "bf16", device_map={"": 0})
+    model = load_base_model(cfg.model, source, "bf16", device_map=DEVICE_MAP)
     from transformers import AutoConfig
 
     trainable = 16 * 32 * (4096 * 2 + 4096 + 1024 * 2 + 4096 * 2 + (4096 + 14336) * 3)
     plan = plan_speed(cfg, AutoConfig.from_pretrained(CKPT), trainable=trainable)
     if gc.isdigit():
-        plan = type(plan)(plan.liger, int(gc), plan.total_layers, plan.optimizer)
+        plan = type(plan)(plan.liger, int(gc), plan.total_layers, plan.optimizer, plan.fused_lora)
     model = attach_lora(model, cfg.lora)
-    apply_checkpointing(model, plan.checkpoint_layers)
-    extra = {"packing": True, "packing_strategy": "bfd"} if mode == "real" else {}
-    extra["activation_offloading"] = offload
-    args = _sft_args(batch, seq, steps, gradient_checkpointing=False, use_liger_kernel=plan.liger, optim=plan.optimizer, **extra)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer(), callbacks=[clock])
-    return trainer, {**plan.to_json(), "activation_offloading": offload}
+    apply_speed_plan(model, plan)
+    return model, plan
 
 
+def probe_longest(tool: str, mode: str, lengths: list[int], search: bool, ceiling: int = 1 << 20) -> dict:
+    """Longest sequence that trains one full step (forward, backward, optimizer) at batch 1, in one process.
+
+    search: double from lengths[0] until a step fails, then bisect to 1,024 tokens. Otherwise try each length
+    once (used for loraft at a multiple of the anchor's longest: every probe there costs minutes)."""
+    import gc
+
+    import torch
+
+    trials, model = [], None
+
+    def trial(seq: int) -> bool:
+        nonlocal model
+        rows = motif_rows(1, seq)
+        _cuda("empty_cache")
+        _cuda("reset_peak_memory_stats")
+        start = time.perf_counter()
+        try:
+            trainer, model = _probe_trainer(tool, mode, seq, rows, model)
+            trainer.train()
+            ok, error = True, None
+        except torch.OutOfMemoryError:
+            ok, error = False, "out of memory"
+        except RuntimeError as exc:  # cuBLAS / bitsandbytes report some allocation failures this way
+            if "memory" not in str(exc).lower() and "CUBLAS" not in str(exc):
+                raise
+            ok, error = False, str(exc).splitlines()[0][:200]
+        trainer = None
+        for param in model.parameters():
+            param.grad = None
+        gc.collect()
+        _cuda("empty_cache")
+        trials.append({"seq": seq, "ok": ok, "peak_gib": round(_cuda("max_memory_allocated", 0) / 2**30, 2),
+                       "seconds": round(time.perf_counter() - start, 1), **({"error": error} if error else {})})
+        print(json.dumps(trials[-1]), file=sys.stderr, flush=True)
+        return ok
+
+    if search:
+        good, bad, seq = 0, None, lengths[0]
+        while bad is None:
+            if trial(seq):
+                good, seq = seq, seq * 2
+                if seq > ceiling:
+                    bad = good  # fits at the ceiling: nothing to bisect
+            else:
+                bad = seq
+        while bad - good > 1024:
+            middle = (good + bad) // 2 // 1024 * 1024
+            good, bad = (middle, bad) if trial(middle) else (good, middle)
+        longest = good
+    else:
+        longest = max((s for s in lengths if trial(s)), default=0)
+    return {"tool": tool, "mode": mode, "batch": 1, "longest_seq": longest, "trials": trials,
+            "gpu": _cuda("get_device_name", "cpu (smoke)")}
+
+
+def _probe_trainer(tool, mode, seq, rows, model):
+    """A one-step trainer at batch 1; the model (PEFT-wrapped) is built once and reused between trials."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    rows = Dataset.from_list(rows)
+    if tool == "anchor":
+        if model is None:
+            model, _ = _anchor_model(mode)
+        args = _sft_args(1, seq, 1, gradient_checkpointing=True, remove_unused_columns=True)
+        return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer()), model
+    if model is None:
+        model, plan = _loraft_model(mode, 1, seq, "true", "auto", fused=True)
+        model.loraft_plan = plan
+    plan = model.loraft_plan
+    args = _sft_args(1, seq, 1, gradient_checkpointing=False, use_liger_kernel=plan.liger, optim=plan.optimizer,
+                     activation_offloading=not SMOKE)
+    return _loraft_sft_trainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer()), model
+
+
+def _loraft_sft_trainer(**kwargs):
+    """loraft's own Trainer class, with its per-step finiteness guard (its cost counts); no checkpoints are saved."""
+    from rich.console import Console
+
+    from lora_ft.guards import NumericGuard
+    from lora_ft.train import _trainer_class
+
+    guard = NumericGuard("stop", 0, None, Console(stderr=True), "")
+    return _trainer_class()(writer=None, guard=guard, **kwargs)
+
+
+# Every case is one subprocess. Memory comparisons keep checkpointing on (the issue's terms); throughput uses
+# loraft's automatic plan. "unfused" runs loraft's path with PEFT's own LoRA forward (fused_lora: false), so the
+# table shows what that lever alone is worth. mode real: variable-length rows (median ~250 tokens); the anchor
+# pads each batch, loraft packs (BFD, padding-free).
 CASES = [
-    # (tool, mode, gc, liger): memory comparisons keep checkpointing on; throughput uses loraft's auto plan.
-    # mode real: variable-length rows (median ~250 tokens); the anchor pads each batch, loraft packs (BFD, padding-free).
-    ("anchor", "lora", "-", "-"),
-    ("loraft", "lora", "true", "auto"),
-    ("loraft", "lora", "auto", "auto"),
-    ("anchor", "qlora", "-", "-"),
-    ("loraft", "qlora", "true", "auto"),
-    ("loraft", "qlora", "auto", "auto"),
-    ("anchor", "real", "-", "-"),
-    ("loraft", "real", "auto", "auto"),
-    # memory: checkpointing on plus activation offloading (mode names with +offload)
-    ("loraft", "lora+offload", "true", "auto"),
-    ("loraft", "qlora+offload", "true", "auto"),
+    {"tool": "anchor", "mode": "lora"},
+    {"tool": "loraft", "mode": "lora", "gc": "auto"},
+    {"tool": "loraft", "mode": "lora", "gc": "auto", "fused": False},
+    {"tool": "loraft", "mode": "lora", "gc": "true"},
+    {"tool": "loraft", "mode": "lora", "gc": "true", "offload": True},
+    {"tool": "anchor", "mode": "qlora"},
+    {"tool": "loraft", "mode": "qlora", "gc": "auto"},
+    {"tool": "loraft", "mode": "qlora", "gc": "true"},
+    {"tool": "loraft", "mode": "qlora", "gc": "true", "offload": True},
+    {"tool": "anchor", "mode": "real"},
+    {"tool": "loraft", "mode": "real", "gc": "auto"},
 ]
 
 
+def case_command(case: dict, batch: int, seq: int, steps: int) -> list[str]:
+    cmd = [sys.executable, __file__, "one", case["tool"], case["mode"], str(batch), str(seq), str(steps),
+           "--gc", case.get("gc", "true"), "--liger", case.get("liger", "auto")]
+    cmd += ["--offload"] if case.get("offload") else []
+    cmd += ["--unfused"] if case.get("fused") is False else []
+    return cmd
+
+
 def drive(steps: int, batch: int, seq: int, out: Path | None, only: str | None = None) -> None:
-    if not Path(CKPT, "config.json").exists():
-        subprocess.run([sys.executable, str(Path(__file__).with_name("make_random_model.py")), "llama8b", CKPT], check=True)
+    _ensure_checkpoint()
+    wanted = set(only.split(",")) if only else None
     results = []
-    for tool, mode, gc, liger in CASES:
-        wanted = only.split(",") if only else None
-        anchor_needed = tool == "anchor" and wanted and any(w.split("+")[0] == mode for w in wanted)
-        if wanted and mode not in wanted and not anchor_needed:
+    for case in CASES:
+        if wanted and case["mode"] not in wanted:
             continue
-        base_mode, _, offload = mode.partition("+")
-        cmd = [sys.executable, __file__, "one", tool, base_mode, str(batch), str(seq), str(steps), "--gc", gc, "--liger", liger]
-        cmd += ["--offload"] if offload else []
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
-        result = json.loads(line) if line else {"tool": tool, "mode": mode, "error": proc.stderr[-1500:]}
-        result["command"] = " ".join(["python", "scripts/bench_train.py"] + cmd[2:])
-        print(json.dumps(result), flush=True)
-        results.append(result)
+        cmd = case_command(case, batch, seq, steps)
+        results.append(_run_json(cmd, case))
+        _write(out, results)  # after every case: a run cut short keeps what it measured
     _compare(results)
+    _write(out, results)
+
+
+def drive_probe(mode: str, out: Path | None, start: int, factor: float, ceiling: int) -> None:
+    """The anchor's longest batch-1 sequence by search, then loraft at `factor` times it."""
+    _ensure_checkpoint()
+    anchor = _run_json([sys.executable, __file__, "probe-one", "anchor", mode, "--search", str(start), "--ceiling", str(ceiling)], {"tool": "anchor"})
+    results = [anchor]
+    if anchor.get("longest_seq"):
+        target = int(anchor["longest_seq"] * factor + 1023) // 1024 * 1024
+        ours = _run_json([sys.executable, __file__, "probe-one", "loraft", mode, str(target)], {"tool": "loraft"})
+        ours["vs_anchor"] = round(ours.get("longest_seq", 0) / anchor["longest_seq"], 2)
+        results.append(ours)
+    _write(out, results)
+
+
+def _ensure_checkpoint() -> None:
+    if not Path(CKPT, "config.json").exists():
+        shape = "tiny" if SMOKE else "llama8b"
+        subprocess.run([sys.executable, str(Path(__file__).with_name("make_random_model.py")), shape, CKPT], check=True)
+
+
+def _run_json(cmd: list[str], case: dict) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
+    result = json.loads(line) if line else {**case, "error": proc.stderr[-1500:]}
+    result["command"] = " ".join(["python", "scripts/bench_train.py"] + cmd[2:])
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _write(out: Path | None, results: list[dict]) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
@@ -233,9 +386,10 @@ def _compare(results: list[dict]) -> None:
             continue
         a = anchors.get(r["mode"])
         offloaded = " offload" if r["plan"].get("activation_offloading") else ""
-        name = f"{r['tool']} {r['mode']} {r['plan'].get('checkpoint_layers', r['plan'].get('gradient_checkpointing'))}{offloaded}"
+        unfused = " unfused" if r["plan"].get("fused_lora") is False else ""
+        name = f"{r['tool']} {r['mode']} {r['plan'].get('checkpoint_layers', r['plan'].get('gradient_checkpointing'))}{offloaded}{unfused}"
         speed = r["tokens_per_s"] / a["tokens_per_s"] if a else float("nan")
-        mem = r["peak_gib"] / a["peak_gib"] if a else float("nan")
+        mem = r["peak_gib"] / a["peak_gib"] if a and a["peak_gib"] else float("nan")
         dloss = abs(r["losses"][-1] - a["losses"][-1]) / a["losses"][-1] if a else float("nan")
         r["vs_anchor"] = {"throughput": round(speed, 3), "peak_memory": round(mem, 3), "final_loss_rel_diff": round(dloss, 5)}
         print(f"{name:<34}{r['tokens_per_s']:>9.0f}{speed:>10.2f}{r['peak_gib']:>10.2f}{mem:>10.2f}{r['lora_mfu']:>7.3f}"
@@ -254,16 +408,39 @@ def main():
     one.add_argument("--gc", default="true")
     one.add_argument("--liger", default="auto")
     one.add_argument("--offload", action="store_true", help="activation offloading to CPU")
+    one.add_argument("--unfused", action="store_true", help="PEFT's own LoRA forward (fused_lora: false)")
+    one.add_argument("--profile", type=Path, help="write a kernel-time table of steps 5-6 here")
     every = sub.add_parser("all")
     every.add_argument("--steps", type=int, default=20)
     every.add_argument("--batch", type=int, default=4)
     every.add_argument("--seq", type=int, default=2048)
     every.add_argument("--out", type=Path)
     every.add_argument("--only", help="comma-separated modes to run (lora,qlora,real)")
+    probe = sub.add_parser("probe", help="longest batch-1 sequence: anchor by search, loraft at --factor times it")
+    probe.add_argument("--mode", default="qlora", choices=["lora", "qlora"])
+    probe.add_argument("--start", type=int, default=16384)
+    probe.add_argument("--factor", type=float, default=4.0)
+    probe.add_argument("--ceiling", type=int, default=1 << 20)
+    probe.add_argument("--out", type=Path)
+    probe_one = sub.add_parser("probe-one")
+    probe_one.add_argument("tool", choices=["anchor", "loraft"])
+    probe_one.add_argument("mode", choices=["lora", "qlora"])
+    probe_one.add_argument("lengths", type=int, nargs="+", help="lengths to try (with --search: the first one)")
+    probe_one.add_argument("--search", action="store_true")
+    probe_one.add_argument("--ceiling", type=int, default=1 << 20, help="stop the search here")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "tool", None) == "loraft":
+        from lora_ft.speed import configure_cuda_allocator  # what the loraft CLI does before CUDA starts
+
+        configure_cuda_allocator()
     if args.cmd == "one":
-        print(json.dumps(run_one(args.tool, args.mode, args.batch, args.seq, args.steps, args.gc, args.liger, args.offload)), flush=True)
+        print(json.dumps(run_one(args.tool, args.mode, args.batch, args.seq, args.steps, args.gc, args.liger, args.offload,
+                                 not args.unfused, args.profile)), flush=True)
+    elif args.cmd == "probe-one":
+        print(json.dumps(probe_longest(args.tool, args.mode, args.lengths, args.search, args.ceiling)), flush=True)
+    elif args.cmd == "probe":
+        drive_probe(args.mode, args.out, args.start, args.factor, args.ceiling)
     else:
         drive(args.steps, args.batch, args.seq, args.out, args.only)
 
