@@ -95,7 +95,9 @@ class _FusedLoraLinear(torch.autograd.Function):
                 if mask is None:
                     grad_x.addmm_(grad_hidden, a)
                 else:
-                    grad_x.addcmul_(grad_hidden @ a, mask, value=1.0 / (1.0 - p))  # one pass: += t * mask / (1-p)
+                    # Two vectorised kernels beat one addcmul_ with a bool operand (mixed dtypes take torch's
+                    # slow unrolled path: 150 vs 128 us at 8192x4096 on an H100).
+                    grad_x.add_(torch.ops.aten.native_dropout_backward(grad_hidden @ a, mask, 1.0 / (1.0 - p)))
                 grad_x = grad_x.view(ctx.in_shape).to(ctx.in_dtype)
         return grad_x, None, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None
 

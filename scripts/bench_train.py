@@ -329,12 +329,12 @@ def case_command(case: dict, batch: int, seq: int, steps: int) -> list[str]:
     return cmd
 
 
-def drive(steps: int, batch: int, seq: int, out: Path | None, only: str | None = None) -> None:
+def drive(steps: int, batch: int, seq: int, out: Path | None, only: str | None = None, skip_unfused: bool = False) -> None:
     _ensure_checkpoint()
     wanted = set(only.split(",")) if only else None
     results = []
     for case in CASES:
-        if wanted and case["mode"] not in wanted:
+        if wanted and case["mode"] not in wanted or (skip_unfused and case.get("fused") is False):
             continue
         cmd = case_command(case, batch, seq, steps)
         results.append(_run_json(cmd, case))
@@ -346,11 +346,13 @@ def drive(steps: int, batch: int, seq: int, out: Path | None, only: str | None =
 def drive_probe(mode: str, out: Path | None, start: int, factor: float, ceiling: int) -> None:
     """The anchor's longest batch-1 sequence by search, then loraft at `factor` times it."""
     _ensure_checkpoint()
-    anchor = _run_json([sys.executable, __file__, "probe-one", "anchor", mode, "--search", str(start), "--ceiling", str(ceiling)], {"tool": "anchor"})
+    log = out.with_suffix(".log") if out else None
+    anchor = _run_json([sys.executable, __file__, "probe-one", "anchor", mode, "--search", str(start), "--ceiling", str(ceiling)],
+                       {"tool": "anchor"}, log)
     results = [anchor]
     if anchor.get("longest_seq"):
         target = int(anchor["longest_seq"] * factor + 1023) // 1024 * 1024
-        ours = _run_json([sys.executable, __file__, "probe-one", "loraft", mode, str(target)], {"tool": "loraft"})
+        ours = _run_json([sys.executable, __file__, "probe-one", "loraft", mode, str(target)], {"tool": "loraft"}, log)
         ours["vs_anchor"] = round(ours.get("longest_seq", 0) / anchor["longest_seq"], 2)
         results.append(ours)
     _write(out, results)
@@ -362,10 +364,17 @@ def _ensure_checkpoint() -> None:
         subprocess.run([sys.executable, str(Path(__file__).with_name("make_random_model.py")), shape, CKPT], check=True)
 
 
-def _run_json(cmd: list[str], case: dict) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
-    result = json.loads(line) if line else {**case, "error": proc.stderr[-1500:]}
+def _run_json(cmd: list[str], case: dict, log: Path | None = None) -> dict:
+    """Run one case; with `log`, its stderr (a probe's trial lines) streams there as it runs."""
+    if log is None:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        stdout, stderr = proc.stdout, proc.stderr
+    else:
+        with log.open("a") as sink:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=sink, text=True)
+        stdout, stderr = proc.stdout, log.read_text()
+    line = next((l for l in reversed(stdout.splitlines()) if l.startswith("{")), None)
+    result = json.loads(line) if line else {**case, "error": stderr[-1500:]}
     result["command"] = " ".join(["python", "scripts/bench_train.py"] + cmd[2:])
     print(json.dumps(result), flush=True)
     return result
@@ -416,6 +425,7 @@ def main():
     every.add_argument("--seq", type=int, default=2048)
     every.add_argument("--out", type=Path)
     every.add_argument("--only", help="comma-separated modes to run (lora,qlora,real)")
+    every.add_argument("--skip-unfused", action="store_true", help="leave out the fused_lora: false comparison")
     probe = sub.add_parser("probe", help="longest batch-1 sequence: anchor by search, loraft at --factor times it")
     probe.add_argument("--mode", default="qlora", choices=["lora", "qlora"])
     probe.add_argument("--start", type=int, default=16384)
@@ -442,7 +452,7 @@ def main():
     elif args.cmd == "probe":
         drive_probe(args.mode, args.out, args.start, args.factor, args.ceiling)
     else:
-        drive(args.steps, args.batch, args.seq, args.out, args.only)
+        drive(args.steps, args.batch, args.seq, args.out, args.only, args.skip_unfused)
 
 
 if __name__ == "__main__":
