@@ -19,18 +19,17 @@ from .config import RunConfig
 # Activation bytes one decoder layer keeps per token when not checkpointed, bf16, LoRA with dropout on all 7
 # projections of a Llama-style layer (6 projections read a hidden-wide input, down_proj an intermediate-wide one).
 # The layer itself keeps ~2*(5*hidden + intermediate) bytes. PEFT's LoRA adds, per projection, its dropout mask
-# and the dropped bf16 copy of the input: 3 bytes per input element. The fused path keeps only each distinct
-# input once (q/k/v share one, gate/up another): 2 bytes. Calibrated on Llama-3.1-8B on an H100: PEFT's path
-# measured 47.9 GiB for 32 layers at 4x2048 tokens (~183 KB/token/layer; this model: 186).
+# and the dropped bf16 copy of the input: 3 bytes per input element (and under a 4-bit base, fp32 copies: ~1.6x
+# the whole). The fused path keeps each distinct input once and no masks, about as much again as the layer, and
+# the same under a 4-bit base. Calibrated on Llama-3.1-8B, 4x2048 tokens, H100 (scripts/results/bench_train.json):
+# PEFT's path 47.9 GiB for 32 layers (~183 KB/token/layer; model: 186); fused ~35 GiB (~139; model: 139).
 def _layer_bytes_per_token(hidden: int, inter: int, fused_lora: bool) -> int:
     layer = 2 * (5 * hidden + inter)
-    lora = 2 * (3 * hidden + inter) if fused_lora else 3 * (6 * hidden + inter)
+    lora = 2 * (5 * hidden + inter) if fused_lora else 3 * (6 * hidden + inter)
     return layer + lora
 
 
-# A 4-bit base dequantizes each weight into a temporary per matmul and keeps more per-layer state:
-# measured ~1.5x the bf16 figure on the same H100 run.
-QUANTIZED_ACTIVATION_SCALE = 1.6
+QUANTIZED_UNFUSED_ACTIVATION_SCALE = 1.6
 PLANNING_MARGIN_GIB = 3.0
 
 
@@ -104,8 +103,8 @@ def _layers_to_checkpoint(cfg: RunConfig, model_config, layers: int, weights_gib
     if weights_gib is None:
         weights_gib = torch.cuda.memory_allocated() / 2**30
     per_layer = activation_gib_per_layer(model_config, tokens, fused_lora=t.fused_lora)
-    if cfg.model.quantization is not None:
-        per_layer *= QUANTIZED_ACTIVATION_SCALE
+    if cfg.model.quantization is not None and not t.fused_lora:
+        per_layer *= QUANTIZED_UNFUSED_ACTIVATION_SCALE
     boundary = tokens * model_config.hidden_size * 2 / 2**30  # a checkpointed layer keeps only its input
     fixed = weights_gib + trainable * 16 / 2**30 + per_layer + layers * boundary + PLANNING_MARGIN_GIB
     free = budget - fixed

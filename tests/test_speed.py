@@ -111,7 +111,7 @@ def test_auto_checkpointing_keeps_more_layers_as_the_budget_grows():
     shape = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256)
     per_layer = activation_gib_per_layer(shape, 4 * 2048, fused_lora=False)
     assert 1.2 < per_layer < 1.6  # calibrated against 47.9 GiB / 32 layers measured on an H100 (PEFT's LoRA)
-    assert activation_gib_per_layer(shape, 4 * 2048) < 0.7 * per_layer  # fused LoRA keeps no masks or copies
+    assert activation_gib_per_layer(shape, 4 * 2048) < 0.8 * per_layer  # fused LoRA keeps no masks or copies
 
     def plan(budget):
         cfg = validate_dict({"model": {"name": "x"}, "training": {"batch_size": 4, "max_seq_length": 2048, "fused_lora": False,
