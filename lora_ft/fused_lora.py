@@ -8,6 +8,9 @@ dropout runs once in the compute dtype and keeps nothing (backward redraws the s
 state), the low-rank product is added by the GEMM itself (addmm), and the input gradient's low-rank term is
 accumulated in one pass.
 
+On CUDA with dropout, `lora_kernels.py` goes further: Triton kernels recompute the mask from the Philox
+stream wherever it is needed, so neither the mask nor the dropped input is ever written to memory.
+
 Same math: matmuls in the compute dtype with the fp32 LoRA weights cast to it, as autocast does; independent
 dropout masks per projection; the gradients land on PEFT's own parameters, so saving, merging and inspecting
 are untouched. `tests/test_fused_lora.py` checks outputs and gradients against PEFT's layer, with and without
@@ -17,6 +20,8 @@ types) runs through PEFT's own forward.
 
 from __future__ import annotations
 
+import functools
+import os
 import types
 
 import torch
@@ -54,12 +59,61 @@ def _set_rng_state(device: torch.device, state) -> None:
         torch.set_rng_state(state)
 
 
-def _lora_grads(grad_out, dropped, hidden, lora_a, lora_b, scaling):
-    """Gradients of y = base + scaling * (x_d A^T) B^T for A, B and the rank-r hidden state."""
-    grad_hidden = (grad_out @ lora_b).mul_(scaling)
-    grad_b = (grad_out.t() @ hidden).mul_(scaling)
+USE_TRITON_KERNELS = True  # scripts/bench_train.py --torch-lora-kernels turns this off to measure the difference
+
+
+@functools.cache
+def _kernels():
+    try:
+        from . import lora_kernels
+    except ImportError:  # no Triton (CPU-only installs)
+        return None
+    return lora_kernels
+
+
+def _use_kernels(x2: torch.Tensor, p: float) -> bool:
+    """Triton kernels on CUDA (or under Triton's CPU interpreter, for tests) where they apply; torch ops elsewhere."""
+    if not USE_TRITON_KERNELS or p == 0.0 or not (x2.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    kernels = _kernels()
+    return kernels is not None and kernels.supported(x2, p)
+
+
+def _low_rank_forward(ctx, x2: torch.Tensor, a: torch.Tensor, p: float):
+    """(x2 possibly made contiguous, hidden = dropout(x2) @ a.T); records in ctx how to redo the dropout."""
+    ctx.stream = ctx.rng_state = None
+    if _use_kernels(x2, p):
+        x2 = x2.contiguous()
+        ctx.stream = _kernels().DropoutStream(x2)
+        return x2, _kernels().lora_a(x2, a, ctx.stream, p)
+    dropped, ctx.rng_state = _drop(x2, p)
+    return x2, dropped @ a.t()
+
+
+def _low_rank_backward(ctx, g, x2, hidden, a, b, grad_x, want_x: bool):
+    """Gradients of y = base + scaling * dropout(x2) A^T B^T: (grad A, grad B, grad_x plus the low-rank term;
+    the term alone when grad_x is None)."""
+    p = ctx.p
+    grad_hidden = (g @ b).mul_(ctx.scaling)
+    grad_b = (g.t() @ hidden).mul_(ctx.scaling)
+    if ctx.stream is not None:
+        kernels = _kernels()
+        grad_a = kernels.lora_grad_a(grad_hidden, x2, ctx.stream, p)
+        if want_x:
+            grad_x = kernels.lora_grad_input(grad_x, grad_hidden, a, ctx.stream, p, x2.shape)
+        return grad_a, grad_b, grad_x
+    dropped, mask = _redraw(x2, p, ctx.rng_state)
     grad_a = grad_hidden.t() @ dropped
-    return grad_hidden, grad_a, grad_b
+    del dropped
+    if want_x:
+        if mask is None:
+            grad_x = grad_hidden @ a if grad_x is None else grad_x.addmm_(grad_hidden, a)
+        else:
+            # Two vectorised kernels beat one addcmul_ with a bool operand (mixed dtypes take torch's slow
+            # unrolled path: 150 vs 128 us at 8192x4096 on an H100).
+            term = torch.ops.aten.native_dropout_backward(grad_hidden @ a, mask, 1.0 / (1.0 - p))
+            grad_x = term if grad_x is None else grad_x.add_(term)
+    return grad_a, grad_b, grad_x
 
 
 class _FusedLoraLinear(torch.autograd.Function):
@@ -67,37 +121,26 @@ class _FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, dtype):
+        ctx.scaling, ctx.p, ctx.in_shape, ctx.in_dtype = scaling, p, x.shape, x.dtype
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             weight_c, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
             out = torch.nn.functional.linear(x2, weight_c, None if bias is None else bias.to(dtype))
-            dropped, ctx.rng_state = _drop(x2, p)
-            hidden = dropped @ a.t()
-            del dropped
+            x2, hidden = _low_rank_forward(ctx, x2, a, p)
             out.addmm_(hidden, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, hidden, weight_c, a, b)
-        ctx.scaling, ctx.p, ctx.in_shape, ctx.in_dtype = scaling, p, x.shape, x.dtype
-        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         x2, hidden, weight_c, a, b = ctx.saved_tensors
-        p = ctx.p
+        want_x = ctx.needs_input_grad[0]
         with torch.autocast(grad_y.device.type, enabled=False):
             g = grad_y.reshape(-1, grad_y.shape[-1]).to(a.dtype)
-            dropped, mask = _redraw(x2, p, ctx.rng_state)
-            grad_hidden, grad_a, grad_b = _lora_grads(g, dropped, hidden, a, b, ctx.scaling)
-            del dropped
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = g @ weight_c
-                if mask is None:
-                    grad_x.addmm_(grad_hidden, a)
-                else:
-                    # Two vectorised kernels beat one addcmul_ with a bool operand (mixed dtypes take torch's
-                    # slow unrolled path: 150 vs 128 us at 8192x4096 on an H100).
-                    grad_x.add_(torch.ops.aten.native_dropout_backward(grad_hidden @ a, mask, 1.0 / (1.0 - p)))
+            grad_x = g @ weight_c if want_x else None
+            grad_a, grad_b, grad_x = _low_rank_backward(ctx, g, x2, hidden, a, b, grad_x, want_x)
+            if grad_x is not None:
                 grad_x = grad_x.view(ctx.in_shape).to(ctx.in_dtype)
         return grad_x, None, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None
 
@@ -107,33 +150,25 @@ class _FusedLoraDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, base_out, lora_a, lora_b, scaling, p, dtype):
+        ctx.scaling, ctx.p, ctx.in_shape, ctx.in_dtype = scaling, p, x.shape, x.dtype
+        ctx.base_dtype, ctx.param_dtypes = base_out.dtype, (lora_a.dtype, lora_b.dtype)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
-            dropped, ctx.rng_state = _drop(x2, p)
-            hidden = dropped @ a.t()
-            del dropped
+            x2, hidden = _low_rank_forward(ctx, x2, a, p)
             base2 = base_out.reshape(-1, base_out.shape[-1]).to(dtype)
             out = torch.addmm(base2, hidden, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, hidden, a, b)
-        ctx.scaling, ctx.p, ctx.in_shape, ctx.in_dtype = scaling, p, x.shape, x.dtype
-        ctx.base_dtype, ctx.param_dtypes = base_out.dtype, (lora_a.dtype, lora_b.dtype)
         return out.view(*base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_y):
         x2, hidden, a, b = ctx.saved_tensors
-        p = ctx.p
+        want_x = ctx.needs_input_grad[0]
         with torch.autocast(grad_y.device.type, enabled=False):
             g = grad_y.reshape(-1, grad_y.shape[-1]).to(a.dtype)
-            dropped, mask = _redraw(x2, p, ctx.rng_state)
-            grad_hidden, grad_a, grad_b = _lora_grads(g, dropped, hidden, a, b, ctx.scaling)
-            del dropped
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_hidden @ a
-                if mask is not None:
-                    grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - p))
+            grad_a, grad_b, grad_x = _low_rank_backward(ctx, g, x2, hidden, a, b, None, want_x)
+            if grad_x is not None:
                 grad_x = grad_x.view(ctx.in_shape).to(ctx.in_dtype)
         grad_base = grad_y.to(ctx.base_dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_base, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None

@@ -182,7 +182,10 @@ def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=Fal
     extra["activation_offloading"] = offload
     args = _sft_args(batch, seq, steps, gradient_checkpointing=False, use_liger_kernel=plan.liger, optim=plan.optimizer, **extra)
     trainer = _loraft_sft_trainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer(), callbacks=[clock])
-    return trainer, {**plan.to_json(), "activation_offloading": offload}
+    from lora_ft import fused_lora
+
+    kernels = "triton" if fused and fused_lora.USE_TRITON_KERNELS and fused_lora._kernels() is not None and not SMOKE else "torch"
+    return trainer, {**plan.to_json(), "activation_offloading": offload, "lora_kernels": kernels if fused else None}
 
 
 def _loraft_model(mode, batch, seq, gc, liger, fused):
@@ -307,17 +310,18 @@ def _loraft_sft_trainer(**kwargs):
 # table shows what that lever alone is worth. mode real: variable-length rows (median ~250 tokens); the anchor
 # pads each batch, loraft packs (BFD, padding-free).
 CASES = [
-    {"tool": "anchor", "mode": "lora"},
-    {"tool": "loraft", "mode": "lora", "gc": "auto"},
-    {"tool": "loraft", "mode": "lora", "gc": "auto", "fused": False},
-    {"tool": "loraft", "mode": "lora", "gc": "true"},
-    {"tool": "loraft", "mode": "lora", "gc": "true", "offload": True},
-    {"tool": "anchor", "mode": "qlora"},
-    {"tool": "loraft", "mode": "qlora", "gc": "auto"},
-    {"tool": "loraft", "mode": "qlora", "gc": "true"},
-    {"tool": "loraft", "mode": "qlora", "gc": "true", "offload": True},
-    {"tool": "anchor", "mode": "real"},
-    {"tool": "loraft", "mode": "real", "gc": "auto"},
+    {"id": "anchor-lora", "tool": "anchor", "mode": "lora"},
+    {"id": "lora-auto", "tool": "loraft", "mode": "lora", "gc": "auto"},
+    {"id": "lora-auto-torch-kernels", "tool": "loraft", "mode": "lora", "gc": "auto", "kernels": "torch"},
+    {"id": "lora-auto-unfused", "tool": "loraft", "mode": "lora", "gc": "auto", "fused": False},
+    {"id": "lora-gc", "tool": "loraft", "mode": "lora", "gc": "true"},
+    {"id": "lora-gc-offload", "tool": "loraft", "mode": "lora", "gc": "true", "offload": True},
+    {"id": "anchor-qlora", "tool": "anchor", "mode": "qlora"},
+    {"id": "qlora-auto", "tool": "loraft", "mode": "qlora", "gc": "auto"},
+    {"id": "qlora-gc", "tool": "loraft", "mode": "qlora", "gc": "true"},
+    {"id": "qlora-gc-offload", "tool": "loraft", "mode": "qlora", "gc": "true", "offload": True},
+    {"id": "anchor-real", "tool": "anchor", "mode": "real"},
+    {"id": "real-auto", "tool": "loraft", "mode": "real", "gc": "auto"},
 ]
 
 
@@ -326,6 +330,7 @@ def case_command(case: dict, batch: int, seq: int, steps: int) -> list[str]:
            "--gc", case.get("gc", "true"), "--liger", case.get("liger", "auto")]
     cmd += ["--offload"] if case.get("offload") else []
     cmd += ["--unfused"] if case.get("fused") is False else []
+    cmd += ["--torch-lora-kernels"] if case.get("kernels") == "torch" else []
     return cmd
 
 
@@ -334,7 +339,7 @@ def drive(steps: int, batch: int, seq: int, out: Path | None, only: str | None =
     wanted = set(only.split(",")) if only else None
     results = []
     for case in CASES:
-        if wanted and case["mode"] not in wanted or (skip_unfused and case.get("fused") is False):
+        if wanted and not wanted & {case["mode"], case["id"]} or (skip_unfused and case.get("fused") is False):
             continue
         cmd = case_command(case, batch, seq, steps)
         results.append(_run_json(cmd, case))
@@ -396,6 +401,7 @@ def _compare(results: list[dict]) -> None:
         a = anchors.get(r["mode"])
         offloaded = " offload" if r["plan"].get("activation_offloading") else ""
         unfused = " unfused" if r["plan"].get("fused_lora") is False else ""
+        unfused += " torch-kernels" if r["plan"].get("lora_kernels") == "torch" else ""
         name = f"{r['tool']} {r['mode']} {r['plan'].get('checkpoint_layers', r['plan'].get('gradient_checkpointing'))}{offloaded}{unfused}"
         speed = r["tokens_per_s"] / a["tokens_per_s"] if a else float("nan")
         mem = r["peak_gib"] / a["peak_gib"] if a and a["peak_gib"] else float("nan")
@@ -419,12 +425,13 @@ def main():
     one.add_argument("--offload", action="store_true", help="activation offloading to CPU")
     one.add_argument("--unfused", action="store_true", help="PEFT's own LoRA forward (fused_lora: false)")
     one.add_argument("--profile", type=Path, help="write a kernel-time table of steps 5-6 here")
+    one.add_argument("--torch-lora-kernels", action="store_true", help="fused LoRA on torch ops, not the Triton kernels")
     every = sub.add_parser("all")
     every.add_argument("--steps", type=int, default=20)
     every.add_argument("--batch", type=int, default=4)
     every.add_argument("--seq", type=int, default=2048)
     every.add_argument("--out", type=Path)
-    every.add_argument("--only", help="comma-separated modes to run (lora,qlora,real)")
+    every.add_argument("--only", help="comma-separated modes (lora,qlora,real) or case ids (see CASES) to run")
     every.add_argument("--skip-unfused", action="store_true", help="leave out the fused_lora: false comparison")
     probe = sub.add_parser("probe", help="longest batch-1 sequence: anchor by search, loraft at --factor times it")
     probe.add_argument("--mode", default="qlora", choices=["lora", "qlora"])
@@ -445,6 +452,10 @@ def main():
 
         configure_cuda_allocator()
     if args.cmd == "one":
+        if args.torch_lora_kernels:
+            from lora_ft import fused_lora
+
+            fused_lora.USE_TRITON_KERNELS = False
         print(json.dumps(run_one(args.tool, args.mode, args.batch, args.seq, args.steps, args.gc, args.liger, args.offload,
                                  not args.unfused, args.profile)), flush=True)
     elif args.cmd == "probe-one":

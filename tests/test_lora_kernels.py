@@ -1,0 +1,136 @@
+"""The Triton LoRA-dropout kernels compute the explicit formula, and forward and backward see one mask.
+
+On CPU they run under Triton's interpreter, in a subprocess (the interpreter is chosen when the kernels are
+first defined, and must not leak into other tests); on CUDA (`gpu` marker) the compiled kernels run in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+KERNEL_CHECKS = textwrap.dedent('''
+    import json, sys
+    import torch
+    from lora_ft import lora_kernels as K
+
+    device, dtype_name = sys.argv[1], sys.argv[2]
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    m, k, r, p = 70, 192, 5, 0.3  # rows not a multiple of the block, rank padded to 16
+    x = torch.randn(m, k, device=device).to(dtype)
+    a = torch.randn(r, k, device=device).to(dtype)
+    grad_hidden = torch.randn(m, r, device=device).to(dtype)
+    grad_x = torch.randn(m, k, device=device).to(dtype)
+    stream = K.DropoutStream(x)
+    mask = K.reference_mask(x, stream, p)
+    dropped = x.float() * mask / (1 - p)
+    term = (grad_hidden.float() @ a.float()) * mask / (1 - p)
+
+    def err(got, want):
+        return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+    other = K.reference_mask(x, K.DropoutStream(x), p)
+    print(json.dumps({
+        "kept": mask.float().mean().item(),
+        "same_mask_twice": bool(torch.equal(K.reference_mask(x, stream, p), mask)),
+        "next_draw_differs": (other != mask).float().mean().item(),
+        "lora_a": err(K.lora_a(x, a, stream, p), dropped @ a.float().t()),
+        "grad_a": err(K.lora_grad_a(grad_hidden, x, stream, p), grad_hidden.float().t() @ dropped),
+        "grad_input_accumulate": err(K.lora_grad_input(grad_x.clone(), grad_hidden, a, stream, p, x.shape), grad_x.float() + term),
+        "grad_input_new": err(K.lora_grad_input(None, grad_hidden, a, stream, p, x.shape), term),
+    }))
+''')
+
+
+def _run_checks(device: str, dtype: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECKS, device, dtype], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("device, dtype, tolerance", [
+    ("cpu", "float32", 1e-5),
+    ("cpu", "float16", 5e-3),
+    pytest.param("cuda", "bfloat16", 2e-2, marks=pytest.mark.gpu),
+])
+def test_kernels_match_the_formula_with_one_mask(device, dtype, tolerance):
+    result = _run_checks(device, dtype)
+    assert abs(result["kept"] - 0.7) < 0.05
+    assert result["same_mask_twice"]
+    assert 0.3 < result["next_draw_differs"] < 0.55  # an independent draw: 2p(1-p) = 0.42 of entries differ
+    for name in ("lora_a", "grad_a", "grad_input_accumulate", "grad_input_new"):
+        assert result[name] < tolerance, (name, result[name])
+
+
+LAYER_CHECK = textwrap.dedent('''
+    import json, sys
+    import torch
+    from torch import nn
+    from peft import LoraConfig, get_peft_model
+    from lora_ft import fused_lora, lora_kernels
+    from lora_ft.fused_lora import fuse_lora_layers
+
+    device = sys.argv[1]
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+
+    def build():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64, bias=False))
+        model = get_peft_model(net, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.25, target_modules=["0", "2"]))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(param, std=0.5)
+        return model.to(device=device, dtype=dtype)
+
+    plain, fused = build(), build()
+    fuse_lora_layers(fused)
+    streams = []  # the kernels' draws, in forward order
+    real_stream = lora_kernels.DropoutStream
+
+    def recording_stream(x2):
+        streams.append((x2, real_stream(x2)))
+        return streams[-1][1]
+
+    lora_kernels.DropoutStream = recording_stream
+    x = torch.randn(6, 9, 128, device=device, dtype=dtype)
+    x_fused, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_fused = fused(x_fused)
+    out_fused.float().pow(2).mean().backward()
+    masks = iter([lora_kernels.reference_mask(x2, stream, 0.25) for x2, stream in streams])
+    nn.functional.dropout = lambda t, p=0.5, training=True, inplace=False: t * next(masks).view(t.shape) / (1 - p)
+    out_plain = plain(x_plain)
+    out_plain.float().pow(2).mean().backward()
+
+    def err(got, want):
+        return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+    grads = {n: err(pf.grad, pp.grad) for (n, pf), (_, pp) in zip(fused.named_parameters(), plain.named_parameters()) if pp.requires_grad}
+    print(json.dumps({"kernel_draws": len(streams), "out": err(out_fused, out_plain), "grad_x": err(x_fused.grad, x_plain.grad), **grads}))
+''')
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_layer_on_the_kernels_matches_peft_with_the_same_masks(device):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", LAYER_CHECK, device], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result.pop("kernel_draws") == 2  # both projections took the kernel path, one draw each
+    assert len(result) == 6  # out, grad_x and the 4 LoRA weights
+    for name, error in result.items():
+        assert error < 2e-2, (name, error)
