@@ -220,7 +220,8 @@ class TrainingSpec(Spec):
     fused_lora: bool = Field(
         True,
         description="Run each plain LoRA projection as one fused autograd op (dropout, low-rank product and add in as few "
-        "memory passes as possible; no dropout masks kept). Same math as PEFT's forward; false uses PEFT's.",
+        "memory passes as possible; no dropout masks kept; on CUDA, Triton kernels that recompute the mask instead of "
+        "storing it). Same math as PEFT's forward; false uses PEFT's.",
     )
     liger: bool | Literal["auto"] = Field(
         "auto",

@@ -134,3 +134,53 @@ def test_fused_layer_on_the_kernels_matches_peft_with_the_same_masks(device):
     assert len(result) == 6  # out, grad_x and the 4 LoRA weights
     for name, error in result.items():
         assert error < 2e-2, (name, error)
+
+
+CHECKPOINT_CHECK = textwrap.dedent('''
+    import json, sys
+    import torch
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+    from peft import LoraConfig, get_peft_model
+    from lora_ft import lora_kernels
+    from lora_ft.fused_lora import fuse_lora_layers
+
+    draws = []
+    real_stream = lora_kernels.DropoutStream
+    lora_kernels.DropoutStream = lambda x2: draws.append(1) or real_stream(x2)
+    device = sys.argv[1]
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64, bias=False))
+    model = get_peft_model(net, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.25, target_modules=["0", "2"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.5)
+    model = model.to(device=device, dtype=dtype)
+    fuse_lora_layers(model)
+    x = torch.randn(6, 9, 128, device=device, dtype=dtype)
+
+    def grads(recompute):
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = checkpoint(model, x, use_reentrant=False) if recompute else model(x)
+        out.float().pow(2).mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    plain, recomputed = grads(False), grads(True)
+    print(json.dumps({"identical": all(torch.equal(a, b) for a, b in zip(plain, recomputed)), "n": len(plain),
+                      "kernel_draws": len(draws)}))
+''')
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_checkpoint_recomputation_redraws_the_kernels_masks(device):
+    """A checkpointed layer runs its forward twice; both must draw the same masks, so gradients are bit-identical
+    to the run without checkpointing."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", CHECKPOINT_CHECK, device], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # 2 layers: one draw each without checkpointing, two each (forward, recomputation) with it
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"identical": True, "n": 4, "kernel_draws": 6}
