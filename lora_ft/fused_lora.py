@@ -13,9 +13,9 @@ stream wherever it is needed, so neither the mask nor the dropped input is ever 
 
 Same math: matmuls in the compute dtype with the fp32 LoRA weights cast to it, as autocast does; independent
 dropout masks per projection; the gradients land on PEFT's own parameters, so saving, merging and inspecting
-are untouched. `tests/test_fused_lora.py` checks outputs and gradients against PEFT's layer, with and without
-dropout; anything PEFT does that this does not (DoRA, several active adapters, LoRA bias, other base layer
-types) runs through PEFT's own forward.
+are untouched. `tests/test_fused_lora.py` (and `test_lora_kernels.py` for the Triton path) check outputs and
+gradients against PEFT's layer, with and without dropout; anything PEFT does that this does not (DoRA, several
+active adapters, LoRA bias, other base layer types) runs through PEFT's own forward.
 """
 
 from __future__ import annotations
