@@ -54,11 +54,12 @@ KERNEL_CHECKS = textwrap.dedent('''
 ''')
 
 
-def _run_checks(device: str, dtype: str) -> dict:
+def _run_script(script: str, device: str, *args: str) -> dict:
+    """Run a check script in a fresh interpreter (Triton's CPU interpreter on CPU) and read its JSON line."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECKS, device, dtype], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script, device, *args], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -69,7 +70,7 @@ def _run_checks(device: str, dtype: str) -> dict:
     pytest.param("cuda", "bfloat16", 2e-2, marks=pytest.mark.gpu),
 ])
 def test_kernels_match_the_formula_with_one_mask(device, dtype, tolerance):
-    result = _run_checks(device, dtype)
+    result = _run_script(KERNEL_CHECKS, device, dtype)
     assert abs(result["kept"] - 0.7) < 0.05
     assert result["same_mask_twice"]
     assert 0.3 < result["next_draw_differs"] < 0.55  # an independent draw: 2p(1-p) = 0.42 of entries differ
@@ -77,12 +78,13 @@ def test_kernels_match_the_formula_with_one_mask(device, dtype, tolerance):
         assert result[name] < tolerance, (name, result[name])
 
 
-LAYER_CHECK = textwrap.dedent('''
+# Two LoRA projections with dropout (widths that take the kernel path), for the layer-level checks below.
+TWO_LAYER_MODEL = textwrap.dedent('''
     import json, sys
     import torch
     from torch import nn
     from peft import LoraConfig, get_peft_model
-    from lora_ft import fused_lora, lora_kernels
+    from lora_ft import lora_kernels
     from lora_ft.fused_lora import fuse_lora_layers
 
     device = sys.argv[1]
@@ -96,7 +98,9 @@ LAYER_CHECK = textwrap.dedent('''
             if "lora_B" in name:
                 nn.init.normal_(param, std=0.5)
         return model.to(device=device, dtype=dtype)
+''')
 
+LAYER_CHECK = TWO_LAYER_MODEL + textwrap.dedent('''
     plain, fused = build(), build()
     fuse_lora_layers(fused)
     streams = []  # the kernels' draws, in forward order
@@ -126,39 +130,20 @@ LAYER_CHECK = textwrap.dedent('''
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_fused_layer_on_the_kernels_matches_peft_with_the_same_masks(device):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", LAYER_CHECK, device], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _run_script(LAYER_CHECK, device)
     assert result.pop("kernel_draws") == 2  # both projections took the kernel path, one draw each
     assert len(result) == 6  # out, grad_x and the 4 LoRA weights
     for name, error in result.items():
         assert error < 2e-2, (name, error)
 
 
-CHECKPOINT_CHECK = textwrap.dedent('''
-    import json, sys
-    import torch
-    from torch import nn
+CHECKPOINT_CHECK = TWO_LAYER_MODEL + textwrap.dedent('''
     from torch.utils.checkpoint import checkpoint
-    from peft import LoraConfig, get_peft_model
-    from lora_ft import lora_kernels
-    from lora_ft.fused_lora import fuse_lora_layers
 
     draws = []
     real_stream = lora_kernels.DropoutStream
     lora_kernels.DropoutStream = lambda x2: draws.append(1) or real_stream(x2)
-    device = sys.argv[1]
-    dtype = torch.float16 if device == "cpu" else torch.bfloat16
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64, bias=False))
-    model = get_peft_model(net, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.25, target_modules=["0", "2"]))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(param, std=0.5)
-    model = model.to(device=device, dtype=dtype)
+    model = build()
     fuse_lora_layers(model)
     x = torch.randn(6, 9, 128, device=device, dtype=dtype)
 
@@ -179,10 +164,5 @@ CHECKPOINT_CHECK = textwrap.dedent('''
 def test_checkpoint_recomputation_redraws_the_kernels_masks(device):
     """A checkpointed layer runs its forward twice; both must draw the same masks, so gradients are bit-identical
     to the run without checkpointing."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", CHECKPOINT_CHECK, device], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
     # 2 layers: one draw each without checkpointing, two each (forward, recomputation) with it
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"identical": True, "n": 4, "kernel_draws": 6}
+    assert _run_script(CHECKPOINT_CHECK, device) == {"identical": True, "n": 4, "kernel_draws": 6}
