@@ -223,6 +223,11 @@ class TrainingSpec(Spec):
         "memory passes as possible; no dropout masks kept; on CUDA, Triton kernels that recompute the mask instead of "
         "storing it). Same math as PEFT's forward; false uses PEFT's.",
     )
+    lora_kernels: Literal["auto", "triton", "torch"] = Field(
+        "auto",
+        description="How fused_lora runs dropout. auto: Triton kernels on CUDA when triton is installed (the mask is "
+        "recomputed, never stored), torch ops elsewhere; triton: insist on them; torch: torch ops only.",
+    )
     liger: bool | Literal["auto"] = Field(
         "auto",
         description="Liger Kernel fused ops (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without materialised logits); "

@@ -59,9 +59,6 @@ def _set_rng_state(device: torch.device, state) -> None:
         torch.set_rng_state(state)
 
 
-USE_TRITON_KERNELS = True  # scripts/bench_train.py --torch-lora-kernels turns this off to measure the difference
-
-
 @functools.cache
 def _kernels():
     try:
@@ -71,18 +68,22 @@ def _kernels():
     return lora_kernels
 
 
-def _use_kernels(x2: torch.Tensor, p: float) -> bool:
+def triton_available() -> bool:
+    return _kernels() is not None
+
+
+def _use_kernels(allowed: bool, x2: torch.Tensor, p: float) -> bool:
     """Triton kernels on CUDA (or under Triton's CPU interpreter, for tests) where they apply; torch ops elsewhere."""
-    if not USE_TRITON_KERNELS or p == 0.0 or not (x2.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not allowed or p == 0.0 or not (x2.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
     kernels = _kernels()
     return kernels is not None and kernels.supported(x2, p)
 
 
-def _low_rank_forward(ctx, x2: torch.Tensor, a: torch.Tensor, p: float):
+def _low_rank_forward(ctx, x2: torch.Tensor, a: torch.Tensor, p: float, triton: bool):
     """(x2 possibly made contiguous, hidden = dropout(x2) @ a.T); records in ctx how to redo the dropout."""
     ctx.stream = ctx.rng_state = None
-    if _use_kernels(x2, p):
+    if _use_kernels(triton, x2, p):
         x2 = x2.contiguous()
         ctx.stream = _kernels().DropoutStream(x2)
         return x2, _kernels().lora_a(x2, a, ctx.stream, p)
@@ -120,14 +121,14 @@ class _FusedLoraLinear(torch.autograd.Function):
     """y = x W^T + b + scaling * dropout(x) A^T B^T with the base weight frozen."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, dtype):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, dtype, triton):
         ctx.scaling, ctx.p, ctx.in_shape, ctx.in_dtype = scaling, p, x.shape, x.dtype
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             weight_c, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
             out = torch.nn.functional.linear(x2, weight_c, None if bias is None else bias.to(dtype))
-            x2, hidden = _low_rank_forward(ctx, x2, a, p)
+            x2, hidden = _low_rank_forward(ctx, x2, a, p, triton)
             out.addmm_(hidden, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, hidden, weight_c, a, b)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -142,20 +143,20 @@ class _FusedLoraLinear(torch.autograd.Function):
             grad_a, grad_b, grad_x = _low_rank_backward(ctx, g, x2, hidden, a, b, grad_x, want_x)
             if grad_x is not None:
                 grad_x = grad_x.view(ctx.in_shape).to(ctx.in_dtype)
-        return grad_x, None, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None
+        return grad_x, None, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None, None
 
 
 class _FusedLoraDelta(torch.autograd.Function):
     """y = base_out + scaling * dropout(x) A^T B^T, for base layers with their own kernels (4-bit)."""
 
     @staticmethod
-    def forward(ctx, x, base_out, lora_a, lora_b, scaling, p, dtype):
+    def forward(ctx, x, base_out, lora_a, lora_b, scaling, p, dtype, triton):
         ctx.scaling, ctx.p, ctx.in_shape, ctx.in_dtype = scaling, p, x.shape, x.dtype
         ctx.base_dtype, ctx.param_dtypes = base_out.dtype, (lora_a.dtype, lora_b.dtype)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
-            x2, hidden = _low_rank_forward(ctx, x2, a, p)
+            x2, hidden = _low_rank_forward(ctx, x2, a, p, triton)
             base2 = base_out.reshape(-1, base_out.shape[-1]).to(dtype)
             out = torch.addmm(base2, hidden, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, hidden, a, b)
@@ -171,7 +172,7 @@ class _FusedLoraDelta(torch.autograd.Function):
             if grad_x is not None:
                 grad_x = grad_x.view(ctx.in_shape).to(ctx.in_dtype)
         grad_base = grad_y.to(ctx.base_dtype) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_base, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None
+        return grad_x, grad_base, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None, None
 
 
 def _fusable_adapter(layer, x: torch.Tensor, args, kwargs):
@@ -206,9 +207,9 @@ def _fused_forward(layer, x: torch.Tensor, *args, **kwargs):
     base = layer.get_base_layer()
     lora_a, lora_b, scaling = layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
     if layer._loraft_fused_kind == "linear" and not base.weight.requires_grad:
-        return _FusedLoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling, p, dtype)
+        return _FusedLoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling, p, dtype, layer._loraft_triton)
     if layer._loraft_fused_kind == "delta":
-        return _FusedLoraDelta.apply(x, base(x), lora_a, lora_b, scaling, p, dtype)
+        return _FusedLoraDelta.apply(x, base(x), lora_a, lora_b, scaling, p, dtype, layer._loraft_triton)
     return layer._loraft_peft_forward(x, *args, **kwargs)
 
 
@@ -220,8 +221,9 @@ def _base_kind(base: nn.Module) -> str | None:
     return None
 
 
-def fuse_lora_layers(model: nn.Module) -> int:
-    """Route every plain LoRA projection of `model` through the fused path; returns how many were fused."""
+def fuse_lora_layers(model: nn.Module, *, triton: bool = True) -> int:
+    """Route every plain LoRA projection of `model` through the fused path; returns how many were fused.
+    `triton`: use the Triton dropout kernels where they apply (CUDA, 16-bit, dropout on); else torch ops."""
     from peft.tuners.lora import LoraLayer
 
     fused = 0
@@ -231,7 +233,7 @@ def fuse_lora_layers(model: nn.Module) -> int:
         kind = _base_kind(module.get_base_layer())
         if kind is None:
             continue
-        module._loraft_fused_kind = kind
+        module._loraft_fused_kind, module._loraft_triton = kind, triton
         module._loraft_peft_forward = module.forward
         module.forward = types.MethodType(_fused_forward, module)
         fused += 1

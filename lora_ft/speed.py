@@ -40,10 +40,12 @@ class SpeedPlan:
     total_layers: int
     optimizer: str
     fused_lora: bool = True
+    lora_kernels: str = "torch"  # how the fused LoRA ops run dropout: "triton" or "torch"
 
     def to_json(self) -> dict:
         return {
             "fused_lora": self.fused_lora,
+            "lora_kernels": self.lora_kernels if self.fused_lora else None,
             "liger": self.liger,
             "checkpoint_layers": self.checkpoint_layers,
             "total_layers": self.total_layers,
@@ -52,7 +54,7 @@ class SpeedPlan:
 
     def summary(self) -> str:
         gc = "off" if self.checkpoint_layers == 0 else f"{self.checkpoint_layers}/{self.total_layers} layers"
-        fused = "fused LoRA, " if self.fused_lora else ""
+        fused = f"fused LoRA ({self.lora_kernels}), " if self.fused_lora else ""
         return f"{fused}liger {'on' if self.liger else 'off'}, checkpointing {gc}, optimizer {self.optimizer}"
 
 
@@ -62,6 +64,19 @@ def liger_available() -> bool:
     import torch
 
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def check_speed_choices(cfg: RunConfig) -> None:
+    """Speed settings this machine cannot honour, found before any weights load."""
+    import torch
+
+    t = cfg.training
+    if t.liger is True and not liger_available():
+        from .errors import ConfigError
+
+        raise ConfigError("training.liger: true needs CUDA and the liger-kernel package; pip install liger-kernel or set liger: auto")
+    if t.fused_lora:
+        _lora_kernels(t.lora_kernels, torch.cuda.is_available())
 
 
 def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None, trainable: int = 0) -> SpeedPlan:
@@ -84,7 +99,18 @@ def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None
     optimizer = t.optimizer
     if optimizer == "auto":
         optimizer = "adamw_torch_fused" if cuda else "adamw_torch"
-    return SpeedPlan(liger, checkpoint, layers, optimizer, fused_lora=t.fused_lora)
+    return SpeedPlan(liger, checkpoint, layers, optimizer, fused_lora=t.fused_lora, lora_kernels=_lora_kernels(t.lora_kernels, cuda))
+
+
+def _lora_kernels(choice: str, cuda: bool) -> str:
+    from .fused_lora import triton_available
+
+    available = cuda and triton_available()
+    if choice == "triton" and not available:
+        from .errors import ConfigError
+
+        raise ConfigError("training.lora_kernels: triton needs CUDA and the triton package; set lora_kernels: auto")
+    return "triton" if choice != "torch" and available else "torch"
 
 
 def activation_gib_per_layer(model_config, tokens: int, *, fused_lora: bool = True) -> float:
@@ -117,7 +143,7 @@ def apply_speed_plan(model, plan: SpeedPlan) -> None:
     if plan.fused_lora:
         from .fused_lora import fuse_lora_layers
 
-        fuse_lora_layers(model)
+        fuse_lora_layers(model, triton=plan.lora_kernels == "triton")
     apply_checkpointing(model, plan.checkpoint_layers)
 
 

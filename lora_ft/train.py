@@ -72,9 +72,11 @@ def preflight(cfg: RunConfig, *, need_data: bool = True) -> Preflight:
         resolve_model_source,
         resolve_precision,
     )
+    from .speed import check_speed_choices
 
     precision = resolve_precision(cfg.training.precision)
     check_device_support(cfg.model, precision)
+    check_speed_choices(cfg)
     if need_data and cfg.data is None:
         raise ConfigError("data: missing; add data.train: path/to/train.jsonl")
     if cfg.data is not None:  # cheap file checks before the (possibly large) Hub download

@@ -19,6 +19,7 @@ per token; recomputation is not useful work, so checkpointing lowers the figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -71,7 +72,7 @@ def motif_rows(n_rows: int, seq: int, seed: int = 0) -> list[dict]:
 
 
 def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, liger: str, offload: bool = False,
-            fused: bool = True, profile: Path | None = None) -> dict:
+            fused: bool = True, profile: Path | None = None, kernels: str = "auto") -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -108,7 +109,7 @@ def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, lig
     if tool == "anchor":
         trainer, plan = _anchor_trainer(mode, batch, seq, steps, rows, clock)
     else:
-        trainer, plan = _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload, fused)
+        trainer, plan = _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload, fused, kernels)
     _cuda("reset_peak_memory_stats")
     trainer.train()
     warm = 2
@@ -175,20 +176,17 @@ def _anchor_model(mode):
     return model, {"gradient_checkpointing": "all", "liger": False, "optimizer": "adamw_torch"}
 
 
-def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=False, fused=True):
+def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=False, fused=True, kernels="auto"):
     """loraft's own path: load_base_model, attach_lora, plan_speed, apply_speed_plan, its SFTConfig choices."""
-    model, plan = _loraft_model(mode, batch, seq, gc, liger, fused)
+    model, plan = _loraft_model(mode, batch, seq, gc, liger, fused, kernels)
     extra = {"packing": True, "packing_strategy": "bfd"} if mode == "real" else {}
     extra["activation_offloading"] = offload
     args = _sft_args(batch, seq, steps, gradient_checkpointing=False, use_liger_kernel=plan.liger, optim=plan.optimizer, **extra)
     trainer = _loraft_sft_trainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer(), callbacks=[clock])
-    from lora_ft import fused_lora
-
-    kernels = "triton" if fused and fused_lora.USE_TRITON_KERNELS and fused_lora._kernels() is not None and not SMOKE else "torch"
-    return trainer, {**plan.to_json(), "activation_offloading": offload, "lora_kernels": kernels if fused else None}
+    return trainer, {**plan.to_json(), "activation_offloading": offload}
 
 
-def _loraft_model(mode, batch, seq, gc, liger, fused):
+def _loraft_model(mode, batch, seq, gc, liger, fused, kernels="auto"):
     from lora_ft.config import validate_dict
     from lora_ft.model import attach_lora, load_base_model, resolve_model_source
     from lora_ft.speed import apply_speed_plan, plan_speed
@@ -200,7 +198,8 @@ def _loraft_model(mode, batch, seq, gc, liger, fused):
                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
         "data": {"train": "unused.jsonl"},
         "training": {"batch_size": batch, "max_seq_length": seq, "precision": "bf16", "gradient_checkpointing": gc_value,
-                     "liger": {"true": True, "false": False}.get(liger, "auto"), "fused_lora": fused},
+                     "liger": {"true": True, "false": False}.get(liger, "auto"), "fused_lora": fused,
+                     "lora_kernels": kernels},
     }
     if mode == "qlora":
         raw["model"]["quantization"] = {"bits": 4, "quant_type": "nf4", "double_quant": True}
@@ -212,7 +211,7 @@ def _loraft_model(mode, batch, seq, gc, liger, fused):
     trainable = 16 * 32 * (4096 * 2 + 4096 + 1024 * 2 + 4096 * 2 + (4096 + 14336) * 3)
     plan = plan_speed(cfg, AutoConfig.from_pretrained(CKPT), trainable=trainable)
     if gc.isdigit():
-        plan = type(plan)(plan.liger, int(gc), plan.total_layers, plan.optimizer, plan.fused_lora)
+        plan = dataclasses.replace(plan, checkpoint_layers=int(gc))
     model = attach_lora(model, cfg.lora)
     apply_speed_plan(model, plan)
     return model, plan
@@ -452,12 +451,8 @@ def main():
 
         configure_cuda_allocator()
     if args.cmd == "one":
-        if args.torch_lora_kernels:
-            from lora_ft import fused_lora
-
-            fused_lora.USE_TRITON_KERNELS = False
         print(json.dumps(run_one(args.tool, args.mode, args.batch, args.seq, args.steps, args.gc, args.liger, args.offload,
-                                 not args.unfused, args.profile)), flush=True)
+                                 not args.unfused, args.profile, "torch" if args.torch_lora_kernels else "auto")), flush=True)
     elif args.cmd == "probe-one":
         print(json.dumps(probe_longest(args.tool, args.mode, args.lengths, args.search, args.ceiling)), flush=True)
     elif args.cmd == "probe":
