@@ -167,15 +167,8 @@ def _plot_spectra(result: InspectResult, path: Path) -> None:
         length = min(len(s) for s in spectra)
         mean = torch.stack([s[:length] / s[0] for s in spectra]).mean(0)
         ax.plot(range(1, length + 1), mean.tolist(), marker=".", label=g.key)
-    ax.set_xlabel("singular value index")
-    ax.set_ylabel("s_i / s_1 (mean over layers)")
     ax.set_yscale("log")
-    ax.set_title("Update spectra by module type")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_plot(plt, fig, ax, path, "singular value index", "s_i / s_1 (mean over layers)", "Update spectra by module type")
 
 
 def _plot_layers(result: InspectResult, path: Path) -> None:
@@ -187,9 +180,14 @@ def _plot_layers(result: InspectResult, path: Path) -> None:
                         for m in result.modules if m.module_type == g.key and m.layer is not None)
         if points:
             ax.plot(*zip(*points), marker=".", label=g.key)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("||dW||_F / ||W||_F" if relative else "||dW||_F (base unavailable)")
-    ax.set_title("Update norm per layer")
+    ylabel = "||dW||_F / ||W||_F" if relative else "||dW||_F (base unavailable)"
+    _save_plot(plt, fig, ax, path, "layer", ylabel, "Update norm per layer")
+
+
+def _save_plot(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
