@@ -84,11 +84,8 @@ def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None
 
     t = cfg.training
     cuda = torch.cuda.is_available()
+    check_speed_choices(cfg)
     liger = liger_available() if t.liger == "auto" else bool(t.liger)
-    if liger and not liger_available():
-        from .errors import ConfigError
-
-        raise ConfigError("training.liger: true needs CUDA and the liger-kernel package; pip install liger-kernel or set liger: auto")
     layers = int(getattr(model_config, "num_hidden_layers", 0) or 0)
     if t.gradient_checkpointing is True:
         checkpoint = layers
