@@ -22,14 +22,21 @@ def run_state(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "run_state.json").read_text())
 
 
-def test_sigterm_saves_at_the_next_step_exits_143_and_a_plain_rerun_resumes(tmp_path, tiny_model_dir, run_cli):
+def interrupt_training(tmp_path, tiny_model_dir, *, at_step: int, sig: int):
+    """Start `loraft train` in a child process (a signal sent to the test process itself could outlive training
+    and stop pytest), send `sig` once step `at_step` is logged; returns (config path, exit code, stderr)."""
     config = write_config(tmp_path, small_config(tmp_path, tiny_model_dir, save_steps=100))
     proc = start_cli(config)
-    wait_for_step(tmp_path / "run", 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    wait_for_step(tmp_path / "run", at_step, proc)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
+    return config, proc.returncode, err
 
-    assert proc.returncode == 143
+
+def test_sigterm_saves_at_the_next_step_exits_143_and_a_plain_rerun_resumes(tmp_path, tiny_model_dir, run_cli):
+    config, code, err = interrupt_training(tmp_path, tiny_model_dir, at_step=3, sig=signal.SIGTERM)
+
+    assert code == 143
     last = err.strip().splitlines()[-1]
     found = re.fullmatch(
         rf"interrupted: SIGTERM at step (\d+): checkpoint-\1 saved; resume with: loraft train {config} --resume "
@@ -51,14 +58,9 @@ def test_sigterm_saves_at_the_next_step_exits_143_and_a_plain_rerun_resumes(tmp_
 
 
 def test_first_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, tiny_model_dir):
-    # In a child process: a signal sent to the test process itself could outlive training and stop pytest.
-    config = write_config(tmp_path, small_config(tmp_path, tiny_model_dir, save_steps=100))
-    proc = start_cli(config)
-    wait_for_step(tmp_path / "run", 2, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, code, err = interrupt_training(tmp_path, tiny_model_dir, at_step=2, sig=signal.SIGINT)
 
-    assert proc.returncode == 130
+    assert code == 130
     assert re.search(r"interrupted: SIGINT at step \d+: checkpoint-\d+ saved; resume with: loraft train", err)
     step = int(re.search(r"at step (\d+)", err).group(1))
     assert validate_checkpoint(tmp_path / "run" / "checkpoints" / f"checkpoint-{step}") is None
