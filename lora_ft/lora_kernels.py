@@ -161,14 +161,3 @@ def lora_grad_a(grad_hidden: torch.Tensor, x2: torch.Tensor, stream: DropoutStre
                               1.0 / (1.0 - p), R=r_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
     return partial.sum(0)[:rank]
 
-
-def reference_mask(x2: torch.Tensor, stream: DropoutStream, p: float) -> torch.Tensor:
-    """The keep-mask the kernels use for `stream`, materialised (tests only)."""
-    ones = torch.eye(x2.shape[1], device=x2.device, dtype=x2.dtype)[:16]  # rank-16 identity rows: picks columns
-    mask = torch.empty_like(x2, dtype=torch.bool)
-    for start in range(0, x2.shape[1], 16):
-        a = torch.zeros(16, x2.shape[1], device=x2.device, dtype=x2.dtype)
-        a[:, start:start + 16] = ones[:, :16]
-        picked = lora_a(torch.ones_like(x2), a, stream, p)[:, : min(16, x2.shape[1] - start)]
-        mask[:, start:start + picked.shape[1]] = picked != 0
-    return mask

@@ -16,13 +16,27 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("triton")
 
-KERNEL_CHECKS = textwrap.dedent('''
-    import json, sys
+# The keep-mask the kernels draw for a stream, read back through lora_a: all-ones input, A = a 16-column
+# identity block, so each output column is keep * scale for one input column.
+MASK_OF = textwrap.dedent('''
     import torch
+    from lora_ft import lora_kernels
+
+    def mask_of(x2, stream, p):
+        mask = torch.empty_like(x2, dtype=torch.bool)
+        for start in range(0, x2.shape[1], 16):
+            width = min(16, x2.shape[1] - start)
+            a = torch.zeros(16, x2.shape[1], device=x2.device, dtype=x2.dtype)
+            a[:width, start:start + width] = torch.eye(width, device=x2.device, dtype=x2.dtype)
+            mask[:, start:start + width] = lora_kernels.lora_a(torch.ones_like(x2), a, stream, p)[:, :width] != 0
+        return mask
+''')
+
+KERNEL_CHECKS = MASK_OF + textwrap.dedent('''
+    import json, sys
     from lora_ft import lora_kernels as K
 
     device, dtype_name = sys.argv[1], sys.argv[2]
@@ -34,17 +48,17 @@ KERNEL_CHECKS = textwrap.dedent('''
     grad_hidden = torch.randn(m, r, device=device).to(dtype)
     grad_x = torch.randn(m, k, device=device).to(dtype)
     stream = K.DropoutStream(x)
-    mask = K.reference_mask(x, stream, p)
+    mask = mask_of(x, stream, p)
     dropped = x.float() * mask / (1 - p)
     term = (grad_hidden.float() @ a.float()) * mask / (1 - p)
 
     def err(got, want):
         return ((got.float() - want).abs().max() / want.abs().max()).item()
 
-    other = K.reference_mask(x, K.DropoutStream(x), p)
+    other = mask_of(x, K.DropoutStream(x), p)
     print(json.dumps({
         "kept": mask.float().mean().item(),
-        "same_mask_twice": bool(torch.equal(K.reference_mask(x, stream, p), mask)),
+        "same_mask_twice": bool(torch.equal(mask_of(x, stream, p), mask)),
         "next_draw_differs": (other != mask).float().mean().item(),
         "lora_a": err(K.lora_a(x, a, stream, p), dropped @ a.float().t()),
         "grad_a": err(K.lora_grad_a(grad_hidden, x, stream, p), grad_hidden.float().t() @ dropped),
@@ -79,9 +93,8 @@ def test_kernels_match_the_formula_with_one_mask(device, dtype, tolerance):
 
 
 # Two LoRA projections with dropout (widths that take the kernel path), for the layer-level checks below.
-TWO_LAYER_MODEL = textwrap.dedent('''
+TWO_LAYER_MODEL = MASK_OF + textwrap.dedent('''
     import json, sys
-    import torch
     from torch import nn
     from peft import LoraConfig, get_peft_model
     from lora_ft import lora_kernels
@@ -115,7 +128,7 @@ LAYER_CHECK = TWO_LAYER_MODEL + textwrap.dedent('''
     x_fused, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_fused = fused(x_fused)
     out_fused.float().pow(2).mean().backward()
-    masks = iter([lora_kernels.reference_mask(x2, stream, 0.25) for x2, stream in streams])
+    masks = iter([mask_of(x2, stream, 0.25) for x2, stream in streams])
     nn.functional.dropout = lambda t, p=0.5, training=True, inplace=False: t * next(masks).view(t.shape) / (1 - p)
     out_plain = plain(x_plain)
     out_plain.float().pow(2).mean().backward()
