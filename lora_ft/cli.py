@@ -333,6 +333,25 @@ def merge(
     typer.echo(result.summary())
 
 
+@app.command("export")
+@handled
+def export_command(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A finished run folder.", show_default=False),
+    to: str = typer.Option(..., "--to", help="vllm, sglang, llamacpp, ollama, merged or transformers."),
+    out: Path = typer.Option(..., "--out", help="Folder to create (must not exist)."),
+):
+    """Write what one serving engine loads, normalised to its own rules, and verify it against base+adapter.
+
+    Exit codes: 0 written and verified, 2 bad input (nothing written), 1 verification failed (nothing written).
+
+    Example: loraft export runs/quickstart --to llamacpp --out exports/quickstart-gguf
+    """
+    from .export import export
+
+    result = export(run_dir, to, out)
+    typer.echo(result.summary())
+
+
 @app.command("inspect")
 @handled
 def inspect_command(

@@ -276,10 +276,28 @@ class TrainingSpec(Spec):
         return self
 
 
+DeploymentTarget = Literal["vllm", "sglang", "llamacpp", "ollama", "merged", "transformers"]
+
+
 class ServingSpec(Spec):
     merge_adapter: bool = Field(False, description="Recorded for `loraft merge`: the adapter is meant to be merged.")
-    deployment: Literal["vllm", "transformers", "tgi", "none"] = Field("transformers", description="Target server.")
+    deployment: DeploymentTarget | list[DeploymentTarget] = Field(
+        "transformers",
+        description="Where the adapter will be served (one or a list): vllm, sglang, llamacpp, ollama, merged, transformers. "
+        "validate and train check each engine's rules before training; loraft export --to TARGET writes what it loads.",
+    )
     quantization: Literal["none"] = Field("none", description="Post-merge quantization (none; quantize with your server's tools).")
+
+    @field_validator("deployment")
+    @classmethod
+    def _some_target(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("is empty; name a target (vllm, sglang, llamacpp, ollama, merged, transformers)")
+        return value
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return (self.deployment,) if isinstance(self.deployment, str) else tuple(dict.fromkeys(self.deployment))
 
 
 class DistributedSpec(Spec):

@@ -631,10 +631,13 @@ def model_card(m: dict) -> str:
         f"(tolerance {logits['tolerance']:.3g}, {logits['prompts']} prompts)"
         if logits else f"logits check skipped ({m['verification']['logits_skipped']})"
     )
-    serve = {
+    commands = {
         "vllm": "vllm serve <this folder>",
-        "tgi": "docker run ... ghcr.io/huggingface/text-generation-inference --model-id /data/<this folder>",
-    }.get((m.get("serving") or {}).get("deployment"), None)
+        "sglang": "python -m sglang.launch_server --model-path <this folder>",
+    }
+    deployment = (m.get("serving") or {}).get("deployment")
+    targets = [deployment] if isinstance(deployment, str) else list(deployment or [])
+    serve = next((commands[t] for t in targets if t in commands), None)
     serve_text = f"\nServe it: `{serve}`\n" if serve else ""
     forced = "\n**Merged with --force onto a base other than the adapter's own.**\n" if m["force"] else ""
     return f"""---

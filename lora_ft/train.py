@@ -38,6 +38,7 @@ class Preflight:
     precision: str
     data: dict | None
     memory_gib: dict
+    deployment_notes: tuple[str, ...] = ()  # conversions `loraft export` will make for serving.deployment
 
     def summary(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
@@ -58,11 +59,13 @@ class Preflight:
         else:
             lines.append("data        (no data section: train needs data.train)")
         lines.append(f"output      {self.cfg.output_dir}")
+        lines += [f"deploy      note: {note}" for note in self.deployment_notes]
         return "\n".join(lines)
 
 
 def preflight(cfg: RunConfig, *, need_data: bool = True) -> Preflight:
     from .data import validate_rows
+    from .engines import check_deployment
     from .model import (
         check_device_support,
         check_weight_format,
@@ -88,11 +91,12 @@ def preflight(cfg: RunConfig, *, need_data: bool = True) -> Preflight:
     tokenizer = load_tokenizer(cfg.model, source)
     model_config = load_model_config(cfg.model, source)
     counts, linear = count_lora_params(model_config, cfg.lora, cfg.model.trust_remote_code)
+    notes = check_deployment(cfg.serving, cfg.lora, model_config.model_type, source.gguf_file is not None)
     data = None
     if cfg.data is not None:
         data = validate_rows(cfg.data, bool(getattr(tokenizer, "chat_template", None)), cfg.training.seed)
     memory = estimate_memory_gib(cfg, model_config, counts.total, counts.trainable, precision)
-    return Preflight(cfg, source, tokenizer, model_config, counts.trainable, counts.total, linear, precision, data, memory)
+    return Preflight(cfg, source, tokenizer, model_config, counts.trainable, counts.total, linear, precision, data, memory, tuple(notes))
 
 
 def estimate_memory_gib(cfg: RunConfig, model_config, total: int, trainable: int, precision: str) -> dict:
@@ -174,6 +178,8 @@ def train(
     console = console or _default_console()
     started = time.time()
     check = preflight(cfg)
+    for note in check.deployment_notes:
+        console.print(f"deploy: {note}")
     gate_data(cfg, check.tokenizer, console)  # a data check at fail stops every rank here, before weights load or files are written
     main = is_main_process()
     check_output_path(Path(cfg.output_dir), _input_paths(cfg, check.source))  # before --overwrite deletes anything

@@ -1,0 +1,559 @@
+"""Export stage: a finished run -> what one serving engine loads, normalised so the engine's own rule
+computes exactly the trained update, then read back and verified.
+
+Reads the run folder (adapter, manifest, tokenizer) and the engine rule (engines.py); writes --out:
+PEFT folders for vllm/sglang/transformers, a LoRA GGUF for llamacpp (+ a Modelfile for ollama), or the
+merged model. Normalisation: an integer lora_alpha where that is exact, else the scale folded into
+lora_B; rsLoRA and per-module rank/alpha patterns folded for engines that ignore them; a base the target
+can resolve (a pkg:// base becomes its real file path); no checkpoints. Verification: the written files
+are re-read the way the engine reads them (its keys, names, layout and scaling formula), applied to the
+base in fp32 and compared with PEFT base+adapter (1e-4); a mismatch exits 1 and leaves nothing at --out.
+Pitfall guarded: an engine that loads an adapter without error and serves it at another scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .engines import AdapterFeatures, EngineRule, check_target, gguf_arch, go_uint32, max_lora_rank, rule_for
+from .errors import LoraftError, VerificationError
+from .export_manifest import EXPORT_MANIFEST, EngineRuleRecord, ExportManifest, ExportVerification
+from .run_dir import MANIFEST, STATE, AdapterRun, atomic_dir, atomic_write_json, file_sha256
+
+FP32_TOLERANCE = 1e-4  # as merge: fp32 arithmetic on both sides, only summation order differs
+PEFT_PREFIX = "base_model.model."
+ADAPTER_GGUF = "adapter.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted linear layer in the base's (HF) layout: the engine adds scale * B @ (A @ x)."""
+
+    module: str  # e.g. model.layers.0.self_attn.q_proj
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scale: float
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    manifest: ExportManifest
+
+    def summary(self) -> str:
+        m = self.manifest
+        lines = [f"exported {m.run_dir} for {m.target} to {self.out_dir}"]
+        lines.append(f"base            {m.base_for_target}" + (f" (recorded as {m.base_model})" if m.base_model != m.base_for_target else ""))
+        if m.lora_alpha is not None:
+            lines.append(f"adapter         lora_alpha {m.lora_alpha:g}, use_rslora {m.use_rslora}, "
+                         f"{m.folded_modules} module(s) with the scale folded into lora_B")
+        lines += [f"converted       {c}" for c in m.conversions]
+        v = m.verification
+        if v is not None:
+            lines.append(f"verified        {v.method}: max |logit diff| {v.max_abs_diff:.3g} over {v.prompts} prompts "
+                         f"({v.tokens} tokens), tolerance {v.tolerance:g}"
+                         + (f"; the adapter moves logits by {v.adapter_effect:.3g}" if v.adapter_effect is not None else ""))
+        if m.command:
+            lines.append(f"serve           {m.command}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"out_dir": str(self.out_dir), "manifest": self.manifest.model_dump(mode="json")}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def export(run_dir: str | Path, target: str, out: str | Path, *, console=None) -> ExportResult:
+    rule = rule_for(target)
+    out = Path(out).expanduser()
+    if out.exists():
+        raise LoraftError(f"--out: {out} already exists; choose another folder or remove it")
+    run = _finished_run(run_dir)
+    names = _tensor_names(run)
+    features = AdapterFeatures.from_adapter_config(run.adapter_config, names)
+    errors = [f for f in check_target(rule, features) if f.level == "error"]
+    if errors:
+        raise LoraftError(f"--to {target}: {errors[0].text}")
+    spec, source, matches = run.resolve_base(None)
+    if rule.layout == "merged":
+        return _export_merged(run, rule, out, spec, source, matches)
+
+    from .model import load_model_config
+
+    model_config = load_model_config(spec, source)
+    base_for_target = source.display if source.gguf_file or Path(os.path.expanduser(spec.name)).exists() or spec.name.startswith("pkg://") else spec.name
+    conversions: list[str] = []
+    with atomic_dir(out) as staging:
+        if rule.scaling == "peft":
+            modules, alpha, rslora, folded = None, run.adapter_config["lora_alpha"], bool(run.adapter_config.get("use_rslora")), 0
+            _write_peft_folder(staging, dict(run.adapter_config), None, base_for_target, run)
+        else:
+            modules, alpha, rslora, folded, conversions = normalise(rule, run.adapter_config, trained_modules(run))
+            if rule.layout == "peft":
+                _write_peft_folder(staging, dict(run.adapter_config), (modules, alpha, rslora), base_for_target, run)
+            else:
+                arch, permute = gguf_arch(model_config.model_type)
+                if source.gguf_file is None:
+                    conversions.append("the base is not a GGUF file: convert it with llama.cpp's convert_hf_to_gguf.py; "
+                                       "the adapter's tensors are named as that converter names the base's")
+                write_gguf(staging / ADAPTER_GGUF, modules, alpha, arch, _heads(model_config) if permute else None)
+                if rule.name == "ollama":
+                    _write_modelfile(staging, base_for_target, run)
+        views = read_target(rule, staging, model_config, source)
+        verification = verify(run, spec, source, views, staging if rule.scaling == "peft" else None, rule)
+        manifest = ExportManifest(
+            loraft_version=__version__,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            target=rule.name,
+            rule=_rule_record(rule),
+            run_dir=str(run.path),
+            adapter_sha256=file_sha256(run.path / "adapter_model.safetensors"),
+            base_model=spec.name,
+            base_for_target=base_for_target,
+            base_fingerprint_matches=matches,
+            lora_alpha=float(alpha),
+            use_rslora=rslora,
+            folded_modules=folded,
+            conversions=conversions,
+            files={p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()},
+            command=serve_command(rule, run, out.resolve(), base_for_target, model_config, modules),
+            verification=verification,
+        )
+        atomic_write_json(staging / EXPORT_MANIFEST, manifest.model_dump(mode="json"))
+        if rule.name == "vllm":
+            (staging / "serve.sh").write_text(f"#!/bin/sh\n{manifest.command}\n", encoding="utf-8")
+        _readable_by_all(staging)
+    return ExportResult(out.resolve(), manifest)
+
+
+def _finished_run(run_dir) -> AdapterRun:
+    path = Path(run_dir).expanduser()
+    if path.is_dir() and not (path / MANIFEST).is_file():
+        hint = " (training has not finished; resume it with loraft train CONFIG)" if (path / STATE).is_file() else ""
+        raise LoraftError(f"RUN_DIR: {path} is not a finished loraft run: no {MANIFEST}{hint}")
+    run = AdapterRun.load(path)
+    if not (run.path / "adapter_model.safetensors").is_file():
+        raise LoraftError(f"RUN_DIR: {run.path} has no adapter_model.safetensors")
+    return run
+
+
+def _tensor_names(run: AdapterRun) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(run.path / "adapter_model.safetensors"), "pt") as handle:
+        return list(handle.keys())
+
+
+def _rule_record(rule: EngineRule) -> EngineRuleRecord:
+    return EngineRuleRecord(
+        name=rule.name, source=rule.source, layout=rule.layout, scaling=rule.scaling,
+        reads_keys=list(rule.reads_keys) if rule.reads_keys is not None else None,
+        integer_alpha=rule.integer_alpha, max_rank=rule.max_rank, refuses=list(rule.refuses),
+    )
+
+
+def _readable_by_all(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o755 & ~umask)
+    for item in folder.iterdir():
+        item.chmod((0o755 if item.name.endswith(".sh") else 0o644) & ~umask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation: alpha and B such that the engine's formula gives the trained scale of every module
+
+
+def trained_modules(run: AdapterRun) -> list[LoraModule]:
+    """The run's LoRA pairs with the scale PEFT trained them under (rsLoRA and patterns included)."""
+    from .merge import load_adapter
+
+    weights = load_adapter(run)
+    if weights.replacements or weights.bias_deltas:
+        raise LoraftError(f"RUN_DIR: {run.path} saves full tensors beside LoRA (e.g. {next(iter(weights.replacements or weights.bias_deltas))}); "
+                          "deploy the merged model (--to merged)")
+    modules = []
+    for delta in weights.deltas.values():
+        if delta.transpose or delta.magnitude is not None:
+            raise LoraftError(f"--to: {delta.module} is an embedding, Conv1D or DoRA update, which adapter engines cannot load; use --to merged")
+        modules.append(LoraModule(delta.module, delta.A, delta.B, delta.scaling))
+    return modules
+
+
+def normalise(rule: EngineRule, config: dict, modules: list[LoraModule]) -> tuple[list[LoraModule], float, bool, int, list[str]]:
+    """(modules with B folded where needed, alpha to write, use_rslora to write, modules folded, what was converted)."""
+    r = int(config["r"])
+    rslora = bool(config.get("use_rslora")) and rule.scaling == "alpha/r|rslora"
+    trained = float(config["lora_alpha"]) / (math.sqrt(r) if config.get("use_rslora") else r)
+    # The alpha under which a module of the config's rank gets the trained global scale.
+    wanted = float(config["lora_alpha"]) if rslora else trained * r
+    conversions = []
+    if config.get("use_rslora") and not rslora:
+        conversions.append(f"use_rslora: {rule.name} scales {rule.scaling}; alpha/sqrt(r) written as lora_alpha {wanted:g} (= alpha*sqrt(r))")
+    alpha = float(round(wanted))
+    if abs(wanted - alpha) > 1e-9 * max(1.0, abs(wanted)):
+        alpha, rslora = float(r), False  # engine scale 1 (alpha/r = 1): the whole scale goes into B
+        conversions.append(f"lora_alpha {wanted:g} is not an integer: lora_alpha {r} written and each scale folded into lora_B")
+    out, folded = [], 0
+    for m in modules:
+        engine = rule.scale(alpha, r, m.A.shape[0], rslora)
+        factor = m.scale / engine
+        if factor != 1.0:
+            out.append(LoraModule(m.module, m.A, (m.B.float() * factor).to(m.B.dtype), engine))
+            folded += 1
+        else:
+            out.append(LoraModule(m.module, m.A, m.B, engine))
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        conversions.append(f"rank_pattern/alpha_pattern: {rule.name} ignores them; each module's scale folded into its lora_B")
+    return out, alpha, rslora, folded, conversions
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers
+
+
+def _write_peft_folder(folder: Path, config: dict, normalised, base_for_target: str, run: AdapterRun) -> None:
+    from safetensors.torch import save_file
+
+    config["base_model_name_or_path"] = base_for_target
+    if normalised is None:
+        shutil.copy2(run.path / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    else:
+        modules, alpha, rslora = normalised
+        config.update(lora_alpha=int(alpha), use_rslora=rslora, rank_pattern={}, alpha_pattern={})
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        tensors = {}
+        for m in modules:
+            tensors[f"{PEFT_PREFIX}{m.module}.lora_A.weight"] = m.A.contiguous()
+            tensors[f"{PEFT_PREFIX}{m.module}.lora_B.weight"] = m.B.contiguous()
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    atomic_write_json(folder / "adapter_config.json", config)
+    for name in TOKENIZER_FILES:  # the tokenizer and stop ids exactly as trained
+        if (run.path / name).is_file():
+            shutil.copy2(run.path / name, folder / name)
+
+
+def _heads(model_config) -> tuple[int, int]:
+    heads = model_config.num_attention_heads
+    return heads, getattr(model_config, "num_key_value_heads", None) or heads
+
+
+def gguf_names(modules: list[str], arch: str, n_layers: int) -> dict[str, str]:
+    """HF module name -> the base GGUF tensor name, through gguf-py's own tensor map (as convert_hf_to_gguf)."""
+    import gguf
+
+    arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    tmap = gguf.get_tensor_name_map(arch_id, n_layers)
+    names = {}
+    for module in modules:
+        name = tmap.get_name(module)
+        if name is None:
+            raise LoraftError(f"--to llamacpp: gguf has no {arch} tensor name for {module}; use --to merged")
+        names[module] = name + ".weight"
+    return names
+
+
+def permute_rows(B: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py LlamaModel.permute on the output rows (B's rows; LoraTorchTensor leaves A alone)."""
+    return B.reshape(n_head, 2, B.shape[0] // n_head // 2, *B.shape[1:]).swapaxes(1, 2).reshape(B.shape)
+
+
+def unpermute_rows(B: torch.Tensor, n_head: int) -> torch.Tensor:
+    return B.reshape(n_head, B.shape[0] // n_head // 2, 2, *B.shape[1:]).swapaxes(1, 2).reshape(B.shape)
+
+
+def _qk_heads(module: str, heads: tuple[int, int] | None) -> int | None:
+    if heads is None:
+        return None
+    if module.endswith("q_proj"):
+        return heads[0]
+    if module.endswith("k_proj"):
+        return heads[1]
+    return None
+
+
+def write_gguf(path: Path, modules: list[LoraModule], alpha: float, arch: str, heads: tuple[int, int] | None) -> None:
+    """A LoRA GGUF as convert_lora_to_gguf.py writes one: general.type=adapter, adapter.type=lora,
+    adapter.lora.alpha (float32), tensors <base name>.lora_a (r, in) and .lora_b (out, r) in fp32,
+    Q/K rows of B permuted like the base's Q/K weights were."""
+    import gguf
+
+    n_layers = 1 + max((int(x) for m in modules for x in re.findall(r"\.layers\.(\d+)\.", m.module)), default=0)
+    names = gguf_names([m.module for m in modules], arch, n_layers)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for m in sorted(modules, key=lambda m: names[m.module]):
+        B = m.B.float()
+        n = _qk_heads(m.module, heads)
+        if n is not None:
+            B = permute_rows(B, n)
+        writer.add_tensor(names[m.module] + ".lora_a", m.A.float().contiguous().numpy())
+        writer.add_tensor(names[m.module] + ".lora_b", B.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _write_modelfile(folder: Path, base_gguf: str, run: AdapterRun) -> None:
+    """Ollama: FROM the base GGUF, ADAPTER the adapter GGUF (relative to the Modelfile), and the run's stop token."""
+    lines = [f"FROM {base_gguf}", f"ADAPTER ./{ADAPTER_GGUF}"]
+    end = ((run.manifest or {}).get("chat") or {}).get("end_of_turn")
+    if end:
+        lines.append(f'PARAMETER stop "{end}"')
+    (folder / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def serve_command(rule: EngineRule, run: AdapterRun, out: Path, base: str, model_config, modules) -> str | None:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", run.path.name) or "adapter"
+    rank = max((m.A.shape[0] for m in modules), default=int(run.adapter_config["r"])) if modules else int(run.adapter_config["r"])
+    if rule.name == "vllm":
+        tokenizer = f" --tokenizer {out}" if base.endswith(".gguf") else ""
+        return f"vllm serve {base}{tokenizer} --enable-lora --lora-modules {name}={out} --max-lora-rank {max_lora_rank(rule, rank)}"
+    if rule.name == "sglang":
+        return f"python -m sglang.launch_server --model-path {base} --enable-lora --lora-paths {name}={out} --max-lora-rank {rank}"
+    if rule.name == "llamacpp":
+        base = base if base.endswith(".gguf") else "BASE.gguf"  # a folder base: convert_hf_to_gguf.py it first
+        return f"llama-server -m {base} --lora {out / ADAPTER_GGUF}"
+    if rule.name == "ollama":
+        return f"ollama create {name.lower()} -f {out / 'Modelfile'} && ollama run {name.lower()}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: the written files as the engine reads them
+
+
+def read_target(rule: EngineRule, folder: Path, model_config, source) -> list[LoraModule] | None:
+    """What the engine will add to each base layer, read from `folder` under the engine's own rule
+    (None for 'transformers': PEFT itself reads it)."""
+    if rule.scaling == "peft":
+        return None
+    if rule.layout == "gguf":
+        return read_gguf(folder / ADAPTER_GGUF, model_config, source)
+    return read_peft(rule, folder)
+
+
+def read_peft(rule: EngineRule, folder: Path) -> list[LoraModule]:
+    """A PEFT folder as vLLM's PEFTHelper.from_dict / SGLang's LoRAConfig read it: only the keys they read,
+    their refusals, their tensor-name rule and their scaling formula."""
+    from safetensors.torch import load_file
+
+    text = (folder / "adapter_config.json").read_text(encoding="utf-8")
+    raw = json.loads(text)
+    kept = {k: raw[k] for k in rule.reads_keys if k in raw}
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in kept:
+            raise VerificationError(f"{rule.name}: adapter_config.json lacks {key}")
+    if rule.integer_alpha:
+        literal = re.search(r'"lora_alpha"\s*:\s*([^,}\s]+)', text)
+        try:
+            go_uint32(literal.group(1) if literal else "")
+        except ValueError as exc:
+            raise VerificationError(f"{rule.name}: {exc}") from None
+    if kept.get("modules_to_save") or kept.get("use_dora") or kept.get("bias", "none") != "none":
+        raise VerificationError(f"{rule.name}: adapter_config.json asks for something {rule.name} refuses")
+    targets = kept["target_modules"]
+    if isinstance(targets, str) and rule.string_target_modules is not None and targets not in rule.string_target_modules:
+        raise VerificationError(f"{rule.name}: target_modules {targets!r} must be a list or one of {rule.string_target_modules}")
+    r, alpha, rslora = int(kept["r"]), float(kept["lora_alpha"]), bool(kept.get("use_rslora", False))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(folder / "adapter_model.safetensors")).items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        suffix = next((s for s in rule.tensor_suffixes if name.endswith("." + s)), None)
+        if suffix is None:
+            raise VerificationError(f"{rule.name}: tensor {key} is not a LoRA A/B weight; {rule.name} refuses it")
+        pairs.setdefault(name[: -len(suffix) - 1], {})[suffix] = value
+    modules = []
+    for module, parts in sorted(pairs.items()):
+        A, B = parts.get(rule.tensor_suffixes[0]), parts.get(rule.tensor_suffixes[1])
+        if A is None or B is None:
+            raise VerificationError(f"{rule.name}: {module} lacks its lora_A or lora_B")
+        modules.append(LoraModule(module, A.float(), B.float(), rule.scale(alpha, r, A.shape[0], rslora)))
+    return modules
+
+
+def gguf_base_index(model_config, source) -> tuple[str, dict[str, str], dict[str, tuple[int, ...]], tuple[int, int] | None]:
+    """(architecture, GGUF name -> HF module, GGUF name -> ne shape, Q/K heads if permuted) of the base.
+
+    With a GGUF base the names and shapes are the file's own (what llama-adapter.cpp checks against);
+    otherwise those convert_hf_to_gguf.py would give it."""
+    from .model import linear_module_names, meta_model
+
+    arch, permute = gguf_arch(model_config.model_type)
+    model = meta_model(model_config)
+    leaves = set(linear_module_names(model))
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in leaves]
+    to_gguf = gguf_names(linear, arch, model_config.num_hidden_layers)
+    shapes = {to_gguf[n]: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in linear}
+    if source.gguf_file is not None:
+        import gguf
+
+        reader = gguf.GGUFReader(str(source.path / source.gguf_file))
+        file_arch = reader.fields["general.architecture"].contents()
+        if file_arch != arch:
+            raise LoraftError(f"--to llamacpp: the base GGUF is {file_arch!r}, the adapter's architecture {arch!r}")
+        shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
+    return arch, {v: k for k, v in to_gguf.items()}, shapes, _heads(model_config) if permute else None
+
+
+def read_gguf(path: Path, model_config, source) -> list[LoraModule]:
+    """A LoRA GGUF as llama-adapter.cpp loads it and build_lora_mm applies it: type keys, architecture,
+    <base>.lora_a/.lora_b pairs whose base tensor exists with a.ne[0] == W.ne[0], b.ne[1] == W.ne[1],
+    a.ne[1] == b.ne[0]; scale alpha / b.ne[0]. Q/K rows are mapped back to HF's layout for the check."""
+    import gguf
+
+    arch, to_module, shapes, heads = gguf_base_index(model_config, source)
+    reader = gguf.GGUFReader(str(path))
+    fields = {k: reader.fields[k].contents() for k in ("general.type", "adapter.type", "adapter.lora.alpha", "general.architecture") if k in reader.fields}
+    if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
+        raise VerificationError(f"llamacpp: {path.name} lacks general.type=adapter / adapter.type=lora")
+    if fields.get("general.architecture") != arch:
+        raise VerificationError(f"llamacpp: model arch and LoRA arch mismatch ({fields.get('general.architecture')} vs {arch})")
+    alpha = float(fields.get("adapter.lora.alpha", 0.0))
+    pairs: dict[str, dict[str, object]] = {}
+    for t in reader.tensors:
+        base, _, suffix = t.name.rpartition(".")
+        if suffix not in ("lora_a", "lora_b"):
+            raise VerificationError(f"llamacpp: tensor {t.name} has an unexpected suffix")
+        pairs.setdefault(base, {})[suffix] = t
+    modules = []
+    for base, parts in sorted(pairs.items()):
+        if len(parts) != 2:
+            raise VerificationError(f"llamacpp: LoRA tensor pair for {base} is missing one component")
+        if base not in shapes or base not in to_module:
+            raise VerificationError(f"llamacpp: LoRA tensor {base} does not exist in base model")
+        a, b = parts["lora_a"], parts["lora_b"]
+        a_ne, b_ne, w_ne = [int(x) for x in a.shape], [int(x) for x in b.shape], shapes[base]
+        if w_ne[0] != a_ne[0] or w_ne[1] != b_ne[1]:
+            raise VerificationError(f"llamacpp: tensor {base} has incorrect shape")
+        if a_ne[1] != b_ne[0]:
+            raise VerificationError("llamacpp: lora_a tensor is not transposed")
+        A = torch.from_numpy(a.data.copy()).float().reshape(a_ne[1], a_ne[0])
+        B = torch.from_numpy(b.data.copy()).float().reshape(b_ne[1], b_ne[0])
+        module = to_module[base]
+        n = _qk_heads(module, heads)
+        if n is not None:
+            B = unpermute_rows(B, n)
+        scale = alpha / b_ne[0] if alpha else 1.0
+        modules.append(LoraModule(module, A, B, scale))
+    return modules
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification: the engine's view of the written files against PEFT base+adapter
+
+
+VERIFY_PROMPTS = (
+    "The capital of France is",
+    "Repeat after me: yes",
+    'Convert to JSON: lunch with Sam on Friday at 1pm -> {"title": "',
+)
+
+
+def verify(run: AdapterRun, spec, source, modules: list[LoraModule] | None, peft_folder: Path | None, rule: EngineRule) -> ExportVerification:
+    gap, effect, prompts, tokens = logits_gap(run, spec, source, modules, peft_folder)
+    method = ("PEFT loads the written folder" if modules is None
+              else f"written files read under {rule.name}'s rule ({rule.scaling}), applied to the fp32 base")
+    if not gap <= FP32_TOLERANCE:
+        raise VerificationError(
+            f"verify: {rule.name}'s reading of the export differs from base+adapter by {gap:.3g} (tolerance {FP32_TOLERANCE:g}); nothing was written"
+        )
+    return ExportVerification(method=method, prompts=prompts, tokens=tokens, max_abs_diff=gap, tolerance=FP32_TOLERANCE, adapter_effect=effect)
+
+
+def logits_gap(run: AdapterRun, spec, source, modules: list[LoraModule] | None, peft_folder: Path | None = None) -> tuple[float, float, int, int]:
+    """(max |engine view - PEFT base+adapter|, max |base - base+adapter|, prompts, tokens), all fp32.
+
+    `modules` is what an engine adds to each layer (scale * B @ A x); with None, PEFT loads `peft_folder`."""
+    from peft import PeftModel
+
+    from .generate import run_tokenizer
+    from .model import load_base_model
+
+    tokenizer = run_tokenizer(run)
+    prompts = [torch.tensor([ids]) for p in VERIFY_PROMPTS if (ids := tokenizer(p)["input_ids"])]
+    base = load_base_model(spec.model_copy(update={"dtype": "float32", "quantization": None}), source, "fp32")
+    reference = PeftModel.from_pretrained(base, str(run.path)).eval()
+    with torch.no_grad():
+        exact = [reference(input_ids=ids).logits for ids in prompts]
+        with reference.disable_adapter():
+            plain = [reference(input_ids=ids).logits for ids in prompts]
+        model = reference.unload()
+        if modules is None:
+            model = PeftModel.from_pretrained(model, str(peft_folder)).eval()
+            got = [model(input_ids=ids).logits for ids in prompts]
+        else:
+            handles = [_add_lora(model, m) for m in modules]
+            try:
+                got = [model(input_ids=ids).logits for ids in prompts]
+            finally:
+                for h in handles:
+                    h.remove()
+    gap = max(float((g - e).abs().max()) for g, e in zip(got, exact))
+    effect = max(float((p - e).abs().max()) for p, e in zip(plain, exact))
+    return gap, effect, len(prompts), sum(int(ids.shape[1]) for ids in prompts)
+
+
+def _add_lora(model, m: LoraModule):
+    try:
+        layer = model.get_submodule(m.module)
+    except AttributeError:
+        raise VerificationError(f"verify: the base has no module {m.module}; the engine would not find it either") from None
+    A, B = m.A.float(), m.B.float()
+
+    def hook(_module, inputs, output):
+        return output + m.scale * ((inputs[0] @ A.T) @ B.T)
+
+    return layer.register_forward_hook(hook)
+
+
+# ---------------------------------------------------------------------------------------------
+# --to merged: loraft merge, with an export manifest beside it
+
+
+def _export_merged(run: AdapterRun, rule: EngineRule, out: Path, spec, source, matches) -> ExportResult:
+    from .merge import merge
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        result = merge(run.path, scratch / "model")
+        logits = result.manifest["verification"]["logits"]
+        verification = None if logits is None else ExportVerification(
+            method="loraft merge: the merged folder loaded with plain transformers", prompts=logits["prompts"],
+            tokens=logits["tokens"], max_abs_diff=logits["max_abs_diff"], tolerance=logits["tolerance"],
+            adapter_effect=None,
+        )
+        staged = scratch / "model"
+        manifest = ExportManifest(
+            loraft_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), target=rule.name,
+            rule=_rule_record(rule), run_dir=str(run.path), adapter_sha256=result.manifest["adapter"]["sha256"],
+            base_model=spec.name, base_for_target=str(out.resolve()), base_fingerprint_matches=matches,
+            lora_alpha=None, use_rslora=None, conversions=["merged into the base weights (W + s*B@A)"],
+            files={p.name: file_sha256(p) for p in sorted(staged.iterdir()) if p.is_file()},
+            command=f"vllm serve {out.resolve()}", verification=verification,
+        )
+        atomic_write_json(staged / EXPORT_MANIFEST, manifest.model_dump(mode="json"))
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return ExportResult(out.resolve(), manifest)
