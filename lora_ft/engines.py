@@ -51,8 +51,9 @@ class EngineRule:
         return alpha / r_config
 
 
-# What export cannot turn into something an adapter engine computes the same way. Each is
-# exact in `loraft merge` (a merged model needs no adapter support), which is the fix named.
+# What export cannot turn into something an adapter engine computes the same way. `loraft merge` folds
+# each into the weights exactly (the fix named), trainable-token rows only once merge.py takes them;
+# until then the fix named for those is PEFT itself.
 FEATURES = {
     "dora": "DoRA (use_dora)",
     "bias": "trained biases (lora.bias other than none)",
@@ -207,10 +208,11 @@ def check_target(rule: EngineRule, adapter: AdapterFeatures) -> list[Finding]:
     """Errors: what the engine refuses and export cannot convert (each names the fix).
     Notes: what export converts so that the engine's own rule computes the trained update."""
     found = []
-    for feature in sorted(adapter.features & set(rule.refuses)):
+    refused = set(rule.refuses) - ({"trainable_tokens"} if rule.name == "merged" and merge_takes_trainable_tokens() else set())
+    for feature in sorted(adapter.features & refused):
         fix = "train without it, or deploy the merged model (serving.deployment: merged; loraft export --to merged)"
-        if rule.name == "merged":
-            fix = "deploy the adapter with PEFT (serving.deployment: transformers)"
+        if rule.name == "merged" or (feature == "trainable_tokens" and not merge_takes_trainable_tokens()):
+            fix = "deploy the adapter with PEFT (serving.deployment: transformers; loraft export --to transformers)"
         found.append(Finding(rule.name, "error", f"{rule.name} cannot load {FEATURES[feature]}; {fix}"))
     if rule.max_rank is not None and adapter.rank > rule.max_rank:
         found.append(Finding(rule.name, "error", f"{rule.name} serves LoRA rank up to {rule.max_rank}; lora.rank is {adapter.rank}; lower it"))
@@ -223,6 +225,13 @@ def check_target(rule: EngineRule, adapter: AdapterFeatures) -> list[Finding]:
     if rule.integer_alpha and not float(adapter.alpha).is_integer():
         found.append(Finding(rule.name, "note", f"{rule.name} reads lora_alpha as an unsigned integer; export folds alpha {adapter.alpha:g} into lora_B"))
     return found
+
+
+def merge_takes_trainable_tokens() -> bool:
+    """Whether `loraft merge` folds trainable-token rows into the embedding (then --to merged carries them)."""
+    from .merge import UNSUPPORTED
+
+    return "trainable_token_indices" not in UNSUPPORTED
 
 
 def max_lora_rank(rule: EngineRule, rank: int) -> int | None:

@@ -227,6 +227,16 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_trainable_token_rows_are_refused_for_vllm_naming_the_path_that_carries_them(tiny_run, tmp_path, run_cli):
+    from lora_ft.engines import merge_takes_trainable_tokens
+
+    run = variant(tiny_run, tmp_path, trainable_token_indices=[5, 6])
+    code, _, stderr = run_cli("export", run, "--to", "vllm", "--out", tmp_path / "out")
+    assert code == 2 and "vllm cannot load trainable-token rows" in stderr
+    assert ("--to merged" if merge_takes_trainable_tokens() else "--to transformers") in stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_verification_mismatch_exits_1_and_leaves_nothing(tiny_run, tmp_path, run_cli, monkeypatch):
     real = export_module.normalise
 
