@@ -471,5 +471,40 @@ def chat(
             history[label].append({"role": "assistant", "content": reply})
 
 
+@app.command()
+@handled
+def serve(
+    adapter: Optional[List[str]] = typer.Option(
+        None, "--adapter", help="NAME=RUN_DIR: serve the run's adapter as model NAME (repeatable; RUN_DIR alone uses its folder name)."
+    ),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the first adapter's recorded base); its name serves it without adapter."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (another than localhost: set --api-key)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="LORAFT_API_KEY", show_envvar=True, help="Require Authorization: Bearer KEY on /v1 routes.", show_default=False
+    ),
+    allow_runtime_lora: bool = typer.Option(
+        False, "--allow-runtime-lora", help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's shape)."
+    ),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens a request may generate (and the default when it does not say)."),
+    max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most requests generated together in one batch."),
+    queue_size: int = typer.Option(256, "--queue-size", help="Most requests waiting; more get 503 until the queue drains."),
+):
+    """Serve adapters behind an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions).
+
+    The base loads once; requests for different adapters are generated in one batch, each with its own adapter.
+    Ctrl-C or SIGTERM stops after the requests in flight (exit 0 on SIGTERM).
+
+    Example: loraft serve --adapter quickstart=runs/quickstart --port 8000
+    """
+    from .serve import ServeSettings, parse_adapters, serve as run_server
+
+    settings = ServeSettings(
+        max_tokens=max_tokens, max_batch_size=max_batch_size, queue_size=queue_size, api_key=api_key,
+        allow_runtime_lora=allow_runtime_lora,
+    )
+    run_server(parse_adapters(adapter or []), base=base, host=host, port=port, settings=settings, announce=lambda line: typer.echo(line, err=True))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -1,0 +1,508 @@
+"""`loraft serve`: an OpenAI-compatible HTTP API over one base model and many LoRA adapters.
+
+Reads run folders (adapter, tokenizer and chat template as trained, stop ids, base fingerprint); writes
+nothing. The engine (loading, batching across adapters, isolation) is `serve_batching`; this module is the
+HTTP side, on the stack `transformers serve` uses: FastAPI + uvicorn, with the `openai` package's own response
+types so that what we send is what OpenAI clients parse. `model` in a request names an adapter; the base's
+own name means no adapter. Pitfalls guarded here: every error is a JSON body in OpenAI's error shape and the
+server keeps serving; the queue is bounded (503 when full); SIGTERM lets the requests in flight finish and
+exits 0 (uvicorn re-raises the signal it caught after its graceful shutdown, so our own handler absorbs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from .errors import LoraftError
+from .run_dir import AdapterRun
+from .serve_batching import Job, ModelPool, QueueFull, Sampling, Scheduler, ServedModel
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Server limits and switches (the CLI's flags)."""
+
+    max_tokens: int = 512  # the most a request may ask for, and what it gets when it does not say
+    max_batch_size: int = 32
+    queue_size: int = 256
+    api_key: str | None = None
+    allow_runtime_lora: bool = False
+
+    def __post_init__(self):
+        for name in ("max_tokens", "max_batch_size", "queue_size"):
+            if getattr(self, name) < 1:
+                raise LoraftError(f"--{name.replace('_', '-')}: must be at least 1")
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ServeSettings(max_tokens={self.max_tokens}, max_batch_size={self.max_batch_size}, queue_size={self.queue_size}, api_key={'set' if self.api_key else None}, allow_runtime_lora={self.allow_runtime_lora})"
+
+
+def parse_adapters(values: Sequence[str]) -> dict[str, Path]:
+    """--adapter NAME=RUN_DIR (or RUN_DIR, named after its folder) -> {name: folder}."""
+    adapters: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value).name, value
+        if not name or not path:
+            raise LoraftError(f"--adapter: expected NAME=RUN_DIR, got {value!r}")
+        if name in adapters:
+            raise LoraftError(f"--adapter: the name {name!r} is given twice; give each adapter its own name")
+        adapters[name] = Path(path)
+    return adapters
+
+
+def serve(adapters: dict[str, Path], *, base: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          settings: ServeSettings = ServeSettings(), announce=print) -> None:
+    """Load everything, then serve until Ctrl-C or SIGTERM; the requests in flight finish first."""
+    import signal
+
+    import uvicorn
+
+    _check_port_free(host, port)
+    pool = ModelPool.load(adapters, base)
+    scheduler = Scheduler(pool, max_batch_size=settings.max_batch_size, queue_size=settings.queue_size).start()
+    server = uvicorn.Server(_uvicorn_config(build_app(pool, scheduler, settings), host, port))
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        announce(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it")
+    announce(f"serving {', '.join(pool.names)} at http://{host}:{port}/v1 (OpenAI API); Ctrl-C or SIGTERM stops after the requests in flight")
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        scheduler.close()
+
+
+def _uvicorn_config(app, host: str, port: int):
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise LoraftError(f"--host/--port: cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+
+
+class BackgroundServer:
+    """The same server in a thread of this process, on a free port (tests and benchmarks)."""
+
+    def __init__(self, pool: ModelPool, settings: ServeSettings = ServeSettings(), *, host: str = "127.0.0.1",
+                 mix_adapters: bool = True):
+        import uvicorn
+
+        self.scheduler = Scheduler(pool, max_batch_size=settings.max_batch_size, queue_size=settings.queue_size,
+                                   mix_adapters=mix_adapters).start()
+        self.server = uvicorn.Server(_uvicorn_config(build_app(pool, self.scheduler, settings), host, 0))
+        self._thread = threading.Thread(target=self.server.run, name="loraft-serve-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{host}:{port}/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+        self.scheduler.close(30)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests (what OpenAI's API accepts and we support; anything else is a 400 naming the field)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class _Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_TextPart]
+    name: str | None = None
+
+    def as_dict(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class _StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Generate(_Strict):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; generation ends before the first one")
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    user: str | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise _APIError(400, "stop: give at most 4 non-empty strings", param="stop")
+        return tuple(stops)
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_p)
+
+
+class ChatRequest(_Generate):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Generate):
+    prompt: str | list[str]
+
+
+class LoadLoraRequest(_Strict):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(_Strict):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's body may carry it; names are what we go by
+
+
+class _APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self):
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
+    """The FastAPI app: /v1/models, /v1/chat/completions, /v1/completions, and the runtime adapter routes."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(scheduler.close)  # uvicorn has already waited for the requests in flight
+
+    app = FastAPI(title="loraft serve", lifespan=lifespan)
+
+    @app.exception_handler(_APIError)
+    async def api_error(request, exc: _APIError):
+        return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return _APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        return _APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), settings.api_key.encode()):
+            raise _APIError(401, "invalid or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
+
+    guarded = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def list_models():
+        return {"object": "list", "data": [_model_card(pool, name) for name in pool.names]}
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(request: Request):
+        body = await _parse(request, ChatRequest)
+        served = _served(pool, body.model)
+        if not served.has_template:
+            raise _APIError(400, f"model {served.name!r} has no chat template; use /v1/completions", param="model")
+        prompt = served.render_chat([m.as_dict() for m in body.messages])
+        limit = _max_new_tokens(pool, settings, body.max_completion_tokens or body.max_tokens, len(prompt))
+        job, channel = _submit(scheduler, served, prompt, limit, body)
+        if body.stream:
+            return StreamingResponse(_chat_stream(job, channel, body), media_type="text/event-stream")
+        await _finished(job, channel)
+        return _json(_chat_completion(job, body.model))
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(request: Request):
+        body = await _parse(request, CompletionRequest)
+        served = _served(pool, body.model)
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts:
+            raise _APIError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+        if body.stream and len(texts) > 1:
+            raise _APIError(400, "prompt: streaming takes one prompt per request", param="prompt")
+        prompts = [served.render_text(text) for text in texts]
+        limits = [_max_new_tokens(pool, settings, body.max_tokens, len(ids)) for ids in prompts]
+        submitted = []
+        try:
+            for ids, limit in zip(prompts, limits):
+                submitted.append(_submit(scheduler, served, ids, limit, body))
+        except _APIError:
+            for job, _ in submitted:
+                job.cancelled = True
+            raise
+        if body.stream:
+            job, channel = submitted[0]
+            return StreamingResponse(_completion_stream(job, channel, body), media_type="text/event-stream")
+        for job, channel in submitted:
+            await _finished(job, channel)
+        return _json(_completion(submitted, body.model))
+
+    @app.post("/v1/load_lora_adapter", dependencies=guarded)
+    async def load_lora_adapter(request: Request):
+        _runtime_lora_enabled(settings)
+        body = await _parse(request, LoadLoraRequest)
+        try:
+            run = AdapterRun.load(body.lora_path)
+            pool.check(body.lora_name, run)
+            await asyncio.wrap_future(scheduler.call(lambda: pool.attach(body.lora_name, run)))
+        except LoraftError as exc:
+            raise _APIError(400, str(exc).replace("--adapter: ", "lora_path: "), param="lora_path") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=guarded)
+    async def unload_lora_adapter(request: Request):
+        _runtime_lora_enabled(settings)
+        body = await _parse(request, UnloadLoraRequest)
+        if pool.adapters.pop(body.lora_name, None) is None:  # new requests for it get 404 from now on
+            raise _APIError(404, f"the LoRA adapter {body.lora_name!r} is not loaded", param="lora_name", code="model_not_found")
+        await asyncio.wrap_future(scheduler.call(lambda: pool.detach(body.lora_name)))  # after the requests queued for it
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    return app
+
+
+def _runtime_lora_enabled(settings: ServeSettings) -> None:
+    if not settings.allow_runtime_lora:
+        raise _APIError(404, "loading and unloading adapters at run time is off; start loraft serve with --allow-runtime-lora")
+
+
+async def _parse(request, schema: type[BaseModel]):
+    try:
+        raw = await request.body()
+        data = json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _APIError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _APIError(400, "the body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        message = "unknown or unsupported field" if first["type"] == "extra_forbidden" else first["msg"]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise _APIError(400, f"{where}: {message}{more}", param=where) from None
+
+
+def _served(pool: ModelPool, name: str) -> ServedModel:
+    served = pool.get(name)
+    if served is None:
+        raise _APIError(404, f"the model {name!r} does not exist; this server has {', '.join(pool.names)}", param="model",
+                        code="model_not_found")
+    return served
+
+
+def _max_new_tokens(pool: ModelPool, settings: ServeSettings, asked: int | None, prompt_tokens: int) -> int:
+    if prompt_tokens == 0:
+        raise _APIError(400, "the prompt is empty", param="prompt")
+    if asked is not None and asked > settings.max_tokens:
+        raise _APIError(400, f"max_tokens: {asked} is more than this server allows ({settings.max_tokens}, --max-tokens)",
+                        param="max_tokens")
+    limit = settings.max_tokens if asked is None else asked
+    if prompt_tokens + limit > pool.context_length:
+        raise _APIError(
+            400, f"this model's maximum context length is {pool.context_length} tokens; the request needs {prompt_tokens + limit} "
+            f"({prompt_tokens} in the prompt, {limit} to generate): shorten the prompt or lower max_tokens",
+            param="max_tokens", code="context_length_exceeded",
+        )
+    return limit
+
+
+class _Channel:
+    """Events from the worker thread, delivered to the request's event loop."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def __call__(self, kind: str, value) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+
+
+def _submit(scheduler: Scheduler, served: ServedModel, prompt: list[int], limit: int, body: _Generate):
+    channel = _Channel()
+    job = Job(served, prompt, limit, body.sampling(), body.stop_strings(), channel)
+    try:
+        scheduler.submit(job)
+    except QueueFull as exc:
+        raise _APIError(503, str(exc), code="queue_full") from None
+    return job, channel
+
+
+async def _events(job: Job, channel: _Channel):
+    """Yield the job's text deltas; end when it is done; a failed generation raises _APIError(500)."""
+    try:
+        while True:
+            kind, value = await channel.queue.get()
+            if kind == "text":
+                yield value
+            elif kind == "done":
+                return
+            else:
+                raise _APIError(500, str(value))
+    finally:
+        if job.finish_reason is None:
+            job.cancelled = True  # the client went away: stop generating for it
+
+
+async def _finished(job: Job, channel: _Channel) -> None:
+    async for _ in _events(job, channel):
+        pass
+
+
+def _json(model: BaseModel):
+    return Response(model.model_dump_json(exclude_unset=True), media_type="application/json")
+
+
+def _usage(jobs: Sequence[Job]):
+    from openai.types import CompletionUsage
+
+    prompt = sum(len(job.prompt_ids) for job in jobs)
+    completion = sum(len(job.tokens) for job in jobs)
+    return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _chat_completion(job: Job, model: str):
+    from openai.types.chat import ChatCompletion, ChatCompletionMessage
+    from openai.types.chat.chat_completion import Choice
+
+    message = ChatCompletionMessage(role="assistant", content=job.text)
+    return ChatCompletion(
+        id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion", created=int(time.time()), model=model,
+        choices=[Choice(index=0, message=message, finish_reason=job.finish_reason)], usage=_usage([job]),
+    )
+
+
+def _completion(submitted: Sequence[tuple[Job, _Channel]], model: str):
+    from openai.types import Completion, CompletionChoice
+
+    jobs = [job for job, _ in submitted]
+    choices = [CompletionChoice(index=i, text=job.text, finish_reason=job.finish_reason, logprobs=None) for i, job in enumerate(jobs)]
+    return Completion(
+        id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()), model=model, choices=choices,
+        usage=_usage(jobs),
+    )
+
+
+def _sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json(exclude_unset=True) if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+async def _stream(job: Job, channel: _Channel, body: _Generate, chunk):
+    """Server-sent events: chunk(delta, finish_reason) for each piece, the usage chunk if asked, then [DONE]."""
+    try:
+        async for delta in _events(job, channel):
+            yield _sse(chunk(delta, None))
+        yield _sse(chunk(None, job.finish_reason))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield _sse(chunk(None, None, usage=_usage([job])))
+    except _APIError as exc:  # the status line is already sent: the error travels as an event
+        yield _sse({"error": {"message": exc.message, "type": "server_error", "param": None, "code": None}})
+    yield "data: [DONE]\n\n"
+
+
+def _chat_stream(job: Job, channel: _Channel, body: ChatRequest):
+    from openai.types.chat import ChatCompletionChunk
+    from openai.types.chat.chat_completion_chunk import Choice, ChoiceDelta
+
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    first = [True]
+
+    def chunk(delta, finish_reason, usage=None):
+        head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model}
+        if usage is not None:
+            return ChatCompletionChunk(**head, choices=[], usage=usage)
+        content = {"content": delta} if delta is not None else {}
+        if first[0]:
+            content["role"], first[0] = "assistant", False
+        return ChatCompletionChunk(**head, choices=[Choice(index=0, delta=ChoiceDelta(**content), finish_reason=finish_reason)])
+
+    return _stream(job, channel, body, chunk)
+
+
+def _completion_stream(job: Job, channel: _Channel, body: CompletionRequest):
+    from openai.types import Completion, CompletionChoice
+
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(delta, finish_reason, usage=None):
+        head = {"id": ident, "object": "text_completion", "created": created, "model": body.model}
+        if usage is not None:
+            return Completion(**head, choices=[], usage=usage)
+        # OpenAI streams finish_reason null until the last chunk, which CompletionChoice's type does not allow.
+        choice = CompletionChoice.model_construct(index=0, text=delta or "", finish_reason=finish_reason, logprobs=None)
+        return Completion.model_construct(**head, choices=[choice])
+
+    return _stream(job, channel, body, chunk)
+
+
+def _model_card(pool: ModelPool, name: str) -> dict:
+    served = pool.get(name)
+    adapter = served is not pool.base
+    return {
+        "id": name, "object": "model", "created": 0, "owned_by": "loraft",
+        "root": str(served.path) if adapter else name, "parent": pool.base.name if adapter else None,
+    }
