@@ -36,7 +36,7 @@ from .serve_batching import Job, ModelPool, QueueFull, Sampling, Scheduler, Serv
 class ServeSettings:
     """Server limits and switches (the CLI's flags)."""
 
-    max_tokens: int = 512  # the most a request may ask for, and what it gets when it does not say
+    max_tokens: int = 512  # the most a request may ask for, and what it gets when it does not say (or the context left)
     max_batch_size: int = 32
     queue_size: int = 256
     api_key: str | None = None
@@ -360,7 +360,7 @@ def _max_new_tokens(pool: ModelPool, settings: ServeSettings, asked: int | None,
     if asked is not None and asked > settings.max_tokens:
         raise _APIError(400, f"max_tokens: {asked} is more than this server allows ({settings.max_tokens}, --max-tokens)",
                         param="max_tokens")
-    limit = settings.max_tokens if asked is None else asked
+    limit = min(settings.max_tokens, max(pool.context_length - prompt_tokens, 1)) if asked is None else asked
     if prompt_tokens + limit > pool.context_length:
         raise _APIError(
             400, f"this model's maximum context length is {pool.context_length} tokens; the request needs {prompt_tokens + limit} "
@@ -383,7 +383,7 @@ class _Channel:
 
 def _submit(scheduler: Scheduler, served: ServedModel, prompt: list[int], limit: int, body: _Generate):
     channel = _Channel()
-    job = Job(served, prompt, limit, body.sampling(), body.stop_strings(), channel)
+    job = Job(served, prompt, limit, body.sampling(), body.stop_strings(), channel, stream=body.stream)
     try:
         scheduler.submit(job)
     except QueueFull as exc:

@@ -211,6 +211,7 @@ class Job:
     sampling: Sampling = Sampling(0.0)
     stop_strings: tuple[str, ...] = ()
     sink: Callable[[str, object], None] = lambda kind, value: None
+    stream: bool = True  # False: the text is decoded once at the end (unless stop strings need it sooner)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -226,8 +227,11 @@ class Job:
         if token in self.served.stop_ids:
             return self._finish("stop")
         self.tokens.append(token)
-        with TOKENIZER_LOCK:
-            self.text = self.served.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not self.stream and not self.stop_strings:
+            if len(self.tokens) >= self.max_new_tokens:
+                self._finish("length")
+            return
+        self._decode()
         cut = min((i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
@@ -245,7 +249,13 @@ class Job:
         self.finish_reason = "error"
         self.sink("error", message)
 
+    def _decode(self) -> None:
+        with TOKENIZER_LOCK:
+            self.text = self.served.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
     def _finish(self, reason: str) -> None:
+        if not self.stream and not self.stop_strings:
+            self._decode()
         self._emit(len(self.text))
         self.finish_reason = reason
         self.sink("done", reason)
@@ -280,7 +290,7 @@ class Scheduler:
         self.queue_size = queue_size
         self.collect_s = collect_s
         self.mix_adapters = mix_adapters
-        self.batches: list[list[str]] = []  # adapter names of each batch run, for tests and benchmarks
+        self.batches: deque[list[str]] = deque(maxlen=1000)  # the models of recent batches, for tests and benchmarks
         self._queue: deque[Job | _Control] = deque()
         self._cond = threading.Condition()
         self._closing = False
