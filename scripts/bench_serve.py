@@ -216,7 +216,7 @@ def _figures(wall: float, batches: list, answers: list[tuple[str, int]]) -> dict
     tokens = sum(count for _, count in answers)
     return {
         "wall_s": round(wall, 3),
-        "requests_per_s": round(len(requests) / wall, 3),
+        "requests_per_s": round(len(answers) / wall, 3),
         "generated_tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1),
         "batches": len(batches),
