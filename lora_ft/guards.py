@@ -124,7 +124,13 @@ class SpikeDetector:
 
 
 class NumericGuard:
-    """Called by the Trainer after every backward pass (see train._trainer_class)."""
+    """Called by the Trainer after every backward pass (see speed.SyncFreeSteps.training_step).
+
+    With a fused torch AdamW (loraft's default on CUDA) nothing is read back inside a step: the loss and gradient
+    norm are checked on the device, a bad step's update is cancelled there (the optimizer's `found_inf`, as AMP's
+    grad scaler does: weights and moments untouched), and under `stop` every later update too, until `flush`
+    (each logging step, and before a checkpoint or evaluation) reads the verdicts back, warns, records, and stops
+    or counts skips, naming the bad step. With other optimizers each step is read back at once."""
 
     def __init__(self, policy: str, max_skipped: int, metrics_path: Path | None, console, resume_hint: str):
         self.policy = policy
@@ -135,9 +141,15 @@ class NumericGuard:
         self.spikes = SpikeDetector()
         self.skipped: list[int] = []
         self._bad_loss: float | None = None
+        self._bad_loss_on_device = None  # the last non-finite micro-batch loss of this step (0 while none)
+        self._halted = None  # 1 once a bad step was seen under `stop`: every later update is cancelled too
+        self._pending: list[tuple[int, object]] = []  # (step, [bad loss or 0, gradient norm]) not yet judged
 
-    def after_backward(self, model, loss, *, step: int, sync: bool) -> None:
+    def after_backward(self, model, loss, *, step: int, sync: bool, optimizer=None) -> None:
         """`step` is the optimizer step being computed (1-based); `sync` is true on its last micro-batch."""
+        skipper = _device_skipping_optimizer(optimizer)
+        if skipper is not None:
+            return self._after_backward_on_device(model, loss, step, sync, skipper)
         value = float(loss.detach())
         if not math.isfinite(value):
             self._bad_loss = value
@@ -145,18 +157,51 @@ class NumericGuard:
             return
         norm = _grad_norm(model)
         bad_loss, self._bad_loss = self._bad_loss, None
+        if self._judge(step, bad_loss, norm) == "skip":
+            # No gradients -> the optimizer leaves every weight and its moments as they were.
+            model.zero_grad(set_to_none=True)
+
+    def _after_backward_on_device(self, model, loss, step: int, sync: bool, optimizer) -> None:
+        import torch
+
+        loss = loss.detach().float()
+        seen = self._bad_loss_on_device if self._bad_loss_on_device is not None else torch.zeros_like(loss)
+        self._bad_loss_on_device = torch.where(torch.isfinite(loss), seen, loss)
+        if not sync:
+            return
+        norm = _grad_norm_tensor(model).to(loss.device)
+        bad = (~torch.isfinite(self._bad_loss_on_device) | ~torch.isfinite(norm)).float()
+        if self.policy == "stop":
+            bad = bad if self._halted is None else torch.maximum(bad, self._halted)
+            self._halted = bad
+        optimizer.found_inf = bad  # read by the fused kernel: the update is applied only where this is 0
+        self._pending.append((step, torch.stack([self._bad_loss_on_device, norm])))
+        self._bad_loss_on_device = None
+
+    def flush(self) -> None:
+        """Judge the steps checked on the device since the last flush, in order (one host sync)."""
+        if not self._pending:
+            return
+        import torch
+
+        steps = [step for step, _ in self._pending]
+        values = torch.stack([v for _, v in self._pending]).tolist()
+        self._pending.clear()
+        for step, (loss, norm) in zip(steps, values):
+            self._judge(step, None if math.isfinite(loss) else loss, norm)
+
+    def _judge(self, step: int, bad_loss: float | None, norm: float) -> str:
+        """"ok" or "skip" for one optimizer step, or raise NumericFault; warns on spikes, records events."""
         if bad_loss is None and math.isfinite(norm):
             median = self.spikes.observe(norm)
             if median is not None:
                 self.console.print(f"[yellow]warning:[/] step {step}: gradient norm {norm:.3g} is {norm / median:.0f}x the running median {median:.3g}")
                 self._record({"step": step, "event": "grad_norm_spike", "grad_norm": norm, "median_grad_norm": median})
-            return
+            return "ok"
         what = f"loss is {bad_loss}" if bad_loss is not None else f"gradient norm is {norm}"
         if self.policy == "stop":
             raise NumericFault(f"step {step}: {what}; stopped before applying it ({LIKELY_CAUSES}). {self.resume_hint}")
         self.skipped.append(step)
-        # No gradients -> the optimizer leaves every weight and its moments as they were.
-        model.zero_grad(set_to_none=True)
         self._record({"step": step, "event": "skipped_step", "reason": what})
         self.console.print(f"[yellow]warning:[/] step {step}: {what}; step skipped ({len(self.skipped)} of at most {self.max_skipped})")
         if len(self.skipped) > self.max_skipped:
@@ -164,6 +209,7 @@ class NumericGuard:
                 f"step {step}: {len(self.skipped)} steps skipped for non-finite loss or gradients "
                 f"(training.max_skipped_steps: {self.max_skipped}); {LIKELY_CAUSES}. {self.resume_hint}"
             )
+        return "skip"
 
     def _record(self, record: dict) -> None:
         if self.metrics_path is None:
@@ -172,12 +218,25 @@ class NumericGuard:
             handle.write(json.dumps(record) + "\n")
 
 
-def _grad_norm(model) -> float:
+def _device_skipping_optimizer(optimizer):
+    """The torch optimizer under accelerate's wrapper if it can cancel an update on the device (fused Adam/AdamW
+    honour `found_inf`), else None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if inner is None or not getattr(inner, "_step_supports_amp_scaling", False):
+        return None
+    return inner if inner.defaults.get("fused") else None
+
+
+def _grad_norm_tensor(model):
     import torch
 
     grads = [p.grad.detach() for p in model.parameters() if p.requires_grad and p.grad is not None]
     if not grads:
-        return 0.0
-    # One fused kernel group over every LoRA gradient (hundreds of tensors), then a single host sync.
+        return torch.zeros(())
+    # One fused kernel group over every LoRA gradient (hundreds of tensors), no host sync.
     norms = torch._foreach_norm(grads)
-    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def _grad_norm(model) -> float:
+    return float(_grad_norm_tensor(model))

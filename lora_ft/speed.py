@@ -1,5 +1,6 @@
 """Speed choices, resolved once: fused LoRA projections, Liger kernels, how many layers to checkpoint, the
-optimizer kernel, the CUDA allocator.
+optimizer kernel, the CUDA allocator; and `SyncFreeSteps`, the Trainer mixin that keeps a training step from
+waiting on the GPU.
 
 None of these changes the training math (same losses to float tolerance; `tests/test_speed.py`
 checks the optimised path against the plain PEFT+TRL one). Gradient checkpointing is
@@ -207,3 +208,120 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class SyncFreeSteps:
+    """Trainer mixin (listed before SFTTrainer): a training step never waits for the GPU.
+
+    Stock, each step stops the host until the GPU has caught up several times: TRL's `compute_loss` reads the
+    entropy, token accuracy and token count with `.item()` between forward and backward; the Trainer checks the
+    loss for NaN (`logging_nan_inf_filter`) and counts input tokens with `.item()`; `NumericGuard` read the loss
+    and the gradient norm. After each such sync the GPU idles while Python launches the next kernels. Here the
+    same numbers stay on the device and are read once per logging step (and before a checkpoint or evaluation);
+    the loss is TRL's own expression, and the guard's verdicts are the same (see `NumericGuard`).
+    Needs `logging_nan_inf_filter=False` in the Trainer's arguments; this class applies the same filter on the
+    device instead.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending_stats: list = []  # per step: [labelled tokens, entropy sum, top-1 hits] (TRL's metrics)
+        self._pending_tokens = None  # input tokens since the last read (Trainer's num_input_tokens_seen)
+        self._pending_trl_tokens = None  # the same for TRL's num_tokens metric
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        guard = getattr(self, "guard", None)
+        if guard is not None:
+            guard.after_backward(model, loss, step=self.state.global_step + 1, sync=self.accelerator.sync_gradients,
+                                 optimizer=self.optimizer)
+        if not self.args.logging_nan_inf_filter:
+            # The Trainer's filter, on the device: a non-finite loss counts as the running mean of the window.
+            import torch
+
+            window = 1 + self.state.global_step - self._globalstep_last_logged
+            loss = torch.where(torch.isfinite(loss), loss, (self._tr_loss / window).to(loss.dtype))
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._plain_loss(model, return_outputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        import torch
+
+        # TRL 1.16's SFTTrainer.compute_loss for its default case (fused LM head, nll loss), metrics kept on the device.
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = (-outputs.log_probs).sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        stats = [outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum()]
+        self._pending_stats.append(torch.stack([s.float() for s in stats]))
+        if "attention_mask" in inputs:
+            count = inputs["attention_mask"].sum()
+        else:
+            count = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        self._pending_trl_tokens = count if self._pending_trl_tokens is None else self._pending_trl_tokens + count
+        return loss
+
+    def _plain_loss(self, model, return_outputs) -> bool:
+        """The case TRL computes as the fused head's mean log-likelihood, with entropy and accuracy as metrics."""
+        parallel = getattr(self.accelerator, "parallelism_config", None)
+        return (
+            model.training and not return_outputs and self.compute_loss_func is None and self.label_smoother is None
+            and self.args.loss_type == "nll" and not getattr(self, "aux_loss_enabled", False)
+            and hasattr(self, "_total_train_tokens") and not (parallel is not None and getattr(parallel, "sp_enabled", False))
+        )
+
+    def _track_num_input_tokens(self, inputs):
+        """The Trainer's count of input tokens, summed on the device (it read each step's with `.item()`)."""
+        import torch
+
+        mode = self.args.include_num_input_tokens_seen
+        name = getattr(self.model, "main_input_name", "input_ids")
+        if mode == "no" or name not in inputs:
+            return super()._track_num_input_tokens(inputs)
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        if mode != "non_padding":
+            count = inputs[name].numel()
+        elif "attention_mask" in inputs:
+            count = inputs["attention_mask"].sum()
+        elif pad is not None:
+            count = (inputs[name] != pad).sum()
+        else:
+            count = inputs[name].numel()
+        count = torch.as_tensor(count, device=self.args.device, dtype=torch.int64)
+        self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        if self.control.should_log or self.control.should_save or self.control.should_evaluate:
+            self.read_device_metrics()
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def log(self, logs, start_time=None):
+        self.read_device_metrics()
+        super().log(logs, start_time)
+
+    def read_device_metrics(self) -> None:
+        """Bring the device-side counters to the host (one sync each) and let the guard judge its steps."""
+        import torch
+
+        guard = getattr(self, "guard", None)
+        if guard is not None:
+            guard.flush()
+        if self._pending_tokens is not None:
+            self.state.num_input_tokens_seen += int(self.accelerator.reduce(self._pending_tokens, reduction="sum").item())
+            self._pending_tokens = None
+        if self._pending_stats:
+            stats = self.accelerator.reduce(torch.stack(self._pending_stats), reduction="sum")
+            self._pending_stats = []
+            valid = stats[:, 0]
+            ratios = torch.where(valid[:, None] > 0, stats[:, 1:] / valid.clamp(min=1)[:, None], 0.0)
+            for entropy, accuracy in ratios.tolist():
+                self._metrics["train"]["entropy"].append(entropy)
+                self._metrics["train"]["mean_token_accuracy"].append(accuracy)
+        if self._pending_trl_tokens is not None:
+            count = int(self.accelerator.reduce(self._pending_trl_tokens, reduction="sum").item())
+            self._pending_trl_tokens = None
+            self._total_train_tokens += count // self._tp_size
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]

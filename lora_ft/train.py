@@ -347,6 +347,7 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eva
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # applied on the device by speed.SyncFreeSteps (the Trainer's costs a sync a step)
         eval_strategy=eval_strategy,
         eval_steps=t.eval_steps,
         save_strategy=save_strategy,
@@ -406,18 +407,12 @@ def _trainer_class():
     from trl import SFTTrainer
 
     from .checkpoints import is_disk_full
+    from .speed import SyncFreeSteps
 
-    class LoraftTrainer(SFTTrainer):
+    class LoraftTrainer(SyncFreeSteps, SFTTrainer):  # the guard runs after every backward (SyncFreeSteps)
         def __init__(self, *args, writer, guard, **kwargs):
             super().__init__(*args, **kwargs)
             self.writer, self.guard, self._staging = writer, guard, None
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            self.guard.after_backward(
-                model, loss, step=self.state.global_step + 1, sync=self.accelerator.sync_gradients
-            )
-            return loss
 
         def _get_output_dir(self, trial):
             # While saving, the Trainer writes checkpoint-N under the staging folder instead.

@@ -114,8 +114,14 @@ def poisoned_config(tmp_path: Path, model_dir: Path, **training) -> dict:
     return cfg
 
 
-def test_nan_loss_stops_naming_the_step_and_causes_and_keeps_the_last_good_checkpoint(tmp_path, poisoned_model_dir, run_cli):
-    config = write_config(tmp_path, poisoned_config(tmp_path, poisoned_model_dir))
+# adamw_torch: each step is read back at once. adamw_torch_fused (the default on CUDA): the step is checked and its
+# update cancelled on the device, and judged at the next log or checkpoint (here up to 4 steps later).
+FAULT_PATHS = [{"optimizer": "adamw_torch"}, {"optimizer": "adamw_torch_fused", "logging_steps": 5, "save_steps": 4}]
+
+
+@pytest.mark.parametrize("path", FAULT_PATHS, ids=["read-each-step", "judged-on-device"])
+def test_nan_loss_stops_naming_the_step_and_causes_and_keeps_the_last_good_checkpoint(tmp_path, poisoned_model_dir, run_cli, path):
+    config = write_config(tmp_path, poisoned_config(tmp_path, poisoned_model_dir, **path))
 
     code, _, err = run_cli("train", config)
 
@@ -131,8 +137,9 @@ def test_nan_loss_stops_naming_the_step_and_causes_and_keeps_the_last_good_check
     assert run_state(tmp_path / "run")["status"] == "failed"
 
 
-def test_nan_policy_skip_skips_bad_steps_and_finishes_with_finite_weights(tmp_path, poisoned_model_dir):
-    cfg = load_config(write_config(tmp_path, poisoned_config(tmp_path, poisoned_model_dir, nan_policy="skip")))
+@pytest.mark.parametrize("optimizer", ["adamw_torch", "adamw_torch_fused"], ids=["read-each-step", "cancelled-on-device"])
+def test_nan_policy_skip_skips_bad_steps_and_finishes_with_finite_weights(tmp_path, poisoned_model_dir, optimizer):
+    cfg = load_config(write_config(tmp_path, poisoned_config(tmp_path, poisoned_model_dir, nan_policy="skip", optimizer=optimizer)))
 
     result = train(cfg)
 
