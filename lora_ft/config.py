@@ -207,9 +207,9 @@ class TrainingSpec(Spec):
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     gradient_checkpointing: bool | Literal["auto"] = Field(
-        True,
+        "auto",
         description="Recompute activations in backward (far less memory, ~30% slower). auto: on a GPU, checkpoint only "
-        "as many layers as memory_budget_gib needs; on a CPU, none.",
+        "as many layers as memory_budget_gib needs (all of them on a small card); on a CPU, none. true: every layer.",
     )
     memory_budget_gib: float | None = Field(
         None, gt=0, description="GPU memory gradient_checkpointing: auto plans for; default 90% of the card."

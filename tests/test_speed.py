@@ -122,3 +122,119 @@ def test_auto_checkpointing_keeps_more_layers_as_the_budget_grows():
     assert 0 < plan(45) < 32
     assert plan(72) == 0  # an 80 GB card holds every layer's activations at 4 x 2048
     assert plan(30) > plan(45) > plan(60)
+
+
+def _motif_rows(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    motifs = [torch.randint(5, 300, (8,), generator=g) for _ in range(3)]
+    rows = [{"input_ids": motifs[i % 3].repeat(4).tolist()} for i in range(n)]
+    for row in rows:
+        row["labels"] = list(row["input_ids"])
+    return rows
+
+
+def _train_logs(trainer_class, tmp_path, name, rows, *, steps=5, logging_steps=1, callbacks=(), **extra):
+    """Logged records of a short fused-AdamW run of the tiny model with dropout-free LoRA."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from trl import SFTConfig
+
+    tokenizer = build_tokenizer()
+    model = build_tiny_llama(tokenizer, seed=3)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    args = SFTConfig(
+        output_dir=str(tmp_path / name), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+        logging_steps=logging_steps, save_strategy="no", bf16=False, fp16=False, use_cpu=True, report_to="none",
+        max_length=64, seed=0, dataset_kwargs={"skip_prepare_dataset": True}, disable_tqdm=True,
+        lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused", include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=trainer_class.__name__ != "LoraftTrainer",
+    )
+    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                            callbacks=list(callbacks), **extra)
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def _loraft_trainer_kwargs():
+    from rich.console import Console
+
+    from lora_ft.guards import NumericGuard
+
+    return {"writer": None, "guard": NumericGuard("stop", 0, None, Console(stderr=True), "")}
+
+
+def test_loraft_trainer_logs_what_trl_logs(tmp_path):
+    """Deferring the per-step reads changes no number: loss, gradient norm, entropy, token accuracy and both
+    token counts are TRL's own, step by step."""
+    from trl import SFTTrainer
+
+    from lora_ft.train import _trainer_class
+
+    rows = _motif_rows()
+    reference = _train_logs(SFTTrainer, tmp_path, "trl", rows)
+    ours = _train_logs(_trainer_class(), tmp_path, "ours", rows, **_loraft_trainer_kwargs())
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens", "num_input_tokens_seen")
+    assert len(reference) == len(ours) == 5
+    assert reference[-1]["loss"] < reference[0]["loss"]
+    for theirs, mine in zip(reference, ours):
+        assert {k: mine[k] for k in keys} == pytest.approx({k: theirs[k] for k in keys}, rel=1e-6)
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """Between logging steps loraft's Trainer never turns a tensor into a Python number (each such read waits for
+    the GPU); TRL's SFTTrainer does several times a step. Counted: Tensor.item/tolist/__bool__/__float__/__int__
+    from step begin to step end (logging, evaluation and saving happen after step end), except the model's own:
+    transformers' attention-mask builder asks once a forward whether the padding mask is all ones."""
+    import traceback
+
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    from lora_ft.train import _trainer_class
+
+    counting = {"on": False, "reads": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if counting["on"] and not any(f.filename.endswith("masking_utils.py") for f in traceback.extract_stack()):
+                counting["reads"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    class Window(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            counting["on"] = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            counting["on"] = False
+
+    def reads(trainer_class, name, **extra):
+        counting["reads"] = 0
+        _train_logs(trainer_class, tmp_path, name, _motif_rows(), steps=4, logging_steps=100, callbacks=[Window()], **extra)
+        return counting["reads"]
+
+    assert reads(SFTTrainer, "trl") >= 4 * 3  # entropy, accuracy and token count, at least, every step
+    assert reads(_trainer_class(), "ours", **_loraft_trainer_kwargs()) == 0
+
+
+def test_the_default_plans_checkpointing_by_memory_and_shipped_configs_use_it():
+    from transformers import LlamaConfig
+
+    from lora_ft.config import load_config
+
+    assert validate_dict({"model": {"name": "x"}}).training.gradient_checkpointing == "auto"
+    for name in ("llama8b", "llama8b-qlora"):
+        assert load_config(f"configs/{name}.yaml").training.gradient_checkpointing == "auto"
+    # QLoRA 8B at batch 4 x 2048 on a 24 GB card (90% budget): most layers recomputed, and what the plan keeps
+    # (4-bit weights ~5.5 GiB, LoRA state, the layers left unrecomputed, every layer's input) fits the budget.
+    shape = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256)
+    cfg = validate_dict({"model": {"name": "x", "quantization": {"bits": 4}},
+                         "training": {"batch_size": 4, "max_seq_length": 2048, "memory_budget_gib": 0.9 * 24}})
+    recomputed = _layers_to_checkpoint(cfg, shape, 32, weights_gib=5.5, trainable=42_000_000)
+    kept = 32 - recomputed
+    per_layer, boundary = activation_gib_per_layer(shape, 8192), 8192 * 4096 * 2 / 2**30
+    planned = 5.5 + 42_000_000 * 16 / 2**30 + per_layer + 32 * boundary + kept * (per_layer - boundary)
+    assert 16 <= recomputed < 32 and planned <= 0.9 * 24
