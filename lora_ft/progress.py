@@ -2,7 +2,9 @@
 
 The Trainer's tqdm bar is off; this callback prints loss, learning rate, tokens/s and ETA at each
 logging step, and appends every log record as one JSON line (a torn last line after a crash is
-skipped on read).
+skipped on read). tokens/s is the recent window's rate (since the previous log line, evaluation and
+checkpoint time left out), so it shows the steady speed rather than a mean dragged down by the first,
+slow steps; `tokens_per_s_mean` in the record is the mean since the start.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class MetricsCallback(TrainerCallback):
         self.started = None
         self.start_step = 0
         self.start_tokens = 0
+        self.window = None  # (time, tokens seen) where the current rate window starts
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.time()
@@ -28,6 +31,7 @@ class MetricsCallback(TrainerCallback):
             self.console = None  # only rank 0 prints and writes metrics
         self.start_step = state.global_step
         self.start_tokens = state.num_input_tokens_seen or 0
+        self.window = (self.started, self.start_tokens)
         if self.console is not None:
             self.console.print(f"training: {state.max_steps} steps")
 
@@ -35,13 +39,21 @@ class MetricsCallback(TrainerCallback):
         if not logs or not state.is_world_process_zero:
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **_plain(logs)}
-        elapsed = time.time() - (self.started or time.time())
-        tokens = (state.num_input_tokens_seen or 0) - self.start_tokens
-        if elapsed > 0 and tokens:
-            record["tokens_per_s"] = round(tokens / elapsed, 1)
+        now, seen = time.time(), state.num_input_tokens_seen or 0
+        elapsed = now - (self.started or now)
+        window_start, window_tokens = self.window or (now, seen)
+        if now > window_start and seen > window_tokens:
+            record["tokens_per_s"] = round((seen - window_tokens) / (now - window_start), 1)
+        if elapsed > 0 and seen > self.start_tokens:
+            record["tokens_per_s_mean"] = round((seen - self.start_tokens) / elapsed, 1)
+        record["elapsed_s"] = round(elapsed, 3)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         self._print(record, state, elapsed)
+        self.window = (time.time(), seen)  # the next window starts after this log (and any evaluation before it)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.window = (time.time(), state.num_input_tokens_seen or 0)  # checkpoint time is not training speed
 
     def _print(self, record: dict, state, elapsed: float) -> None:
         step, total = state.global_step, state.max_steps or 0
