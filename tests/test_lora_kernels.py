@@ -19,6 +19,13 @@ import pytest
 
 pytest.importorskip("triton")
 
+import torch  # noqa: E402
+
+# Triton's CPU interpreter stands in for a GPU; on a CUDA machine the compiled kernels are checked instead (the
+# `cuda` cases below). There the interpreter cases failed (4 of 7 tests on the H200, issue 17): with a CUDA
+# driver present Triton's interpreter does not run these CPU-tensor kernels as it does on a machine without one.
+INTERPRETER = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the compiled kernels are tested (cuda cases)")
+
 # The keep-mask the kernels draw for a stream, read back through lora_a: all-ones input, A = a 16-column
 # identity block, so each output column is keep * scale for one input column.
 MASK_OF = textwrap.dedent('''
@@ -79,8 +86,8 @@ def _run_script(script: str, device: str, *args: str) -> dict:
 
 
 @pytest.mark.parametrize("device, dtype, tolerance", [
-    ("cpu", "float32", 1e-5),
-    ("cpu", "float16", 5e-3),
+    pytest.param("cpu", "float32", 1e-5, marks=INTERPRETER),
+    pytest.param("cpu", "float16", 5e-3, marks=INTERPRETER),
     pytest.param("cuda", "bfloat16", 2e-2, marks=pytest.mark.gpu),
 ])
 def test_kernels_match_the_formula_with_one_mask(device, dtype, tolerance):
@@ -141,7 +148,7 @@ LAYER_CHECK = TWO_LAYER_MODEL + textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=INTERPRETER), pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_fused_layer_on_the_kernels_matches_peft_with_the_same_masks(device):
     result = _run_script(LAYER_CHECK, device)
     assert result.pop("kernel_draws") == 2  # both projections took the kernel path, one draw each
@@ -173,7 +180,7 @@ CHECKPOINT_CHECK = TWO_LAYER_MODEL + textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=INTERPRETER), pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_checkpoint_recomputation_redraws_the_kernels_masks(device):
     """A checkpointed layer runs its forward twice; both must draw the same masks, so gradients are bit-identical
     to the run without checkpointing."""
