@@ -9,6 +9,7 @@ the curves can be compared step by step ("speed must not change the math").
   python scripts/bench_train.py one anchor lora 4 2048 20            (one case, one JSON line)
   python scripts/bench_train.py one loraft lora 4 2048 20 --gc auto  (loraft with its automatic plan)
   python scripts/bench_train.py probe --mode qlora                   (longest batch-1 sequence, anchor vs loraft)
+  python scripts/bench_train.py cli llama8b --steps 30               (`loraft train configs/llama8b.yaml` itself)
 
 The anchor case follows ../shared/bench/seed_recipe_baseline.py exactly (bf16 autocast, gradient
 checkpointing, TRL defaults), except that its weights load from the shared checkpoint. LoRA-MFU counts
@@ -72,28 +73,30 @@ def motif_rows(n_rows: int, seq: int, seed: int = 0) -> list[dict]:
 
 
 def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, liger: str, offload: bool = False,
-            fused: bool = True, profile: Path | None = None, kernels: str = "auto") -> dict:
+            fused: bool = True, profile: Path | None = None, kernels: str = "auto", stock: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
-        """Step times and losses; with `profile`, a kernel table of steps 5-6 (timings of such a run don't count)."""
+        """Step times and losses; with `profile`, a kernel table and launch/sync counts of the last two steps
+        (left out of the timing)."""
 
         def __init__(self):
-            self.t, self.losses, self.profiler = [], [], None
+            self.t, self.losses, self.profiler, self.counts = [], [], None, None
 
         def on_step_end(self, args, state, control, **kw):
             _cuda("synchronize")
             self.t.append(time.perf_counter())
-            if profile and state.global_step == 4:
+            if profile and state.global_step == steps - 2:
                 self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                    torch.profiler.ProfilerActivity.CUDA])
                 self.profiler.__enter__()
-            elif self.profiler is not None and state.global_step == 6:
+            elif self.profiler is not None and state.global_step == steps:
                 self.profiler.__exit__(None, None, None)
+                self.counts = profile_counts(self.profiler, 2, self.t[-1] - self.t[-3])
                 table = self.profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
-                Path(profile).write_text(table)
+                Path(profile).write_text(json.dumps(self.counts) + "\n" + table)
                 self.profiler = None
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -109,11 +112,12 @@ def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, lig
     if tool == "anchor":
         trainer, plan = _anchor_trainer(mode, batch, seq, steps, rows, clock)
     else:
-        trainer, plan = _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload, fused, kernels)
+        trainer, plan = _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload, fused, kernels, stock)
     _cuda("reset_peak_memory_stats")
     trainer.train()
     warm = 2
-    dt = (clock.t[-1] - clock.t[warm - 1]) / (len(clock.t) - warm)
+    timed = clock.t[:-2] if profile else clock.t  # profiled steps run slower
+    dt = (timed[-1] - timed[warm - 1]) / (len(timed) - warm)
     tok_s = batch * seq / dt
     if real:
         # Real (non-padding) tokens per step: unpacked, a step consumes `batch` rows; packed (BFD), `batch` bins
@@ -127,7 +131,21 @@ def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, lig
         "peak_gib": round(_cuda("max_memory_allocated", 0) / 2**30, 2),
         "lora_mfu": round(tok_s * useful_flops_per_token(seq) / PEAK_TFLOPS, 4),
         "losses": clock.losses, "gpu": _cuda("get_device_name", "cpu (smoke)"),
+        **({"profile": clock.counts} if clock.counts else {}),
     }
+
+
+def profile_counts(profiler, steps: int, wall_s: float) -> dict:
+    """Per step: CUDA kernels run, host syncs (stream/device synchronize: every .item(), bool(), nonzero...),
+    GPU kernel time, and the wall time the GPU ran no kernel."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
+    syncs = [e for e in profiler.events() if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize")]
+    busy = sum(e.device_time for e in kernels) / 1e6  # us -> s (streams rarely overlap here)
+    return {"kernels_per_step": round(len(kernels) / steps), "host_syncs_per_step": round(len(syncs) / steps, 1),
+            "gpu_kernel_s_per_step": round(busy / steps, 4), "wall_s_per_step": round(wall_s / steps, 4),
+            "gpu_idle_s_per_step": round(max(wall_s - busy, 0.0) / steps, 4)}
 
 
 def _sft_args(batch, seq, steps, **extra):
@@ -176,14 +194,17 @@ def _anchor_model(mode):
     return model, {"gradient_checkpointing": "all", "liger": False, "optimizer": "adamw_torch"}
 
 
-def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=False, fused=True, kernels="auto"):
-    """loraft's own path: load_base_model, attach_lora, plan_speed, apply_speed_plan, its SFTConfig choices."""
+def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=False, fused=True, kernels="auto", stock=False):
+    """loraft's own path: load_base_model, attach_lora, plan_speed, apply_speed_plan, its SFTConfig choices.
+    stock: the Trainer as it was before speed.SyncFreeSteps (host syncs inside every step), for the A/B."""
     model, plan = _loraft_model(mode, batch, seq, gc, liger, fused, kernels)
     extra = {"packing": True, "packing_strategy": "bfd"} if mode == "real" else {}
     extra["activation_offloading"] = offload
+    extra["logging_nan_inf_filter"] = stock  # as lora_ft.train.to_sft_config sets it (False) unless stock
     args = _sft_args(batch, seq, steps, gradient_checkpointing=False, use_liger_kernel=plan.liger, optim=plan.optimizer, **extra)
-    trainer = _loraft_sft_trainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer(), callbacks=[clock])
-    return trainer, {**plan.to_json(), "activation_offloading": offload}
+    trainer = _loraft_sft_trainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer(), callbacks=[clock],
+                                  stock=stock)
+    return trainer, {**plan.to_json(), "activation_offloading": offload, **({"trainer": "stock"} if stock else {})}
 
 
 def _loraft_model(mode, batch, seq, gc, liger, fused, kernels="auto"):
@@ -293,15 +314,26 @@ def _probe_trainer(tool, mode, seq, rows, model):
     return _loraft_sft_trainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer()), model
 
 
-def _loraft_sft_trainer(**kwargs):
-    """loraft's own Trainer class, with its per-step finiteness guard (its cost counts); no checkpoints are saved."""
+def _loraft_sft_trainer(stock: bool = False, **kwargs):
+    """loraft's own Trainer class, with its per-step finiteness guard (its cost counts); no checkpoints are saved.
+    stock: SFTTrainer with the guard read back after every backward, as loraft's Trainer was before SyncFreeSteps."""
     from rich.console import Console
+    from trl import SFTTrainer
 
     from lora_ft.guards import NumericGuard
     from lora_ft.train import _trainer_class
 
     guard = NumericGuard("stop", 0, None, Console(stderr=True), "")
-    return _trainer_class()(writer=None, guard=guard, **kwargs)
+    if not stock:
+        return _trainer_class()(writer=None, guard=guard, **kwargs)
+
+    class StockTrainer(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            guard.after_backward(model, loss, step=self.state.global_step + 1, sync=self.accelerator.sync_gradients)
+            return loss
+
+    return StockTrainer(**kwargs)
 
 
 # Every case is one subprocess. Memory comparisons keep checkpointing on (the issue's terms); throughput uses
@@ -311,6 +343,7 @@ def _loraft_sft_trainer(**kwargs):
 CASES = [
     {"id": "anchor-lora", "tool": "anchor", "mode": "lora"},
     {"id": "lora-auto", "tool": "loraft", "mode": "lora", "gc": "auto"},
+    {"id": "lora-auto-stock", "tool": "loraft", "mode": "lora", "gc": "auto", "stock": True},
     {"id": "lora-auto-torch-kernels", "tool": "loraft", "mode": "lora", "gc": "auto", "kernels": "torch"},
     {"id": "lora-auto-unfused", "tool": "loraft", "mode": "lora", "gc": "auto", "fused": False},
     {"id": "lora-gc", "tool": "loraft", "mode": "lora", "gc": "true"},
@@ -319,32 +352,91 @@ CASES = [
     {"id": "qlora-auto", "tool": "loraft", "mode": "qlora", "gc": "auto"},
     {"id": "qlora-gc", "tool": "loraft", "mode": "qlora", "gc": "true"},
     {"id": "qlora-gc-offload", "tool": "loraft", "mode": "qlora", "gc": "true", "offload": True},
+    {"id": "cli-llama8b", "tool": "cli", "mode": "lora", "config": "llama8b"},
+    {"id": "cli-llama8b-qlora", "tool": "cli", "mode": "qlora", "config": "llama8b-qlora"},
     {"id": "anchor-real", "tool": "anchor", "mode": "real"},
     {"id": "real-auto", "tool": "loraft", "mode": "real", "gc": "auto"},
 ]
 
 
 def case_command(case: dict, batch: int, seq: int, steps: int) -> list[str]:
+    if case["tool"] == "cli":
+        return [sys.executable, __file__, "cli", case["config"], "--steps", str(steps + 10), "--batch", str(batch), "--seq", str(seq)]
     cmd = [sys.executable, __file__, "one", case["tool"], case["mode"], str(batch), str(seq), str(steps),
            "--gc", case.get("gc", "true"), "--liger", case.get("liger", "auto")]
     cmd += ["--offload"] if case.get("offload") else []
     cmd += ["--unfused"] if case.get("fused") is False else []
     cmd += ["--torch-lora-kernels"] if case.get("kernels") == "torch" else []
+    cmd += ["--stock-trainer"] if case.get("stock") else []
+    cmd += ["--profile", str(case["profile"])] if case.get("profile") else []
     return cmd
 
 
-def drive(steps: int, batch: int, seq: int, out: Path | None, only: str | None = None, skip_unfused: bool = False) -> None:
+def drive(steps: int, batch: int, seq: int, out: Path | None, only: str | None = None, skip_unfused: bool = False,
+          profile: str | None = None) -> None:
+    """Run the cases (those in `only`, in that order, or all); `profile`: case ids that also write a kernel table
+    and launch counts (their last two steps, untimed) next to `out`."""
     _ensure_checkpoint()
-    wanted = set(only.split(",")) if only else None
+    chosen = [c for c in CASES if not (skip_unfused and c.get("fused") is False)]
+    if only:
+        wanted = only.split(",")
+        chosen = [c for w in wanted for c in chosen if w in (c["id"], c["mode"])]
+    profiled = set(profile.split(",")) if profile else set()
     results = []
-    for case in CASES:
-        if wanted and not wanted & {case["mode"], case["id"]} or (skip_unfused and case.get("fused") is False):
-            continue
+    for case in chosen:
+        if case["id"] in profiled:
+            case = {**case, "profile": (out.parent if out else Path(".")) / f"profile_{case['id']}.txt"}
         cmd = case_command(case, batch, seq, steps)
         results.append(_run_json(cmd, case))
         _write(out, results)  # after every case: a run cut short keeps what it measured
     _compare(results)
     _write(out, results)
+
+
+def run_cli(config: str, steps: int, batch: int, seq: int, extra: list[str]) -> dict:
+    """`loraft train configs/CONFIG.yaml` as a user runs it, on the shared random checkpoint and rows of text long
+    enough that every row is truncated to `seq` tokens (so each step is batch x seq tokens, as for the anchor).
+    Overrides: the model and data paths, no held-out split, max_steps, logging every 5 steps, no mid-run
+    checkpoint, and gradient_accumulation_steps 1 (the anchor's optimizer-step share). tokens/s: steps 6 to the
+    end, from metrics.jsonl (non-padding tokens over wall time between those log lines)."""
+    import random
+
+    _ensure_checkpoint()
+    work = Path("/tmp/bench-cli")
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "train.jsonl"
+    words = Path(__file__).resolve().parents[1].joinpath("recipes/data/quickstart_train.jsonl").read_text().split()
+    rng = random.Random(0)
+    with data.open("w") as handle:
+        for _ in range(batch * steps + batch):
+            handle.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(seq * 2))}) + "\n")
+    run_dir = work / config
+    overrides = [f"model.name={CKPT}", f"data.train={data}", "data.eval_fraction=0", f"training.max_steps={steps}",
+                 "training.logging_steps=5", "training.save_steps=100000", "training.gradient_accumulation_steps=1",
+                 f"training.batch_size={batch}", f"training.max_seq_length={seq}", f"output_dir={run_dir}", *extra]
+    cmd = [sys.executable, "-m", "lora_ft", "train", f"configs/{config}.yaml", "--overwrite"]
+    for item in overrides:
+        cmd += ["--set", item]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    wall = time.perf_counter() - started
+    shown = "loraft train configs/%s.yaml %s" % (config, " ".join(f"--set {o}" for o in overrides))
+    if proc.returncode != 0:
+        return {"tool": "cli", "config": config, "error": proc.stderr[-1500:], "command": shown}
+    from lora_ft.progress import read_metrics
+
+    logs = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and "num_input_tokens_seen" in r]
+    first = next(r for r in logs if r["step"] >= 5)
+    last = logs[-1]
+    tok_s = (last["num_input_tokens_seen"] - first["num_input_tokens_seen"]) / (last["elapsed_s"] - first["elapsed_s"])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    lines = [l for l in proc.stderr.splitlines() if "tok/s" in l or l.startswith("speed:")]
+    return {"tool": "cli", "config": config, "mode": "qlora" if "qlora" in config else "lora", "batch": batch, "seq": seq,
+            "steps": steps, "plan": manifest["speed"], "step_s": round(batch * seq / tok_s, 4), "tokens_per_s": round(tok_s, 1),
+            "peak_gib": manifest["metrics"]["peak_gpu_memory_gib"] or 0.0,
+            "lora_mfu": round(tok_s * useful_flops_per_token(seq) / PEAK_TFLOPS, 4),
+            "losses": [r["loss"] for r in logs], "console": lines[-4:], "wall_s": round(wall, 1),
+            "gpu": manifest["environment"]["device"], "command": shown}
 
 
 def drive_probe(mode: str, out: Path | None, start: int, factor: float, ceiling: int) -> None:
@@ -401,10 +493,12 @@ def _compare(results: list[dict]) -> None:
         offloaded = " offload" if r["plan"].get("activation_offloading") else ""
         unfused = " unfused" if r["plan"].get("fused_lora") is False else ""
         unfused += " torch-kernels" if r["plan"].get("lora_kernels") == "torch" else ""
-        name = f"{r['tool']} {r['mode']} {r['plan'].get('checkpoint_layers', r['plan'].get('gradient_checkpointing'))}{offloaded}{unfused}"
+        unfused += " stock-trainer" if r["plan"].get("trainer") == "stock" else ""
+        name = f"{r.get('config', r['tool'])} {r['mode']} {r['plan'].get('checkpoint_layers', r['plan'].get('gradient_checkpointing'))}{offloaded}{unfused}"
         speed = r["tokens_per_s"] / a["tokens_per_s"] if a else float("nan")
         mem = r["peak_gib"] / a["peak_gib"] if a and a["peak_gib"] else float("nan")
-        dloss = abs(r["losses"][-1] - a["losses"][-1]) / a["losses"][-1] if a else float("nan")
+        comparable = a and r["tool"] != "cli"  # the CLI trains on text rows, not the anchor's token rows
+        dloss = abs(r["losses"][-1] - a["losses"][-1]) / a["losses"][-1] if comparable else float("nan")
         r["vs_anchor"] = {"throughput": round(speed, 3), "peak_memory": round(mem, 3), "final_loss_rel_diff": round(dloss, 5)}
         print(f"{name:<34}{r['tokens_per_s']:>9.0f}{speed:>10.2f}{r['peak_gib']:>10.2f}{mem:>10.2f}{r['lora_mfu']:>7.3f}"
               f"{r['losses'][-1]:>10.4f}{dloss:>8.4f}")
@@ -425,6 +519,13 @@ def main():
     one.add_argument("--unfused", action="store_true", help="PEFT's own LoRA forward (fused_lora: false)")
     one.add_argument("--profile", type=Path, help="write a kernel-time table of steps 5-6 here")
     one.add_argument("--torch-lora-kernels", action="store_true", help="fused LoRA on torch ops, not the Triton kernels")
+    one.add_argument("--stock-trainer", action="store_true", help="host syncs inside every step, as before SyncFreeSteps")
+    cli = sub.add_parser("cli", help="loraft train configs/CONFIG.yaml through the CLI")
+    cli.add_argument("config")
+    cli.add_argument("--steps", type=int, default=30)
+    cli.add_argument("--batch", type=int, default=4)
+    cli.add_argument("--seq", type=int, default=2048)
+    cli.add_argument("--set", dest="extra", action="append", default=[], help="more loraft --set overrides")
     every = sub.add_parser("all")
     every.add_argument("--steps", type=int, default=20)
     every.add_argument("--batch", type=int, default=4)
@@ -432,6 +533,7 @@ def main():
     every.add_argument("--out", type=Path)
     every.add_argument("--only", help="comma-separated modes (lora,qlora,real) or case ids (see CASES) to run")
     every.add_argument("--skip-unfused", action="store_true", help="leave out the fused_lora: false comparison")
+    every.add_argument("--profile", help="comma-separated case ids that also write a kernel table and launch counts")
     probe = sub.add_parser("probe", help="longest batch-1 sequence: anchor by search, loraft at --factor times it")
     probe.add_argument("--mode", default="qlora", choices=["lora", "qlora"])
     probe.add_argument("--start", type=int, default=16384)
@@ -452,13 +554,16 @@ def main():
         configure_cuda_allocator()
     if args.cmd == "one":
         print(json.dumps(run_one(args.tool, args.mode, args.batch, args.seq, args.steps, args.gc, args.liger, args.offload,
-                                 not args.unfused, args.profile, "torch" if args.torch_lora_kernels else "auto")), flush=True)
+                                 not args.unfused, args.profile, "torch" if args.torch_lora_kernels else "auto",
+                                 args.stock_trainer)), flush=True)
+    elif args.cmd == "cli":
+        print(json.dumps(run_cli(args.config, args.steps, args.batch, args.seq, args.extra)), flush=True)
     elif args.cmd == "probe-one":
         print(json.dumps(probe_longest(args.tool, args.mode, args.lengths, args.search, args.ceiling)), flush=True)
     elif args.cmd == "probe":
         drive_probe(args.mode, args.out, args.start, args.factor, args.ceiling)
     else:
-        drive(args.steps, args.batch, args.seq, args.out, args.only, args.skip_unfused)
+        drive(args.steps, args.batch, args.seq, args.out, args.only, args.skip_unfused, args.profile)
 
 
 if __name__ == "__main__":
