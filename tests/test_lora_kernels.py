@@ -22,8 +22,9 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 # Triton's CPU interpreter stands in for a GPU; on a CUDA machine the compiled kernels are checked instead (the
-# `cuda` cases below). There the interpreter cases failed (4 of 7 tests on the H200, issue 17): with a CUDA
-# driver present Triton's interpreter does not run these CPU-tensor kernels as it does on a machine without one.
+# `cuda` cases below). There the interpreter cases failed (4 of 7 tests on the H200, issue 17): launching
+# _lora_a_kernel on CPU tensors, Triton 3.6's interpreter raised TypeError('only 0-dimensional arrays can be
+# converted to Python scalars') in its `__index__` (scripts/results/gpu_tests.json).
 INTERPRETER = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the compiled kernels are tested (cuda cases)")
 
 # The keep-mask the kernels draw for a stream, read back through lora_a: all-ones input, A = a 16-column
