@@ -68,6 +68,15 @@ class LoraSpec(Spec):
     target_modules: list[str] | TargetPreset = Field(
         "all-linear", description="Linear layers to adapt: a list of names, or all-linear, attention, mlp."
     )
+    target_experts: bool | Literal["auto"] = Field(
+        "auto",
+        description="MoE models: adapt the routed experts (fused 3-D expert weights, through PEFT's target_parameters; "
+        "they take no dropout, DoRA or PiSSA). auto: yes with all-linear or mlp, no with attention or a list; "
+        "false leaves them frozen. validate and train report the share of each block the targets reach.",
+    )
+    target_router: bool = Field(
+        False, description="MoE models: also adapt the router that picks the experts (off: routing stays as pretrained)."
+    )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): slower, sometimes better at low rank.")

@@ -110,7 +110,7 @@ def merge(
     if out.exists():
         raise LoraftError(f"--out: {out} already exists; choose another folder or remove it")
     qlora = _qlora_choice(run, qlora_base)
-    lora = load_adapter(run)
+    lora = load_adapter(run, None if source.gguf_file else source.path)
 
     with one_torch_thread(), atomic_dir(out) as staging, _base_checkpoint(spec, source, out.parent, console) as base_dir:
         plan = plan_merge(base_dir, lora, dtype, qlora)
@@ -174,20 +174,39 @@ class AdapterWeights:
     replacements: dict[str, torch.Tensor]  # modules_to_save and trained biases: replace the base tensor
     config: dict
     sha256: str
+    parameters: dict[str, "ParameterDelta"] = field(default_factory=dict)  # LoRA on expert/router parameters
 
 
 UNSUPPORTED = {
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "aLoRA",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on nn.Parameter targets",
     "trainable_token_indices": "trainable tokens",
     "use_bdlora": "BD-LoRA",
 }
 
 
-def load_adapter(run: AdapterRun) -> AdapterWeights:
-    """Read adapter_model.safetensors and group its tensors by base tensor; refuse what we cannot merge exactly."""
+@dataclass(frozen=True)
+class ParameterDelta:
+    """LoRA on an nn.Parameter (PEFT's ParamWrapper): a fused (experts, out, in) expert tensor or a 2-D router weight."""
+
+    parameter: str  # the model's parameter name, e.g. model.layers.0.mlp.experts.gate_up_proj
+    A: torch.Tensor  # (r*E, in)
+    B: torch.Tensor  # (out, r*E)
+    experts: int
+    scaling: float
+    out_first: bool
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B_e, A_e): expert e's update is scaling * B_e @ A_e, (out, in)."""
+        from .coverage import expert_factors
+
+        return expert_factors(self.A, self.B, self.experts)[e]
+
+
+def load_adapter(run: AdapterRun, base_dir: Path | None = None) -> AdapterWeights:
+    """Read adapter_model.safetensors and group its tensors by base tensor; refuse what we cannot merge exactly.
+    LoRA on expert/router parameters (target_parameters) needs the base's config (`base_dir`) for its layout."""
     from peft.utils.other import get_pattern_key
     from safetensors.torch import load_file
 
@@ -201,6 +220,7 @@ def load_adapter(run: AdapterRun) -> AdapterWeights:
     if not path.is_file():
         raise LoraftError(f"--adapter: {run.path} has no adapter_model.safetensors (pickled .bin adapters are not read)")
     tensors = load_file(str(path))
+    wrappers = _parameter_wrappers(run, base_dir)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     replacements: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -216,8 +236,11 @@ def load_adapter(run: AdapterRun) -> AdapterWeights:
             replacements[name] = value
 
     rslora = bool(cfg.get("use_rslora"))
-    deltas, bias_deltas = {}, {}
+    deltas, bias_deltas, parameters = {}, {}, {}
     for module, parts in sorted(grouped.items()):
+        if module in wrappers:
+            parameters[wrappers[module].parameter] = _parameter_delta(wrappers[module], parts, cfg, rslora)
+            continue
         embedding = "lora_embedding_A" in parts
         A = parts.get("lora_embedding_A" if embedding else "lora_A.weight")
         B = parts.get("lora_embedding_B" if embedding else "lora_B.weight")
@@ -236,9 +259,34 @@ def load_adapter(run: AdapterRun) -> AdapterWeights:
         deltas[f"{module}.weight"] = ModuleDelta(module, A, B, scaling, transpose, magnitude)
         if "lora_B.bias" in parts:
             bias_deltas[f"{module}.bias"] = parts["lora_B.bias"].float() * scaling
-    if not deltas:
+    if not deltas and not parameters:
         raise LoraftError(f"--adapter: {path} holds no LoRA weights")
-    return AdapterWeights(deltas, bias_deltas, replacements, cfg, file_sha256(path))
+    return AdapterWeights(deltas, bias_deltas, replacements, cfg, file_sha256(path), parameters)
+
+
+def _parameter_wrappers(run: AdapterRun, base_dir: Path | None) -> dict:
+    from transformers import AutoConfig
+
+    from .coverage import wrappers_for_adapter
+
+    if not run.adapter_config.get("target_parameters"):
+        return {}
+    if base_dir is None:
+        raise LoraftError("--adapter: LoRA on expert parameters needs the base model's config to be merged")
+    trust = bool(run.config and run.config.model.trust_remote_code)
+    return wrappers_for_adapter(AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust), run.adapter_config, trust)
+
+
+def _parameter_delta(wrapper, parts: dict, cfg: dict, rslora: bool) -> ParameterDelta:
+    from peft.utils.other import get_pattern_key
+
+    A, B = parts.get("lora_A.weight"), parts.get("lora_B.weight")
+    if A is None or B is None or "lora_B.bias" in parts:
+        raise LoraftError(f"--adapter: {wrapper.parameter} lacks a lora_A/lora_B pair (or has a LoRA bias)")
+    r = A.shape[0] // wrapper.experts
+    alpha = cfg.get("alpha_pattern", {}).get(get_pattern_key(cfg.get("alpha_pattern", {}).keys(), wrapper.parameter), cfg["lora_alpha"])
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r
+    return ParameterDelta(wrapper.parameter, A, B, wrapper.experts, scaling, wrapper.out_first)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +359,7 @@ def plan_merge(base_dir: Path, adapter: AdapterWeights, dtype: str, qlora: "Qlor
     located = shard_index(files)
     out_dtype = _output_dtype(dtype, located)
     embed, head, tied = _embedding_names(base_dir)
+    adapter = checkpoint_deltas(adapter, located, base_dir)
 
     missing = [
         n for n in list(adapter.deltas) + list(adapter.replacements) + list(adapter.bias_deltas)
@@ -339,6 +388,84 @@ def plan_merge(base_dir: Path, adapter: AdapterWeights, dtype: str, qlora: "Qlor
         shards, out_dtype, base_dir, adapter, untie, qlora.mode if qlora else None,
         max(p.stat().st_size for p in files), n_params, set(adapter.deltas),
     )
+
+
+def checkpoint_deltas(adapter: AdapterWeights, located: dict, base_dir: Path) -> AdapterWeights:
+    """The adapter's updates keyed by the base checkpoint's own tensor names.
+
+    transformers 5 fuses each MoE layer's experts into 3-D parameters when it loads a checkpoint and splits
+    them again when it saves one (its conversion mapping: per-expert `experts.<e>.gate_proj.weight` and
+    `up_proj` rows concatenated into `experts.gate_up_proj`, Mixtral's `block_sparse_moe` renamed `mlp`).
+    Merging writes the checkpoint's layout, so each expert's update s*B_e@A_e goes to its own per-expert
+    tensor (the rows of the fused one it came from): every adapted tensor stays 2-D and checked as before."""
+    if not adapter.parameters:
+        return adapter
+    from dataclasses import replace
+
+    from transformers import AutoConfig
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    model_type = AutoConfig.from_pretrained(str(base_dir)).model_type
+    names = _checkpoint_names(located, get_checkpoint_conversion_mapping(model_type) or [])
+    deltas = dict(adapter.deltas)
+    done = set()
+    for name, (model_name, expert, rows) in names.items():
+        update = adapter.parameters.get(model_name)
+        if update is None:
+            continue
+        done.add(model_name)
+        module = name.removesuffix(".weight")
+        if update.experts == 1 and expert is None:
+            deltas[name] = ModuleDelta(module, update.A, update.B, update.scaling, False)
+            continue
+        if expert is None or not update.out_first:
+            raise LoraftError(
+                f"--adapter: {model_name} is stored fused ({list(located[name][1])}) in this base checkpoint; loraft merges "
+                "expert updates into per-expert tensors (the layout transformers saves) only"
+            )
+        b_e, a_e = update.expert(expert)
+        deltas[name] = ModuleDelta(module, a_e, b_e[rows[0] : rows[1]], update.scaling, False)
+    missing = sorted(set(adapter.parameters) - done)
+    if missing:
+        raise LoraftError(
+            f"--base: the adapter changes {missing[0]} (and {len(missing) - 1} more), which this base checkpoint does not hold"
+        )
+    return replace(adapter, deltas=deltas, parameters={})
+
+
+def _checkpoint_names(located: dict, conversions: list) -> dict[str, tuple[str, int | None, tuple[int, int] | None]]:
+    """Base tensor name -> (the model's parameter it becomes, expert index, its rows in that parameter)."""
+    import re
+
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
+
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    found = {}
+    for name in located:
+        renamed = name
+        for renaming in renamings:
+            for source, target in zip(renaming.source_patterns, renaming.target_patterns):
+                renamed = re.sub(source, target, renamed)
+        found[name] = (renamed, None, None)
+        for converter in converters:
+            ops = [type(op) for op in converter.operations]
+            if ops not in ([MergeModulelist], [MergeModulelist, Concatenate]) or len(converter.target_patterns) != 1:
+                continue
+            patterns = [re.escape(p).replace(r"\*", r"(\d+)") for p in converter.source_patterns]
+            for j, pattern in enumerate(patterns):
+                match = re.search(pattern, renamed)
+                if match is None:
+                    continue
+                expert = int(match.group(1))
+                before, after = renamed[: match.start()], renamed[match.end() :]
+                offset = 0
+                for k in range(j):  # rows of the tensors concatenated before this one (same expert)
+                    sibling = name.replace(match.group(0), converter.source_patterns[k].replace("*", str(expert)))
+                    offset += located[sibling][1][0]
+                rows = located[name][1][0]
+                found[name] = (before + converter.target_patterns[0] + after, expert, (offset, offset + rows))
+    return found
 
 
 def _job(name, src, source_name, shape, src_dtype, out_dtype, adapter: AdapterWeights, qlora) -> TensorJob:
@@ -422,7 +549,7 @@ def write_merged(plan: MergePlan, out_dir: Path, console) -> Written:
                     weight_map[job.name] = file_name
                     progress.advance(task, job.nbytes)
     atomic_write_json(out_dir / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    if checked != len(plan.adapter.deltas):
+    if checked != len(plan.adapter.deltas) or not checked:
         raise VerificationError(f"merge: {checked} of {len(plan.adapter.deltas)} adapted tensors were written and checked")
     scalings = [d.scaling for d in plan.adapter.deltas.values()]
     return Written(weight_map, total, time.time() - started, worst_abs, worst_ratio, checked, scalings)

@@ -232,7 +232,7 @@ def resolve_target_modules(lora: LoraSpec, available: list[str]) -> list[str] | 
     return list(lora.target_modules)
 
 
-def build_lora_config(lora: LoraSpec, target_modules):
+def build_lora_config(lora: LoraSpec, target_modules, target_parameters=None):
     from peft import LoraConfig
 
     init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[lora.init]
@@ -241,6 +241,7 @@ def build_lora_config(lora: LoraSpec, target_modules):
         lora_alpha=lora.resolved_alpha,
         lora_dropout=lora.dropout,
         target_modules=target_modules,
+        target_parameters=list(target_parameters) if target_parameters else None,
         bias=lora.bias,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
@@ -260,17 +261,36 @@ class ParamCounts:
         return 100.0 * self.trainable / max(self.total, 1)
 
 
-def count_lora_params(model_config, lora: LoraSpec, trust_remote_code: bool = False) -> tuple[ParamCounts, list[str]]:
-    """Trainable/total parameters of the LoRA-wrapped model, computed on the meta device."""
-    from peft import get_peft_model
+def count_lora_params(model_config, lora: LoraSpec, trust_remote_code: bool = False):
+    """Trainable/total parameters of the LoRA-wrapped model, its linear layer names and what the targets
+    reach by block type (coverage.Coverage), computed on the meta device. Options PEFT cannot combine
+    with expert parameters are a ConfigError here, before any weight loads."""
+    from .coverage import coverage
 
     model = meta_model(model_config, trust_remote_code)
     available = linear_module_names(model)
-    targets = resolve_target_modules(lora, available)
-    peft_model = get_peft_model(model, build_lora_config(lora, targets))
+    peft_model, plan = _wrap(model, lora, available)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    return ParamCounts(trainable, total), available
+    return ParamCounts(trainable, total), available, coverage(peft_model, plan)
+
+
+def _wrap(model, lora: LoraSpec, available: list[str]):
+    """get_peft_model with loraft's targets (coverage.target_plan), checked before and after PEFT sees them."""
+    import warnings
+
+    from peft import get_peft_model
+
+    from .coverage import check_expert_options, check_plan_applied, target_plan
+
+    plan = target_plan(lora, model, available)
+    check_expert_options(lora, plan)
+    with warnings.catch_warnings():
+        # PEFT warns that its rank/alpha patterns for transformers-4 expert names matched nothing; loraft sets none.
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*")
+        peft_model = get_peft_model(model, build_lora_config(lora, plan.modules, plan.parameters))
+    check_plan_applied(plan, peft_model.peft_config["default"])
+    return peft_model, plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,12 +379,9 @@ def attach_lora(model, lora: LoraSpec):
     every non-quantized weight (embeddings, lm_head, norms) to fp32, which costs ~4 GiB on an 8B model and
     makes the norm activations fp32. Frozen weights need no fp32 copy; the LoRA weights are fp32 anyway
     (PEFT autocasts adapters), and non-reentrant checkpointing needs no input gradients."""
-    from peft import get_peft_model
-
-    targets = resolve_target_modules(lora, linear_module_names(model))
     for param in model.parameters():
         param.requires_grad_(False)
-    return get_peft_model(model, build_lora_config(lora, targets))
+    return _wrap(model, lora, linear_module_names(model))[0]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -164,7 +164,7 @@ def _read_adapter(path: str | Path, what: str):
     if not (folder / "adapter_config.json").is_file():
         raise LoraftError(f"{what}: {folder} holds no adapter (no adapter_config.json); pass a run folder written by loraft train")
     run = AdapterRun.load(folder)
-    factors = read_factors(load_adapter_state(run.path), run.adapter_config)
+    factors = read_factors(load_adapter_state(run.path), run.adapter_config, adapter_wrappers(run))
     if not factors:
         raise LoraftError(f"{what}: {folder}/adapter_model.safetensors holds no lora_A/lora_B weights; is it a LoRA adapter?")
     return run, factors, spectra_of(factors)
@@ -309,13 +309,14 @@ def adapter_statistics(
     base_weight_norms: Mapping[str, float] | None = None,
     *,
     energy: float = DEFAULT_ENERGY,
+    wrappers: Mapping | None = None,
 ) -> dict:
     """Per-module rank statistics and their aggregates as plain JSON (what `train` puts in the manifest).
 
     `adapter_dir_or_state` is an adapter folder or a state dict with PEFT key names; `adapter_config`
     defaults to the folder's adapter_config.json; `base_weight_norms` maps module name -> ||W||_F.
     """
-    stats = compute_module_stats(adapter_dir_or_state, adapter_config, base_weight_norms, energy=energy)
+    stats = compute_module_stats(adapter_dir_or_state, adapter_config, base_weight_norms, energy=energy, wrappers=wrappers)
     verdict, median = overall_verdict(stats)
     by_type, by_layer = group(stats, lambda m: m.module_type), group(stats, lambda m: m.layer)
     return {
@@ -330,7 +331,8 @@ def adapter_statistics(
     }
 
 
-def compute_module_stats(adapter_dir_or_state, adapter_config=None, base_weight_norms=None, *, energy=DEFAULT_ENERGY):
+def compute_module_stats(adapter_dir_or_state, adapter_config=None, base_weight_norms=None, *, energy=DEFAULT_ENERGY,
+                         wrappers=None):
     if isinstance(adapter_dir_or_state, (str, Path)):
         folder = Path(adapter_dir_or_state)
         state = load_adapter_state(folder)
@@ -343,19 +345,27 @@ def compute_module_stats(adapter_dir_or_state, adapter_config=None, base_weight_
     if adapter_config is None:
         raise LoraftError("adapter_statistics: pass adapter_config with a state dict")
     norms = base_weight_norms or {}
-    factors = read_factors(state, adapter_config)
+    factors = read_factors(state, adapter_config, wrappers)
     spectra = spectra_of(factors)
     return [module_stats(f, spectra[name], norms.get(name), energy) for name, f in factors.items()]
 
 
 def model_weight_norms(peft_model) -> dict[str, float]:
-    """||W||_F of each LoRA-wrapped layer's frozen weight, from a model in memory (4-/8-bit dequantized)."""
+    """||W||_F of each LoRA-wrapped layer's frozen weight, from a model in memory (4-/8-bit dequantized);
+    for fused expert parameters (PEFT's ParamWrapper) one norm per expert, named as read_factors names them."""
     from peft.utils.integrations import dequantize_module_weight
+
+    from .coverage import parameter_wrappers
 
     norms = {}
     with torch.no_grad():
+        wrappers = parameter_wrappers(peft_model)
+        for name, module in peft_model.get_base_model().named_modules():
+            param = module.get_param() if name in wrappers else None
+            if param is not None and type(param).__name__ != "DTensor":
+                norms.update(_wrapped_norms(wrappers[name], param))
         for name, module in peft_model.named_modules():
-            if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")):
+            if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")) or type(module).__name__ == "ParamWrapper":
                 continue
             # finalize runs on rank 0 alone: a sharded weight (FSDP2 DTensor, FSDP1 flat parameter, ZeRO-3
             # placeholder) would need a collective the other ranks never join, so it gets no norm.
@@ -386,8 +396,41 @@ class Factors:
         return int(self.lora_b.shape[0]), int(self.lora_a.shape[1])
 
 
-def read_factors(state: Mapping[str, torch.Tensor], adapter_config: dict) -> dict[str, Factors]:
-    """PEFT keys -> per-module factors with their own r/alpha (rank_pattern, alpha_pattern, rsLoRA)."""
+def original_weight_norms(model) -> dict[str, float]:
+    """||W||_F of every nn.Linear of a model not yet wrapped: PiSSA/OLoRA replace W by a residual when the
+    adapter is attached, and ||dW||/||W|| must compare with the weights the user gave."""
+    with torch.no_grad():
+        return {name: float(m.weight.float().norm()) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _wrapped_norms(wrapper, param: torch.Tensor) -> dict[str, float]:
+    if wrapper.experts == 1:
+        return {wrapper.parameter.removesuffix(".weight"): float(param.float().norm())}
+    container, _, leaf = wrapper.parameter.rpartition(".")
+    return {f"{container}.{e}.{leaf}": float(param[e].float().norm()) for e in range(wrapper.experts)}
+
+
+def adapter_wrappers(run) -> dict:
+    """The ParamWrapper layout of a run's adapter (LoRA on fused expert / router parameters): from its
+    manifest, else rebuilt on the base's meta model; {} for an ordinary adapter."""
+    from .coverage import WrappedParameter, wrappers_for_adapter
+    from .model import load_model_config
+
+    if not run.adapter_config.get("target_parameters"):
+        return {}
+    recorded = ((run.manifest or {}).get("lora") or {}).get("parameter_wrappers")
+    if recorded:
+        return {k: WrappedParameter(**{**v, "shape": tuple(v["shape"])}) for k, v in recorded.items()}
+    try:
+        spec, source, _ = run.resolve_base(None, force=True)
+        return wrappers_for_adapter(load_model_config(spec, source), run.adapter_config, spec.trust_remote_code)
+    except LoraftError as exc:
+        raise LoraftError(f"adapter: its LoRA on expert parameters needs the base model's config to be read ({exc})") from None
+
+
+def read_factors(state: Mapping[str, torch.Tensor], adapter_config: dict, wrappers: Mapping | None = None) -> dict[str, Factors]:
+    """PEFT keys -> per-module factors with their own r/alpha (rank_pattern, alpha_pattern, rsLoRA).
+    A fused expert parameter (in `wrappers`) becomes one module per expert, `...experts.<e>.<name>`."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         match = _KEY.match(key)
@@ -399,14 +442,37 @@ def read_factors(state: Mapping[str, torch.Tensor], adapter_config: dict) -> dic
     rslora = bool(adapter_config.get("use_rslora"))
     base_alpha = float(adapter_config.get("lora_alpha") or adapter_config.get("r") or 1)
     alpha_pattern = adapter_config.get("alpha_pattern") or {}
+    if adapter_config.get("target_parameters") and wrappers is None:
+        raise LoraftError("adapter: LoRA on expert parameters (target_parameters) needs their layout; pass wrappers")
     factors = {}
     for module in sorted(pairs, key=_natural):
         a, b = pairs[module]["A"], pairs[module]["B"]
+        wrapper = (wrappers or {}).get(module)
+        if wrapper is not None:
+            factors.update(_expert_factors(wrapper, a, b, adapter_config, rslora, base_alpha, alpha_pattern))
+            continue
         rank = a.shape[0]  # the stored shape is the truth; rank_pattern only explains it
         alpha = float(alpha_pattern.get(_pattern_key(alpha_pattern, module), base_alpha))
         scaling = alpha / (math.sqrt(rank) if rslora else rank)
         factors[module] = Factors(module, a, b, rank, alpha, scaling)
     return factors
+
+
+def _expert_factors(wrapper, a, b, adapter_config, rslora, base_alpha, alpha_pattern) -> dict[str, Factors]:
+    from .coverage import expert_factors
+
+    alpha = float(alpha_pattern.get(_pattern_key(alpha_pattern, wrapper.parameter), base_alpha))
+    if wrapper.experts == 1:
+        module = wrapper.parameter.removesuffix(".weight")
+        rank = a.shape[0]
+        return {module: Factors(module, a, b, rank, alpha, alpha / (math.sqrt(rank) if rslora else rank))}
+    container, _, leaf = wrapper.parameter.rpartition(".")
+    found = {}
+    for e, (b_e, a_e) in enumerate(expert_factors(a, b, wrapper.experts)):
+        rank = a_e.shape[0]
+        module = f"{container}.{e}.{leaf}"
+        found[module] = Factors(module, a_e, b_e, rank, alpha, alpha / (math.sqrt(rank) if rslora else rank))
+    return found
 
 
 def _pattern_key(patterns: Mapping[str, object], module: str) -> str | None:

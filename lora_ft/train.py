@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class Preflight:
     data: dict | None
     memory_gib: dict
     deployment_notes: tuple[str, ...] = ()  # conversions `loraft export` will make for serving.deployment
+    coverage: "object" = None  # coverage.Coverage: what the targets reach, by block type
 
     def summary(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
@@ -47,6 +49,7 @@ class Preflight:
             f"lora        r={self.cfg.lora.rank} alpha={self.cfg.lora.resolved_alpha:g} scaling={self.cfg.lora.scaling:g} "
             f"targets={self.cfg.lora.target_modules if isinstance(self.cfg.lora.target_modules, str) else ','.join(self.cfg.lora.target_modules)}",
             f"trainable   {self.trainable:,} params ({pct:.3f}% of {self.total:,})",
+            *([self.coverage.summary()] if self.coverage is not None else []),
             f"precision   {self.precision}" + (" + 4-bit base" if self.cfg.model.quantization else ""),
             f"memory      ~{self.memory_gib['total']:.1f} GiB estimated on the device "
             f"(weights {self.memory_gib['weights']:.1f}, LoRA+optimizer {self.memory_gib['lora_state']:.2f}, "
@@ -90,13 +93,14 @@ def preflight(cfg: RunConfig, *, need_data: bool = True) -> Preflight:
     check_weight_format(cfg.model, source)
     tokenizer = load_tokenizer(cfg.model, source)
     model_config = load_model_config(cfg.model, source)
-    counts, linear = count_lora_params(model_config, cfg.lora, cfg.model.trust_remote_code)
+    counts, linear, reach = count_lora_params(model_config, cfg.lora, cfg.model.trust_remote_code)
     notes = check_deployment(cfg.serving, cfg.lora, model_config.model_type, source.gguf_file is not None)
     data = None
     if cfg.data is not None:
         data = validate_rows(cfg.data, bool(getattr(tokenizer, "chat_template", None)), cfg.training.seed)
     memory = estimate_memory_gib(cfg, model_config, counts.total, counts.trainable, precision)
-    return Preflight(cfg, source, tokenizer, model_config, counts.trainable, counts.total, linear, precision, data, memory, tuple(notes))
+    return Preflight(cfg, source, tokenizer, model_config, counts.trainable, counts.total, linear, precision, data, memory,
+                     tuple(notes), reach)
 
 
 def estimate_memory_gib(cfg: RunConfig, model_config, total: int, trainable: int, precision: str) -> dict:
@@ -172,6 +176,7 @@ def train(
     from .data import load_training_data
     from .data_check import gate_data
     from .fingerprint import fingerprint_model_path
+    from .coverage import check_same_coverage
     from .model import attach_lora, load_base_model
     from .speed import apply_speed_plan, liger_patches_scoped, plan_speed
 
@@ -204,8 +209,11 @@ def train(
         set_seed(cfg.training.seed)
         model = load_base_model(cfg.model, check.source, check.precision)
         speed = plan_speed(cfg, check.model_config, trainable=check.trainable)
+        base_norms = original_base(model, data, check.tokenizer, cfg) if cfg.lora.init in ("pissa", "olora") else None
         model = attach_lora(model, cfg.lora)
+        check_same_coverage(model, check.coverage)
         apply_speed_plan(model, speed)
+    console.print(check.coverage.summary().replace("reaches     ", "lora reaches ", 1))
     console.print(f"speed: {speed.summary()}")
     model.peft_config["default"].base_model_name_or_path = _recorded_base_name(cfg, check.source)
 
@@ -215,6 +223,8 @@ def train(
         run.create()
         run.write_text(CONFIG, config_to_yaml(cfg))
         run.write_state(state)
+        if cfg.lora.init in ("pissa", "olora"):
+            save_initial_adapter(model, run.path / INITIAL_ADAPTER)
         if resume_from is not None:
             truncate_metrics(run.path / METRICS, plan.step)  # steps after the checkpoint are trained (and logged) again
         else:
@@ -224,11 +234,11 @@ def train(
     with liger_patches_scoped(check.model_config, speed.liger):
         trainer = _build_trainer(cfg, check, model, data, run, console, speed, signals, command)
         return _run_and_finish(cfg, check, model, data, run, console, speed, signals, command, trainer, state,
-                               resume_from, base_fingerprint, started, main)
+                               resume_from, base_fingerprint, started, main, base_norms)
 
 
 def _run_and_finish(cfg, check, model, data, run, console, speed, signals, command, trainer, state, resume_from,
-                    base_fingerprint, started, main) -> TrainResult:
+                    base_fingerprint, started, main, base_norms=None) -> TrainResult:
     import torch
 
     from .checkpoints import resume_hint
@@ -250,7 +260,7 @@ def _run_and_finish(cfg, check, model, data, run, console, speed, signals, comma
         raise Interrupted(f"{signals.name} at step {trainer.state.global_step}: {resume_hint(run, command)}", exit_code=signals.exit_code)
 
     model.eval()
-    scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size)
+    scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size, base=(base_norms or {}).get("heldout"))
     if not main:
         trainer.accelerator.wait_for_everyone()
         return TrainResult(run.path, {}, scores)
@@ -264,6 +274,7 @@ def _run_and_finish(cfg, check, model, data, run, console, speed, signals, comma
         speed=speed,
         base_fingerprint=base_fingerprint,
         wall_seconds=time.time() - started,
+        base_norms=base_norms,
     )
     trainer.accelerator.wait_for_everyone()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -440,15 +451,16 @@ def _trainer_class():
     return LoraftTrainer
 
 
-def final_scores(model, data, tokenizer, batch_size: int) -> dict:
-    """Held-out loss of the base (adapter disabled) and of the adapter, on the same tokens."""
+def final_scores(model, data, tokenizer, batch_size: int, base: dict | None = None) -> dict:
+    """Held-out loss of the base (adapter disabled, or `base` when measured before the adapter changed
+    the base weights) and of the adapter, on the same tokens."""
     from .evaluate import heldout_loss
 
     if data.eval is None:
         return {}
     pad = tokenizer.pad_token_id
     return {
-        "base": heldout_loss(model, data.eval.encoded, pad_token_id=pad, batch_size=batch_size, disable_adapter=True),
+        "base": base or heldout_loss(model, data.eval.encoded, pad_token_id=pad, batch_size=batch_size, disable_adapter=True),
         "adapter": heldout_loss(model, data.eval.encoded, pad_token_id=pad, batch_size=batch_size),
     }
 
@@ -457,14 +469,17 @@ def final_scores(model, data, tokenizer, batch_size: int) -> dict:
 # Finishing: adapter, tokenizer, card, curve, and the manifest last
 
 
-def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds) -> dict:
+def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds,
+             base_norms=None) -> dict:
     from .chat_template import end_of_turn_token, generation_config
+    from .coverage import parameter_wrappers
     from .progress import plot_loss_curve, read_metrics
     from .rank_diagnostics import adapter_statistics, model_weight_norms
 
     stage = run.staging()
     model = trainer.model
-    model.save_pretrained(str(stage), safe_serialization=True)
+    conversion = save_adapter(model, stage, cfg.lora, run.path / INITIAL_ADAPTER)
+    wrappers = parameter_wrappers(model)
     check.tokenizer.save_pretrained(str(stage))
     generation = generation_config(check.model_config, check.tokenizer)
     generation.save_pretrained(str(stage))
@@ -491,8 +506,13 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
             "alpha": cfg.lora.resolved_alpha,
             "scaling": cfg.lora.scaling,
             "target_modules": sorted(model.peft_config["default"].target_modules),
+            "target_parameters": sorted(model.peft_config["default"].target_parameters or []),
+            "coverage": check.coverage.to_json() if check.coverage is not None else None,
             "use_rslora": cfg.lora.use_rslora,
             "use_dora": cfg.lora.use_dora,
+            "init": cfg.lora.init,
+            "converted": conversion,
+            "parameter_wrappers": {k: {**w.__dict__, "shape": list(w.shape)} for k, w in wrappers.items()},
         },
         "chat": {
             "template": cfg.model.chat_template or ("tokenizer" if check.tokenizer.chat_template else None),
@@ -523,14 +543,65 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
         "environment": environment(),
         "serving": cfg.serving.model_dump(),
         # what `loraft inspect` reports per module (spectrum, effective rank, ||dW||/||W||), kept with the run
-        "adapter_stats": adapter_statistics(stage, None, model_weight_norms(model)),
+        "adapter_stats": adapter_statistics(stage, None, (base_norms or {}).get("norms") or model_weight_norms(model), wrappers=wrappers),
     }
     (stage / "README.md").write_text(model_card(cfg, manifest), encoding="utf-8")
     run.install(stage)
     stage.rmdir()
+    shutil.rmtree(run.path / INITIAL_ADAPTER, ignore_errors=True)
     run.write_json("manifest.json", manifest)  # "finished" from here on; then the unfinished marker goes
     (run.path / "run_state.json").unlink(missing_ok=True)
     return manifest
+
+
+# PiSSA/OLoRA train against W minus the initial low-rank part; the adapter as it was before the first step
+# is kept here until the end, when the trained one is converted to an ordinary adapter on the original W.
+INITIAL_ADAPTER = "initial_adapter"
+
+
+def original_base(model, data, tokenizer, cfg: RunConfig) -> dict:
+    """What PiSSA/OLoRA take away once the adapter is attached (W becomes a residual, so disabling the
+    adapter no longer gives the base): the weight norms and the held-out loss of the original base."""
+    from .evaluate import heldout_loss
+    from .rank_diagnostics import original_weight_norms
+
+    heldout = None
+    if data.eval is not None:
+        heldout = heldout_loss(model, data.eval.encoded, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.training.batch_size)
+    return {"norms": original_weight_norms(model), "heldout": heldout}
+
+
+def save_initial_adapter(model, path: Path) -> None:
+    """The PiSSA/OLoRA adapter before training (loaded back as plain weights, hence init_lora_weights True).
+    A resumed run keeps the one written at its start: the same decomposition of the same base."""
+    if (path / "adapter_model.safetensors").is_file():
+        return
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    try:
+        model.save_pretrained(str(path), safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+
+
+def save_adapter(model, stage: Path, lora, initial: Path) -> dict | None:
+    """Save the adapter; a PiSSA/OLoRA one converted (PEFT's path_initial_model_for_weight_conversion) to an
+    ordinary rank-2r adapter on the original base, so merge, eval, generate and plain PEFT need no residual
+    base. Returns what the manifest records about the conversion (None for other inits)."""
+    if lora.init not in ("pissa", "olora"):
+        model.save_pretrained(str(stage), safe_serialization=True)
+        return None
+    model.save_pretrained(str(stage), safe_serialization=True, path_initial_model_for_weight_conversion=str(initial))
+    saved = json.loads((stage / "adapter_config.json").read_text(encoding="utf-8"))
+    return {
+        "from": lora.init,
+        "trained_rank": lora.rank,
+        "saved_rank": saved["r"],
+        "saved_alpha": saved["lora_alpha"],
+        "base": "original",
+        "why": f"{lora.init} trains against W minus its initial low-rank part; the saved adapter is the trained "
+               "update minus the initial one (rank 2r, same alpha/r), applied to the original W",
+    }
 
 
 def _peak_gpu_gib() -> float | None:
