@@ -269,14 +269,15 @@ def count_lora_params(model_config, lora: LoraSpec, trust_remote_code: bool = Fa
 
     model = meta_model(model_config, trust_remote_code)
     available = linear_module_names(model)
-    peft_model, plan = _wrap(model, lora, available)
+    peft_model, plan = _wrap(model, lora, available, initialise=False)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     return ParamCounts(trainable, total), available, coverage(peft_model, plan)
 
 
-def _wrap(model, lora: LoraSpec, available: list[str]):
-    """get_peft_model with loraft's targets (coverage.target_plan), checked before and after PEFT sees them."""
+def _wrap(model, lora: LoraSpec, available: list[str], *, initialise: bool = True):
+    """get_peft_model with loraft's targets (coverage.target_plan), checked before and after PEFT sees them.
+    `initialise=False` (the meta model, for counting): plain init, since PiSSA/OLoRA decompose real weights."""
     import warnings
 
     from peft import get_peft_model
@@ -288,7 +289,10 @@ def _wrap(model, lora: LoraSpec, available: list[str]):
     with warnings.catch_warnings():
         # PEFT warns that its rank/alpha patterns for transformers-4 expert names matched nothing; loraft sets none.
         warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*")
-        peft_model = get_peft_model(model, build_lora_config(lora, plan.modules, plan.parameters))
+        config = build_lora_config(lora, plan.modules, plan.parameters)
+        if not initialise:
+            config.init_lora_weights = True
+        peft_model = get_peft_model(model, config)
     check_plan_applied(plan, peft_model.peft_config["default"])
     return peft_model, plan
 

@@ -172,6 +172,13 @@ def _read_adapter(path: str | Path, what: str):
 
 def _notes(run, factors: dict[str, Factors], stats: list[ModuleStats]) -> list[str]:
     notes = []
+    converted = ((run.manifest or {}).get("lora") or {}).get("converted")
+    if converted:
+        notes.append(
+            f"{converted['from']} adapter saved converted to rank {converted['saved_rank']} (2 x {converted['trained_rank']}): "
+            "the trained update minus the initial one, on the original base; verdicts use r = "
+            f"{converted['saved_rank']} and the scaling alpha/r is unchanged"
+        )
     if run.adapter_config.get("use_dora"):
         notes.append("DoRA adapter: figures describe the direction update s*B*A; the learned magnitude vector is not included")
     relative = mean_relative_norm(stats)
