@@ -172,7 +172,7 @@ def check_expert_options(lora: LoraSpec, plan: TargetPlan) -> None:
         )
 
 
-def check_plan_applied(plan: TargetPlan, peft_config) -> None:
+def check_plan_applied(plan: TargetPlan, peft_config, model_type: str) -> None:
     """PEFT rewrites some target names on MoE families it converts from transformers 4 (gate_proj, up_proj,
     down_proj, w1..w3, gate). If it changed ours, what trains is not what the config says: stop."""
     if not plan.moe:
@@ -180,11 +180,11 @@ def check_plan_applied(plan: TargetPlan, peft_config) -> None:
     got_modules = set(peft_config.target_modules or ())
     got_params = set(peft_config.target_parameters or ())
     if got_modules != set(plan.modules) or got_params != set(plan.parameters):
-        moved = sorted(set(plan.modules) - got_modules)
+        moved = ", ".join(sorted(set(plan.modules) - got_modules)) or "?"
         raise ModelError(
-            f"lora.target_modules: PEFT rewrote the targets of this MoE model (transformers-4 names {', '.join(moved) or '?'} "
-            f"became expert parameters), so dense or shared-expert layers would not train; list target_modules "
-            f"without {', '.join(moved) or 'them'}"
+            f"lora.target_modules: PEFT turns the linear layers named {moved} of this {model_type} model into its routed "
+            f"experts' parameters (a transformers-4 compatibility rename), so those dense or shared-expert layers cannot "
+            f"be adapted and would silently stay frozen; list target_modules without {moved} to train the rest"
         )
 
 
@@ -215,6 +215,7 @@ class Coverage:
     experts: bool
     router: bool
     expert_parameters: tuple[str, ...]
+    adapted: frozenset = frozenset()  # the base parameters the adapter changes, by name
 
     def block(self, name: str) -> BlockCoverage | None:
         return next((b for b in self.blocks if b.block == name), None)
@@ -268,15 +269,16 @@ def coverage(peft_model, plan: TargetPlan | None = None) -> Coverage:
     blocks = tuple(BlockCoverage(b, weights[b], hit[b], trainable[b]) for b in BLOCKS if weights[b] or trainable[b])
     experts = sorted({w.parameter.rsplit(".", 1)[-1] for w in wrapped.values() if w.experts > 1})
     moe = plan.moe if plan is not None else bool(experts)
-    return Coverage(blocks, moe, bool(experts), any(w.experts == 1 for w in wrapped.values()), tuple(experts))
+    return Coverage(blocks, moe, bool(experts), any(w.experts == 1 for w in wrapped.values()), tuple(experts),
+                    frozenset(reached))
 
 
 def check_same_coverage(peft_model, planned: Coverage) -> None:
     """The model with its weights must be wrapped exactly as the meta model validate reported."""
     from .errors import VerificationError
 
-    actual = coverage(peft_model, None)
-    if [b.to_json() for b in actual.blocks] != [b.to_json() for b in planned.blocks]:
+    actual = coverage(peft_model, None)  # by name: a 4-bit weight is packed, so its parameter count differs
+    if actual.adapted != planned.adapted:
         raise VerificationError(
             f"lora: the loaded model's adapter reaches {actual.summary()} but validate reported {planned.summary()}"
         )
@@ -291,7 +293,7 @@ def _unwrapped(name: str) -> str:
 
 def _owner(original: str) -> str:
     """The module a parameter belongs to; LoRA factors and trained copies belong to the module they adapt."""
-    for marker in (".lora_", ".modules_to_save."):
+    for marker in (".lora_", ".modules_to_save.", ".token_adapter."):
         if marker in original:
             return original.split(marker, 1)[0]
     return original.rpartition(".")[0]

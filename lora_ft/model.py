@@ -293,7 +293,7 @@ def _wrap(model, lora: LoraSpec, available: list[str], *, initialise: bool = Tru
         if not initialise:
             config.init_lora_weights = True
         peft_model = get_peft_model(model, config)
-    check_plan_applied(plan, peft_model.peft_config["default"])
+    check_plan_applied(plan, peft_model.peft_config["default"], getattr(model.config, "model_type", "?"))
     return peft_model, plan
 
 

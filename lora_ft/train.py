@@ -209,7 +209,7 @@ def train(
         set_seed(cfg.training.seed)
         model = load_base_model(cfg.model, check.source, check.precision)
         speed = plan_speed(cfg, check.model_config, trainable=check.trainable)
-        base_norms = original_base(model, data, check.tokenizer, cfg) if cfg.lora.init in ("pissa", "olora") else None
+        original = original_base(model, data, check.tokenizer, cfg) if cfg.lora.init in ("pissa", "olora") else None
         model = attach_lora(model, cfg.lora)
         check_same_coverage(model, check.coverage)
         apply_speed_plan(model, speed)
@@ -234,11 +234,11 @@ def train(
     with liger_patches_scoped(check.model_config, speed.liger):
         trainer = _build_trainer(cfg, check, model, data, run, console, speed, signals, command)
         return _run_and_finish(cfg, check, model, data, run, console, speed, signals, command, trainer, state,
-                               resume_from, base_fingerprint, started, main, base_norms)
+                               resume_from, base_fingerprint, started, main, original)
 
 
 def _run_and_finish(cfg, check, model, data, run, console, speed, signals, command, trainer, state, resume_from,
-                    base_fingerprint, started, main, base_norms=None) -> TrainResult:
+                    base_fingerprint, started, main, original=None) -> TrainResult:
     import torch
 
     from .checkpoints import resume_hint
@@ -260,7 +260,9 @@ def _run_and_finish(cfg, check, model, data, run, console, speed, signals, comma
         raise Interrupted(f"{signals.name} at step {trainer.state.global_step}: {resume_hint(run, command)}", exit_code=signals.exit_code)
 
     model.eval()
-    scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size, base=(base_norms or {}).get("heldout"))
+    scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size)
+    if scores and original:  # PiSSA/OLoRA: with the adapter disabled the model is the residual, not the base
+        scores["base"] = original["heldout"]
     if not main:
         trainer.accelerator.wait_for_everyone()
         return TrainResult(run.path, {}, scores)
@@ -274,7 +276,7 @@ def _run_and_finish(cfg, check, model, data, run, console, speed, signals, comma
         speed=speed,
         base_fingerprint=base_fingerprint,
         wall_seconds=time.time() - started,
-        base_norms=base_norms,
+        original=original,
     )
     trainer.accelerator.wait_for_everyone()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -451,16 +453,15 @@ def _trainer_class():
     return LoraftTrainer
 
 
-def final_scores(model, data, tokenizer, batch_size: int, base: dict | None = None) -> dict:
-    """Held-out loss of the base (adapter disabled, or `base` when measured before the adapter changed
-    the base weights) and of the adapter, on the same tokens."""
+def final_scores(model, data, tokenizer, batch_size: int) -> dict:
+    """Held-out loss of the base (adapter disabled) and of the adapter, on the same tokens."""
     from .evaluate import heldout_loss
 
     if data.eval is None:
         return {}
     pad = tokenizer.pad_token_id
     return {
-        "base": base or heldout_loss(model, data.eval.encoded, pad_token_id=pad, batch_size=batch_size, disable_adapter=True),
+        "base": heldout_loss(model, data.eval.encoded, pad_token_id=pad, batch_size=batch_size, disable_adapter=True),
         "adapter": heldout_loss(model, data.eval.encoded, pad_token_id=pad, batch_size=batch_size),
     }
 
@@ -470,7 +471,7 @@ def final_scores(model, data, tokenizer, batch_size: int, base: dict | None = No
 
 
 def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds,
-             base_norms=None) -> dict:
+             original=None) -> dict:
     from .chat_template import end_of_turn_token, generation_config
     from .coverage import parameter_wrappers
     from .progress import plot_loss_curve, read_metrics
@@ -543,7 +544,7 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
         "environment": environment(),
         "serving": cfg.serving.model_dump(),
         # what `loraft inspect` reports per module (spectrum, effective rank, ||dW||/||W||), kept with the run
-        "adapter_stats": adapter_statistics(stage, None, (base_norms or {}).get("norms") or model_weight_norms(model), wrappers=wrappers),
+        "adapter_stats": adapter_statistics(stage, None, (original or {}).get("norms") or model_weight_norms(model), wrappers=wrappers),
     }
     (stage / "README.md").write_text(model_card(cfg, manifest), encoding="utf-8")
     run.install(stage)
@@ -627,6 +628,13 @@ def environment() -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), "device": device, **versions}
 
 
+def _converted_note(manifest: dict) -> str:
+    converted = manifest["lora"].get("converted")
+    if not converted:
+        return ""
+    return f" ({converted['from']}; saved converted to rank {converted['saved_rank']} on the original base)"
+
+
 def model_card(cfg: RunConfig, manifest: dict) -> str:
     held = manifest["metrics"]["heldout"]
     score = ""
@@ -642,7 +650,7 @@ tags: [lora, loraft]
 ---
 # LoRA adapter for {cfg.model.name}
 
-Trained with loraft {__version__}: rank {cfg.lora.rank}, alpha {cfg.lora.resolved_alpha:g},
+Trained with loraft {__version__}: rank {cfg.lora.rank}, alpha {cfg.lora.resolved_alpha:g}{_converted_note(manifest)},
 targets {', '.join(manifest['lora']['target_modules'])}; {manifest['trainable_params']:,} trainable parameters;
 {manifest['metrics']['steps']} steps, precision {manifest['precision']}, seed {cfg.training.seed}.
 

@@ -150,3 +150,23 @@ def test_run_leaving_the_experts_frozen_says_so_and_trains_no_expert(moe_dirs, w
     keys = load_file(str(run / "adapter_model.safetensors"))
     assert not [k for k in keys if ".experts." in k]
     assert [k for k in keys if "shared_expert." in k]
+
+
+def test_targets_peft_would_rename_on_deepseek_v3_are_an_error_not_a_silent_freeze(tmp_path, write_yaml, run_cli):
+    """DeepSeek-V3's dense first layer and shared experts have gate_proj/up_proj/down_proj linears, which
+    PEFT 0.21 renames to the routed experts' parameters on this family: validate says so instead."""
+    from transformers import DeepseekV3Config
+
+    model_dir = tmp_path / "deepseek"
+    tokenizer = build_tokenizer()
+    DeepseekV3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2,
+        first_k_dense_replace=1, n_routed_experts=EXPERTS, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
+        topk_group=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
+        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+    ).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    code, _, err = run_cli("validate", write_yaml(moe_config(tmp_path, model_dir)))
+    assert code == 2
+    assert "PEFT turns the linear layers named down_proj, gate_proj, up_proj of this deepseek_v3 model" in err
+    assert len(err.strip().splitlines()) == 1
