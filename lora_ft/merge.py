@@ -272,7 +272,10 @@ def _parameter_wrappers(run: AdapterRun, base_dir: Path | None) -> dict:
     if not run.adapter_config.get("target_parameters"):
         return {}
     if base_dir is None:
-        raise LoraftError("--adapter: LoRA on expert parameters needs the base model's config to be merged")
+        raise LoraftError(
+            "--adapter: LoRA on MoE expert/router parameters (target_parameters) is read with the base model's config; "
+            "merge it (loraft merge, or loraft export --to merged)"
+        )
     trust = bool(run.config and run.config.model.trust_remote_code)
     return wrappers_for_adapter(AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust), run.adapter_config, trust)
 
