@@ -134,8 +134,15 @@ class DataChecksSpec(Spec):
     )
     duplicates: CheckLevel = Field("warn", description="Exact and near-duplicate rows within train and within eval.")
     contradictions: CheckLevel = Field("warn", description="The same prompt with different answers.")
+    chat_fields: CheckLevel = Field(
+        "warn", description="Message fields (tool_calls, reasoning_content, ...) and a row's tools that the chat template does not render."
+    )
     # fail: leaked eval rows make the held-out loss that train reports (base -> adapter) flatter than the truth.
-    leakage: CheckLevel = Field("fail", description="Eval rows that also appear, exactly or nearly, in train.")
+    leakage: CheckLevel = Field("fail", description="Eval rows that also appear exactly (after normalising) in train.")
+    # warn: near-duplicate search is a heuristic; on templated data most new rows are near a train row.
+    near_leakage: CheckLevel = Field(
+        "warn", description="Eval rows whose Jaccard with a train row reaches near_duplicate_threshold; each is listed beside that row."
+    )
     balance: CheckLevel = Field("warn", description="Short-answer tasks where one answer dominates.")
     end_of_turn: CheckLevel = Field(
         "fail", description="Chat rows whose assistant turns do not end with a trained end-of-turn token (the model never stops)."

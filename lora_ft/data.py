@@ -5,6 +5,12 @@ Reads local JSONL/JSON/CSV/Parquet (or a Hub dataset) and accepts four row forma
 Rows with a prompt become a one-turn conversation when the tokenizer has a chat template, so the
 model trains on exactly what it sees at inference.
 
+Chat messages reach the template whole: besides role and content, fields such as `tool_calls`,
+`reasoning_content` or `tool_call_id` are passed through, and a row's `tools` list goes to
+`apply_chat_template(..., tools=...)`. Whatever the template renders for an assistant message (its tool
+calls included) is trained with that turn; tool results are masked like user turns. A field the template
+does not render is found by rendering with and without it (`ignored_fields`) and reported by the data check.
+
 Loss masks are computed here, not by TRL: we render the conversation and find each assistant
 turn by the character span it adds to the rendered text, then label the tokens inside those spans
 (offset mapping). That works for any template, with or without `{% generation %}` markers. Bad rows
@@ -44,11 +50,12 @@ class Row:
 
 @dataclass(frozen=True)
 class Example:
-    """A row in canonical form: either a conversation, or a plain text."""
+    """A row in canonical form: either a conversation (with the row's tool definitions, if any), or a plain text."""
 
     messages: tuple[dict, ...] | None
     text: str | None
     where: str
+    tools: tuple[dict, ...] | None = None  # passed to apply_chat_template(tools=...)
 
 
 @dataclass
@@ -216,7 +223,7 @@ def to_example(row: Row, fmt: str, spec: DataSpec, *, use_chat: bool) -> Example
     if fmt == "text":
         return Example(None, _string(data, "text", row, allow_empty=False), row.where)
     if fmt == "chat":
-        return Example(_messages(data, row), None, row.where)
+        return Example(_messages(data, row), None, row.where, _tools(data, row))
     if fmt == "alpaca":
         instruction = _string(data, "instruction", row, allow_empty=False)
         extra = data.get("input") or ""
@@ -249,6 +256,10 @@ def _string(data: dict, name: str, row: Row, *, allow_empty: bool) -> str:
 
 
 def _messages(data: dict, row: Row) -> tuple[dict, ...]:
+    """The conversation as the template will see it: every field of every message is kept (ShareGPT's
+    from/value become role/content). The order rules catch what no conversation means: two user or two
+    assistant turns in a row (a tool result between assistant turns is the tool-use loop), a tool result
+    that answers no assistant turn."""
     raw = data.get("messages", data.get("conversations"))
     if not isinstance(raw, list) or not raw:
         raise DataError(f"{row.where}: 'messages' must be a non-empty list of {{role, content}} objects")
@@ -256,21 +267,62 @@ def _messages(data: dict, row: Row) -> tuple[dict, ...]:
     for index, message in enumerate(raw):
         if not isinstance(message, dict):
             raise DataError(f"{row.where}: message {index} is not an object")
-        # ShareGPT style {from, value} is common enough to accept.
-        role = message.get("role", {"human": "user", "gpt": "assistant"}.get(message.get("from"), message.get("from")))
-        content = message.get("content", message.get("value"))
-        if role not in ROLES:
-            raise DataError(f"{row.where}: message {index} has role {role!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise DataError(f"{row.where}: message {index} content must be a string")
-        out.append({"role": role, "content": content})
+        out.append(_message(message, index, row))
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{row.where}: the conversation has no assistant message to learn from")
-    roles = [m["role"] for m in out if m["role"] in ("user", "assistant")]
-    for a, b in zip(roles, roles[1:]):
-        if a == b:
-            raise DataError(f"{row.where}: two {a} messages in a row; user and assistant turns must alternate")
+    turns = [(i, m["role"]) for i, m in enumerate(out) if m["role"] != "system"]
+    for (_, a), (i, b) in zip(turns, turns[1:]):
+        if a == b and a in ("user", "assistant"):
+            hint = "; tool results go between a tool call and the next assistant turn" if a == "assistant" else ""
+            raise DataError(f"{row.where}: two {a} messages in a row; user and assistant turns must alternate{hint}")
+        if b == "tool" and a not in ("assistant", "tool"):
+            raise DataError(f"{row.where}: message {i} is a tool result after a {a} message; it must follow the "
+                            "assistant turn that called the tool")
+    if turns[0][1] == "tool":
+        raise DataError(f"{row.where}: message {turns[0][0]} is a tool result before any assistant turn called a tool")
     return tuple(out)
+
+
+def _message(message: dict, index: int, row: Row) -> dict:
+    out = dict(message)
+    if "role" not in out and "from" in out:  # ShareGPT style {from, value} is common enough to accept
+        speaker = out.pop("from")
+        out["role"] = {"human": "user", "gpt": "assistant"}.get(speaker, speaker)
+    if "content" not in out and "value" in out:
+        out["content"] = out.pop("value")
+    role = out.get("role")
+    if role not in ROLES:
+        raise DataError(f"{row.where}: message {index} has role {role!r}; use one of {', '.join(ROLES)}")
+    calls = out.get("tool_calls")
+    if calls is not None and (role != "assistant" or not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
+        raise DataError(f"{row.where}: message {index} 'tool_calls' must be a list of objects on an assistant message")
+    if out.get("content") is None and calls:
+        out["content"] = ""  # OpenAI writes null content beside tool calls; templates concatenate strings
+    if not isinstance(out.get("content"), str):
+        raise DataError(f"{row.where}: message {index} content must be a string")
+    return out
+
+
+def _tools(data: dict, row: Row) -> tuple[dict, ...] | None:
+    tools = data.get("tools")
+    if tools is None:
+        return None
+    if isinstance(tools, str):  # some datasets store the list as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise DataError(f"{row.where}: field 'tools' is a string that is not JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{row.where}: field 'tools' must be a list of tool definitions (objects)")
+    return tuple(tools) or None
+
+
+def message_text(message: dict) -> str:
+    """What a message says, as plain text for comparing rows: its content, then its other fields as JSON."""
+    extra = {k: v for k, v in message.items() if k not in ("role", "content")}
+    if not extra:
+        return message["content"]
+    return "\n".join(filter(None, (message["content"], json.dumps(extra, sort_keys=True, ensure_ascii=False))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,13 +340,14 @@ def render_with_spans(example: Example, tokenizer) -> tuple[str, list[tuple[int,
         bos = tokenizer.bos_token if _adds_bos(tokenizer) else ""
         text = bos + prompt + completion + (tokenizer.eos_token or "")
         return text, [(len(bos) + len(prompt), len(text))]
-    full = _render(tokenizer, messages, add_generation_prompt=False, where=example.where)
+    tools, where = example.tools, example.where
+    full = _render(tokenizer, messages, add_generation_prompt=False, where=where, tools=tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True, where=example.where) if i else ""
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, where=example.where)
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True, where=where, tools=tools) if i else ""
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, where=where, tools=tools)
         if not full.startswith(through) or not through.startswith(before):
             raise DataError(
                 f"{example.where}: the chat template renders turns differently in context; "
@@ -305,11 +358,41 @@ def render_with_spans(example: Example, tokenizer) -> tuple[str, list[tuple[int,
     return full, spans
 
 
-def _render(tokenizer, messages, *, add_generation_prompt: bool, where: str) -> str:
+def _render(tokenizer, messages, *, add_generation_prompt: bool, where: str, tools=None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as exc:
         raise DataError(f"{where}: the chat template failed on this row ({str(exc).splitlines()[0][:200]})") from None
+
+
+def ignored_fields(example: Example, tokenizer) -> list[str]:
+    """Fields of this conversation the chat template does not render: one name per occurrence (a message's
+    field, or `tools` for the row's tool list). Found by rendering the conversation without each one in
+    turn: the same text means the template never read it. A template that fails without a field uses it."""
+    if example.messages is None or example.messages[0]["role"] == "prompt":
+        return []
+    messages = list(example.messages)
+    extras = [(i, key) for i, m in enumerate(messages) for key in m if key not in ("role", "content")]
+    if not extras and not example.tools:
+        return []
+    full = _render(tokenizer, messages, add_generation_prompt=False, where=example.where, tools=example.tools)
+
+    def unchanged(variant: list[dict], tools) -> bool:
+        try:
+            return tokenizer.apply_chat_template(variant, tools=list(tools) if tools else None, tokenize=False) == full
+        except Exception:
+            return False
+
+    ignored = []
+    for i, key in extras:
+        without = {k: v for k, v in messages[i].items() if k != key}
+        if unchanged(messages[:i] + [without] + messages[i + 1 :], example.tools):
+            ignored.append(key)
+    if example.tools and unchanged(messages, None):
+        ignored.append("tools")
+    return ignored
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -369,6 +452,7 @@ class TrainingData:
     train: SplitData
     eval: SplitData | None
     sources: list[dict]
+    heldout_overlap: dict | None = None  # eval rows with a copy in train (data_check.HeldoutOverlap), for the manifest
 
 
 def load_rows(spec: DataSpec, seed: int) -> tuple[list[Row], list[Row] | None]:
@@ -471,4 +555,4 @@ def iter_texts(examples: Iterable[Example]) -> Iterable[str]:
         if example.text is not None:
             yield example.text
         else:
-            yield "\n".join(m["content"] for m in example.messages)
+            yield "\n".join(message_text(m) for m in example.messages)

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataSpec, RunConfig
-from .data import IGNORE, Example, Row, detect_format, encode, examples_from_rows, load_rows
+from .data import IGNORE, Example, Row, detect_format, encode, examples_from_rows, ignored_fields, load_rows, message_text
 from .errors import ConfigError, DataError
 from .near_dup import ShingleIndex
 
-CHECKS = ("row_schema", "lengths", "duplicates", "contradictions", "leakage", "balance")
+CHECKS = ("row_schema", "chat_fields", "lengths", "duplicates", "contradictions", "leakage", "near_leakage", "balance",
+          "end_of_turn")
 SHOWN = 5  # examples kept per finding: enough to recognise the problem, small enough to read
 SNIPPET = 100  # characters of a row shown in an example
 # A "short-answer task" (classification-like) is one where answers are labels: nearly all of them a
@@ -71,6 +72,39 @@ class SplitReport:
 
 
 @dataclass(frozen=True)
+class HeldoutOverlap:
+    """How many eval rows have a copy in train: the caveat on every held-out figure. Near copies are a
+    heuristic (word-bigram Jaccard), so each pair is kept for a person to judge; on templated data most
+    rows are near another without being a copy. `near` is None when the near_leakage check is off."""
+
+    eval_rows: int
+    exact: int
+    near: int | None
+    threshold: float
+    pairs: tuple[dict, ...] = ()  # every flagged eval row beside the closest train row found, most similar first
+
+    def caveat(self) -> str | None:
+        return heldout_caveat(self.to_json())
+
+    def to_json(self) -> dict:
+        return {"eval_rows": self.eval_rows, "exact_copies_in_train": self.exact, "near_copies_in_train": self.near,
+                "near_threshold": self.threshold}
+
+
+def heldout_caveat(overlap: dict | None) -> str | None:
+    """The line beside held-out figures (train summary, from the manifest's data.heldout_overlap)."""
+    if not overlap:
+        return None
+    exact, near = overlap["exact_copies_in_train"], overlap["near_copies_in_train"] or 0
+    if not exact and not near:
+        return None
+    parts = [f"{exact} exactly"] if exact else []
+    parts += [f"{near} nearly (Jaccard >= {overlap['near_threshold']:g})"] if near else []
+    return (f"{exact + near} of {overlap['eval_rows']} held-out rows have a copy in train ({', '.join(parts)}): "
+            "on those rows the held-out loss measures memory of train, not generalisation")
+
+
+@dataclass(frozen=True)
 class DataCheckResult:
     format: str
     max_seq_length: int
@@ -79,6 +113,7 @@ class DataCheckResult:
     findings: tuple[Finding, ...]
     seconds: float
     fix: "_FixPlan" = field(repr=False, compare=False)
+    overlap: HeldoutOverlap | None = None  # None without an eval split or with both leakage checks off
 
     @property
     def failed(self) -> bool:
@@ -133,6 +168,7 @@ class DataCheckResult:
             "seconds": round(self.seconds, 2),
             "splits": [s.to_json() for s in self.splits],
             "findings": [f.to_json() for f in self.findings],
+            "heldout_overlap": {**self.overlap.to_json(), "pairs": list(self.overlap.pairs)} if self.overlap else None,
         }
 
     def to_markdown(self) -> str:
@@ -150,6 +186,14 @@ class DataCheckResult:
             out.append(f"### {f.level.upper()} {f.check}: {f.name} ({f.split})\n\n{f.message}\n")
             out.extend(f"- `{_example_line(ex)}`" for ex in f.examples)
             out.append("")
+        if self.overlap and self.overlap.pairs:
+            out.append("## Eval rows with a copy in train\n")
+            out.append(f"{self.overlap.caveat()}. Each flagged eval row beside the most similar train row found:\n")
+            out.append("| eval row | train row | Jaccard | eval text | train text |\n|---|---|---|---|---|")
+            for p in self.overlap.pairs:
+                cells = (p["where"], p["in_train"], f"{p['jaccard']:.3f}", p["text"], p["train_text"])
+                out.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+            out.append("")
         return "\n".join(out) + "\n"
 
     def write_report(self, folder: Path) -> list[Path]:
@@ -166,6 +210,8 @@ class DataCheckResult:
 
 
 def _example_line(ex: dict) -> str:
+    if "train_text" in ex:  # a near copy: both rows, so the user can judge
+        return f"{ex['where']} ~ {ex['in_train']} (Jaccard {ex['jaccard']:.2f})  eval: {ex['text']}  train: {ex['train_text']}"
     return "  ".join(f"{k}={v}" if k != "where" else str(v) for k, v in ex.items())
 
 
@@ -193,9 +239,7 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
     add = _collector(findings, levels)
     reports = []
     for split in splits:
-        tokens = None
-        if levels["lengths"] != "off":
-            tokens = _token_checks(split, tokenizer, spec.train_on, cfg.training.max_seq_length, add, console)
+        tokens = _render_checks(split, tokenizer, spec.train_on, cfg.training.max_seq_length, add, console, levels)
         add("row_schema", "malformed_rows", split.name, [_error_item(e) for e in split.errors],
             f"rows do not fit the {fmt} format or its chat template")
         if levels["duplicates"] != "off":
@@ -206,8 +250,9 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
         reports.append(SplitReport(split.name, len(split.rows), len(split.errors), tokens, answers))
     if levels["end_of_turn"] != "off" and fmt != "text" and getattr(tokenizer, "chat_template", None):
         _end_of_turn_check(splits[0], tokenizer, spec.train_on, cfg.training.max_seq_length, add)
-    if len(splits) == 2 and levels["leakage"] != "off":
-        _leakage_check(splits[0], splits[1], cfg.data.checks.near_duplicate_threshold, add)
+    overlap = None
+    if len(splits) == 2 and (levels["leakage"] != "off" or levels["near_leakage"] != "off"):
+        overlap = _leakage_checks(splits[0], splits[1], cfg.data.checks.near_duplicate_threshold, levels, add)
     contradictions = _contradiction_checks(splits, add) if levels["contradictions"] != "off" and fmt != "text" else []
 
     for split in splits:
@@ -215,7 +260,7 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
     plan = _FixPlan(splits, contradictions)
     return DataCheckResult(
         fmt, cfg.training.max_seq_length, cfg.data.checks.near_duplicate_threshold, tuple(reports), tuple(findings),
-        time.perf_counter() - started, plan,
+        time.perf_counter() - started, plan, overlap,
     )
 
 
@@ -320,31 +365,42 @@ def _parts(example: Example, system_prompt: str | None) -> tuple[str | None, str
         return None, None, example.text
     messages = [m for m in example.messages if not (m["role"] == "system" and m["content"] == system_prompt)]
     last = max(i for i, m in enumerate(messages) if m["role"] in ("assistant", "completion"))
-    prompt = "\n".join(m["content"] for m in messages[:last])
-    whole = "\n".join(m["content"] for m in messages)
-    return prompt, messages[last]["content"], whole
+    texts = [message_text(m) for m in messages]
+    if example.tools:
+        texts.insert(0, json.dumps(list(example.tools), sort_keys=True, ensure_ascii=False))
+        last += 1
+    return "\n".join(texts[:last]), texts[last], "\n".join(texts)
 
 
 # ---------------------------------------------------------------------------------------------
 # Tokens
 
 
-def _token_checks(split: _Split, tokenizer, train_on: str, max_len: int, add, console) -> dict | None:
+def _render_checks(split: _Split, tokenizer, train_on: str, max_len: int, add, console, levels: dict) -> dict | None:
+    """Render and tokenize every row once: token lengths (the lengths check) and the fields the chat
+    template does not render (chat_fields). Returns the length statistics, None when lengths is off."""
+    lengths_on, fields_on = levels["lengths"] != "off", levels["chat_fields"] != "off"
+    if not lengths_on and not fields_on:
+        return None
     n = len(split.examples)
     full = np.zeros(n, dtype=np.int64)
     before = np.zeros(n, dtype=np.int64)
     after = np.zeros(n, dtype=np.int64)
     ok = np.ones(n, dtype=bool)
+    ignored: dict[int, list[str]] = {}
     with _progress(console, f"tokenizing {split.name}", n) as advance:
-        for start, lengths, errors in _encode_all(split.examples, tokenizer, train_on, max_len):
+        for start, lengths, errors, fields in _encode_all(split.examples, tokenizer, train_on, max_len, lengths_on, fields_on):
             stop = start + len(lengths)
             full[start:stop], before[start:stop], after[start:stop] = lengths.T
             for i, message in errors:  # e.g. the chat template fails on this row
                 split.errors.append(message)
                 split.removed[i] = "malformed"
                 ok[i] = False
+            ignored.update(fields)
             advance(stop - start)
-    if not ok.any():
+    if fields_on:
+        _ignored_fields_finding(split, ignored, add)
+    if not lengths_on or not ok.any():
         return None
     lengths = full[ok]
 
@@ -380,11 +436,12 @@ CHUNK_ROWS = 2_000
 _WORK: dict = {}
 
 
-def _encode_all(examples: list[Example], tokenizer, train_on: str, max_len: int):
-    """Yield (first index, [full, trained before, trained after] per row, [(index, error)]) chunk by chunk, in order."""
+def _encode_all(examples: list[Example], tokenizer, train_on: str, max_len: int, lengths: bool = True, fields: bool = True):
+    """Yield (first index, [full, trained before, trained after] per row, [(index, error)], {index: ignored
+    fields}) chunk by chunk, in order. `lengths` encodes every row; `fields` looks for ignored chat fields."""
     chunks = [(start, min(start + CHUNK_ROWS, len(examples))) for start in range(0, len(examples), CHUNK_ROWS)]
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 8)
-    _WORK.update(examples=examples, tokenizer=tokenizer, train_on=train_on, max_len=max_len)
+    _WORK.update(examples=examples, tokenizer=tokenizer, train_on=train_on, max_len=max_len, lengths=lengths, fields=fields)
     try:
         if workers < 2 or len(examples) < PARALLEL_MIN_ROWS or "fork" not in multiprocessing.get_all_start_methods():
             yield from map(_encode_chunk, chunks)
@@ -395,18 +452,33 @@ def _encode_all(examples: list[Example], tokenizer, train_on: str, max_len: int)
         _WORK.clear()
 
 
-def _encode_chunk(bounds: tuple[int, int]) -> tuple[int, np.ndarray, list[tuple[int, str]]]:
+def _encode_chunk(bounds: tuple[int, int]) -> tuple[int, np.ndarray, list[tuple[int, str]], dict[int, list[str]]]:
     start, stop = bounds
     lengths = np.zeros((stop - start, 3), dtype=np.int64)
-    errors = []
+    errors, ignored = [], {}
+    tokenizer = _WORK["tokenizer"]
     for k, example in enumerate(_WORK["examples"][start:stop]):
         try:
-            item = encode(example, _WORK["tokenizer"], train_on=_WORK["train_on"], max_seq_length=_WORK["max_len"])
+            if _WORK["lengths"]:
+                item = encode(example, tokenizer, train_on=_WORK["train_on"], max_seq_length=_WORK["max_len"])
+                lengths[k] = item.full_length, item.trained_before_truncation, sum(1 for label in item.labels if label != IGNORE)
+            if _WORK["fields"] and (found := ignored_fields(example, tokenizer)):
+                ignored[start + k] = found
         except DataError as exc:
             errors.append((start + k, str(exc)))
-            continue
-        lengths[k] = item.full_length, item.trained_before_truncation, sum(1 for label in item.labels if label != IGNORE)
-    return start, lengths, errors
+    return start, lengths, errors, ignored
+
+
+def _ignored_fields_finding(split: _Split, ignored: dict[int, list[str]], add) -> None:
+    """One finding per split: which fields the template never renders, how often, and where first."""
+    if not ignored:
+        return
+    counts = Counter(name for names in ignored.values() for name in names)
+    what = ", ".join(f"{name} ({n}x)" for name, n in counts.most_common())
+    items = [{"where": split.where(i), "fields": ", ".join(sorted(set(names)))} for i, names in sorted(ignored.items())]
+    add("chat_fields", "ignored_by_template", split.name, items,
+        f"rows have fields the chat template does not render, so the model never sees them: {what}; "
+        "use a template that renders them (model.chat_template) or drop them from the data")
 
 
 class _progress:
@@ -533,26 +605,39 @@ def _end_of_turn_check(split: _Split, tokenizer, train_on: str, max_len: int, ad
             "not learn to stop (see it with loraft data show)", count=report.missing)
 
 
-def _leakage_check(train: _Split, evaluation: _Split, threshold: float, add) -> None:
+def _leakage_checks(train: _Split, evaluation: _Split, threshold: float, levels: dict, add) -> HeldoutOverlap:
+    """Eval rows also in train. Exact copies (after normalising) are `leakage` and fail by default: the
+    held-out loss on them is train loss. Near copies are `near_leakage` and warn by default: Jaccard on word
+    bigrams cannot tell a copied row from a new row built from the same template, so each one is listed
+    beside the most similar train row found, for a person to judge."""
     in_train: dict[str, int] = {}
     for i, text in enumerate(train.texts):
         in_train.setdefault(text, i)
-    leaked, rest = [], []
+    exact, rest = [], []
     for i, text in enumerate(evaluation.texts):
         if text in in_train:
             j = in_train[text]
-            leaked.append({"where": evaluation.where(i), "in_train": train.where(j), "jaccard": 1.0, "text": evaluation.snippet(i)})
-            evaluation.removed[i] = f"also in train at {train.where(j)}"
+            exact.append({"where": evaluation.where(i), "in_train": train.where(j), "jaccard": 1.0, "text": evaluation.snippet(i)})
+            if levels["leakage"] != "off":
+                evaluation.removed[i] = f"also in train at {train.where(j)}"
         else:
             rest.append(i)
-    train_unique = np.asarray(sorted(in_train.values()), dtype=np.int64)
-    matches = evaluation.index(threshold).matches(np.asarray(rest, dtype=np.int64), train.index(threshold), train_unique)
-    for i, (j, similarity) in sorted(matches.items()):
-        leaked.append({"where": evaluation.where(i), "in_train": train.where(j), "jaccard": round(similarity, 3), "text": evaluation.snippet(i)})
-        evaluation.removed[i] = f"nearly in train at {train.where(j)} (Jaccard {similarity:.2f})"
-    exact = sum(1 for item in leaked if item["jaccard"] == 1.0)
-    add("leakage", "eval_rows_in_train", "train+eval", leaked,
-        f"eval rows also appear in train ({exact} exactly, {len(leaked) - exact} nearly)")
+    near = []
+    if levels["near_leakage"] != "off":
+        train_unique = np.asarray(sorted(in_train.values()), dtype=np.int64)
+        matches = evaluation.index(threshold).matches(np.asarray(rest, dtype=np.int64), train.index(threshold), train_unique)
+        for i, (j, similarity) in sorted(matches.items()):
+            near.append({"where": evaluation.where(i), "in_train": train.where(j), "jaccard": round(similarity, 3),
+                         "text": evaluation.snippet(i), "train_text": train.snippet(j)})
+            evaluation.removed[i] = f"nearly in train at {train.where(j)} (Jaccard {similarity:.2f})"
+        near.sort(key=lambda item: item["jaccard"], reverse=True)
+    add("leakage", "eval_rows_in_train", "train+eval", exact, "eval rows also appear in train (exactly, after normalising)")
+    add("near_leakage", "eval_rows_near_train", "train+eval", near,
+        f"eval rows are near copies of a train row (Jaccard >= {threshold:g} on word bigrams; rows from one template "
+        "can be this close without being copies: judge from the pairs)")
+    pairs = [{**item, "train_text": item.get("train_text", item["text"])} for item in exact] + near
+    return HeldoutOverlap(len(evaluation.texts), len(exact), len(near) if levels["near_leakage"] != "off" else None,
+                          threshold, tuple(pairs))
 
 
 # ---------------------------------------------------------------------------------------------

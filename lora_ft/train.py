@@ -144,6 +144,8 @@ class TrainResult:
     scores: dict = field(default_factory=dict)
 
     def summary(self) -> str:
+        from .data_check import heldout_caveat
+
         m = self.manifest
         lines = [f"adapter written to {self.run_dir}"]
         train = m["metrics"].get("train_loss")
@@ -157,6 +159,8 @@ class TrainResult:
             )
         elif not base:
             lines.append("held-out loss   (no eval data: set data.eval or data.eval_fraction)")
+        if base and (caveat := heldout_caveat(m["data"].get("heldout_overlap"))):
+            lines.append(f"caveat          {caveat}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -185,7 +189,7 @@ def train(
     check = preflight(cfg)
     for note in check.deployment_notes:
         console.print(f"deploy: {note}")
-    gate_data(cfg, check.tokenizer, console)  # a data check at fail stops every rank here, before weights load or files are written
+    gate = gate_data(cfg, check.tokenizer, console)  # a data check at fail stops every rank here, before weights load or files are written
     main = is_main_process()
     check_output_path(Path(cfg.output_dir), _input_paths(cfg, check.source))  # before --overwrite deletes anything
     # Only rank 0 prepares and writes the run folder; other ranks only read which checkpoint to resume.
@@ -196,6 +200,7 @@ def train(
 
     with console.status("tokenizing data"):
         data = load_training_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length, seed=cfg.training.seed)
+    data.heldout_overlap = gate.overlap.to_json() if gate.overlap else None
     _report_data(console, data)
     if plan is not None and plan.checkpoint is not None:
         check_same_data(run, data.sources)
@@ -532,7 +537,8 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
         },
         "seed": cfg.training.seed,
         "data": {"format": data.format, "sources": data.sources,
-                 "dropped_rows": len(data.train.dropped) + (len(data.eval.dropped) if data.eval else 0)},
+                 "dropped_rows": len(data.train.dropped) + (len(data.eval.dropped) if data.eval else 0),
+                 "heldout_overlap": data.heldout_overlap},
         "metrics": {
             "steps": state.global_step,
             "epochs": round(state.epoch or 0, 3),

@@ -143,3 +143,156 @@ def test_a_builtin_template_whose_tokens_the_vocabulary_lacks_is_refused_with_th
         load_tokenizer(spec, resolve_model_source(spec))
     chatml = load_tokenizer(ModelSpec(name=str(folder), chat_template="chatml"), resolve_model_source(spec))
     assert end_of_turn_token(chatml) == "<|im_end|>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool use: the fields a template renders reach it, and train or mask with their turn
+
+# A Qwen2.5-style tool template (written here, not copied): tools in the system block, an assistant's calls as
+# <tool_call> JSON inside its turn, tool results grouped into one user block. It ignores tool_call_id.
+TOOL_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\\n' }}{% if messages[0].role == 'system' %}{{ messages[0].content + '\\n\\n' }}{% endif %}"
+    "{{ '# Tools\\n<tools>' }}{% for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}{{ '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' -%}{{ '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) -%}"
+    "{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\\n' + message.content }}"
+    "{%- for call in message.tool_calls or [] -%}"
+    "{{ '<tool_call>\\n' + ({'name': call.function.name, 'arguments': call.function.arguments} | tojson) + '\\n</tool_call>' }}"
+    "{%- endfor -%}{{ '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' -%}"
+    "{%- if messages[loop.index0 - 1].role != 'tool' %}{{ '<|im_start|>user' }}{% endif -%}"
+    "{{ '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{ '<|im_end|>\\n' }}{% endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif -%}"
+)
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TOOL_ROW = {
+    "tools": [WEATHER_TOOL],
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+        {"role": "assistant", "content": "It is sunny in Paris."},
+    ],
+}
+TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def _tool_example(row: dict = TOOL_ROW):
+    from lora_ft.data import Row, to_example
+
+    return to_example(Row(row, "t:1"), "chat", DataSpec(train={"path": "x.jsonl"}), use_chat=True)
+
+
+def _trained_spans(tokenizer, item) -> list[str]:
+    spans, previous = [], False
+    for token, label in zip(item.input_ids, item.labels):
+        if label != -100:
+            text = tokenizer.decode([token])
+            spans[-1:] = [spans[-1] + text] if previous else spans[-1:] + [text]
+        previous = label != -100
+    return spans
+
+
+def test_a_tool_use_conversation_trains_the_tool_call_turn_and_the_answer_and_masks_the_tool_result():
+    tokenizer = _tokenizer("chatml")
+    tokenizer.chat_template = TOOL_TEMPLATE
+    item = encode(_tool_example(), tokenizer, train_on="assistant", max_seq_length=512)
+    assert _trained_spans(tokenizer, item) == [TOOL_CALL + "<|im_end|>", "It is sunny in Paris.<|im_end|>"]
+    masked = tokenizer.decode([t for t, label in zip(item.input_ids, item.labels) if label == -100])
+    assert '"name": "get_weather", "description": "Weather in a city"' in masked  # the row's tools reach the template
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in masked
+    report = check_end_of_turn([item], tokenizer, "assistant")
+    assert (report.turns, report.missing) == (2, 0)
+
+
+def test_data_show_shows_the_tool_call_inside_the_trained_span(tmp_path, tiny_config, write_yaml, run_cli):
+    (tmp_path / "tools.jinja").write_text(TOOL_TEMPLATE)
+    tiny_config["model"]["chat_template"] = str(tmp_path / "tools.jinja")
+    tiny_config["data"] = {"train": str(write_jsonl(tmp_path / "chat.jsonl", [TOOL_ROW]))}
+    code, out, err = run_cli("data", "show", write_yaml(tiny_config), "--rows", "1")
+    assert code == 0, err
+    assert f"<|im_start|>assistant\n[[{TOOL_CALL}<|im_end|>]]" in out
+    assert "[[It is sunny in Paris.<|im_end|>]]" in out
+
+
+def test_fields_the_template_ignores_are_reported_once_with_a_count(tmp_path, tiny_config, write_yaml, run_cli):
+    tiny_config["data"] = {"train": str(write_jsonl(tmp_path / "chat.jsonl", [TOOL_ROW] * 3))}
+    tiny_config["data"]["checks"] = {"duplicates": "off"}
+    config = write_yaml(tiny_config)
+    # The tiny model's ChatML template renders content only: the calls, the tool list and the call id vanish.
+    code, out, err = run_cli("data", "check", config, "--report", tmp_path / "plain")
+    assert code == 0, err
+    report = json.loads((tmp_path / "plain" / "data_report.json").read_text())
+    (finding,) = [f for f in report["findings"] if f["check"] == "chat_fields"]
+    assert (finding["name"], finding["count"], finding["level"]) == ("ignored_by_template", 3, "warn")
+    assert "tool_calls (3x), tool_call_id (3x), tools (3x)" in finding["message"]
+    assert finding["examples"][0]["fields"] == "tool_call_id, tool_calls, tools"
+    # A template that renders tool calls and tools: only the id it never reads is reported.
+    (tmp_path / "tools.jinja").write_text(TOOL_TEMPLATE)
+    code, out, err = run_cli("data", "check", config, "--set", f"model.chat_template={tmp_path / 'tools.jinja'}",
+                             "--report", tmp_path / "tools")
+    report = json.loads((tmp_path / "tools" / "data_report.json").read_text())
+    (finding,) = [f for f in report["findings"] if f["check"] == "chat_fields"]
+    assert finding["count"] == 3 and "the model never sees them: tool_call_id (3x);" in finding["message"]
+
+
+def test_train_accepts_tool_rows_and_warns_once_about_the_field_the_template_ignores(tmp_path, tiny_config):
+    import io
+
+    from rich.console import Console
+
+    from lora_ft.train import train
+
+    (tmp_path / "tools.jinja").write_text(TOOL_TEMPLATE)
+    tiny_config["model"]["chat_template"] = str(tmp_path / "tools.jinja")
+    tiny_config["data"] = {"train": str(write_jsonl(tmp_path / "chat.jsonl", [TOOL_ROW] * 4)), "checks": {"duplicates": "off"}}
+    tiny_config["training"].update(max_steps=2, max_seq_length=512, batch_size=4)
+    log = io.StringIO()
+    result = train(validate_dict(tiny_config), console=Console(file=log, width=300))
+    printed = log.getvalue()
+    assert printed.count("warning:") == 1
+    assert "chat_fields (train): 4 rows have fields the chat template does not render" in printed and "tool_call_id (4x)" in printed
+    assert "end of turn: <|im_end|> trained in 8 assistant turns" in printed  # the tool-call turn and the answer, 4 rows
+    assert result.manifest["metrics"]["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    "messages, error",
+    [
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
+         "two user messages in a row"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}],
+         "two assistant messages in a row; user and assistant turns must alternate; tool results go between"),
+        ([{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}, {"role": "assistant", "content": "c"}],
+         "message 1 has role 'wizard'"),
+        ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}, {"role": "assistant", "content": "c"}],
+         "message 1 is a tool result after a user message"),
+        ([{"role": "tool", "content": "a"}, {"role": "assistant", "content": "c"}],
+         "message 0 is a tool result before any assistant turn called a tool"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None}],
+         "message 1 content must be a string"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls": {"name": "f"}}],
+         "message 1 'tool_calls' must be a list of objects on an assistant message"),
+        ([{"role": "user", "content": "a", "tool_calls": [{"name": "f"}]}, {"role": "assistant", "content": "c"}],
+         "message 0 'tool_calls' must be a list of objects on an assistant message"),
+    ],
+)
+def test_conversation_rules_stay_strict_for_real_mistakes(messages, error):
+    with pytest.raises(DataError, match=r"^t:1: " + error.replace("(", r"\(").replace(")", r"\)")):
+        _tool_example({"messages": messages})
+
+
+def test_a_tools_field_that_is_not_a_list_of_definitions_is_refused():
+    with pytest.raises(DataError, match="field 'tools' must be a list of tool definitions"):
+        _tool_example({**TOOL_ROW, "tools": {"name": "get_weather"}})
+    assert _tool_example({**TOOL_ROW, "tools": json.dumps([WEATHER_TOOL])}).tools == (WEATHER_TOOL,)

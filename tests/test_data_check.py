@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
+import re
 
 import pytest
 import yaml
@@ -124,13 +126,98 @@ def test_an_eval_row_contradicting_train_is_found_across_splits(make_config):
     assert result.findings[0].examples[0]["where"].endswith("train.jsonl:7")
 
 
-def test_leaked_eval_rows_are_found_exactly_and_nearly_and_fail_by_default(make_config):
+def test_exact_leakage_fails_and_near_leakage_warns_by_default(make_config):
     train = clean_rows(40)
     evaluation = clean_rows(10, seed=1) + [dict(train[4]), dict(train[8]), one_word_changed(train[20], 3)]
     result = check_data(validate_dict(make_config(train, evaluation)))
-    assert findings(result) == {"train+eval:eval_rows_in_train": 3}
-    assert "2 exactly, 1 nearly" in result.findings[0].message
-    assert result.failed and result.findings[0].level == "fail"
+    assert findings(result) == {"train+eval:eval_rows_in_train": 2, "train+eval:eval_rows_near_train": 1}
+    exact, near = result.findings
+    assert (exact.check, exact.level, near.check, near.level) == ("leakage", "fail", "near_leakage", "warn")
+    assert result.failed
+    (pair,) = near.examples
+    assert pair["where"].endswith("eval.jsonl:13") and pair["in_train"].endswith("train.jsonl:21")
+    assert pair["jaccard"] == pytest.approx(32 / 36, abs=1e-3)
+    assert pair["train_text"] == train[20]["prompt"][:97] + "..."  # the closest train row, as written
+    overlap = result.overlap
+    assert (overlap.eval_rows, overlap.exact, overlap.near) == (13, 2, 1)
+
+
+NAMES, ANIMALS = ["Tom", "Lily", "Sam", "Mia", "Ben", "Zoe"], ["cat", "dog", "frog", "bird", "fox", "bear"]
+PLACES, THINGS = ["forest", "garden", "castle", "river", "village"], ["ball", "key", "hat", "box", "kite"]
+
+
+def templated_stories(n: int, seed: int = 0) -> list[dict]:
+    """The issue's templated task: one story template, different slot values, no combination twice."""
+    combos = list(itertools.product(NAMES, ANIMALS, PLACES, THINGS))
+    random.Random(seed).shuffle(combos)
+    return [
+        {"prompt": f"Write a short story about {name} the {animal} who finds a {thing} in the {place}.",
+         "completion": f"Once upon a time, {name} the {animal} went to the {place}. There {name} found a {thing}. "
+                       f"{name} was very happy with the {thing} and took it home. The end."}
+        for name, animal, place, thing in combos[:n]
+    ]
+
+
+@pytest.fixture
+def templated_config(make_config, write_yaml):
+    """40 train rows and 10 held-out rows, all new combinations: 6 of the 10 are within one slot of a train row
+    (word-bigram Jaccard 0.857), none is in train."""
+    rows = templated_stories(50)
+    return write_yaml(make_config(rows[:40], rows[40:]))
+
+
+def test_a_templated_task_of_new_combinations_passes_data_check_with_a_near_leakage_warning(templated_config, run_cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one finding, one line
+    code, out, err = run_cli("data", "check", templated_config)
+    assert code == 0, err
+    assert "WARN near_leakage/eval_rows_near_train (train+eval): 6 eval rows are near copies of a train row" in out
+    assert "leakage/eval_rows_in_train" not in out
+    assert re.search(r"eval\.jsonl:\d+ ~ \S+train\.jsonl:\d+ \(Jaccard 0\.86\)  eval: Write a short story", out)
+
+
+def test_report_lists_every_flagged_eval_row_beside_its_closest_train_row(templated_config, run_cli, tmp_path):
+    code, _, _ = run_cli("data", "check", templated_config, "--report", tmp_path / "report")
+    assert code == 0
+    overlap = json.loads((tmp_path / "report" / "data_report.json").read_text())["heldout_overlap"]
+    assert {k: v for k, v in overlap.items() if k != "pairs"} == {
+        "eval_rows": 10, "exact_copies_in_train": 0, "near_copies_in_train": 6, "near_threshold": 0.8}
+    train = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
+    evaluation = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    for pair in overlap["pairs"]:
+        row = evaluation[int(pair["where"].rsplit(":", 1)[1]) - 1]
+        similarities = [bigram_jaccard(row, other) for other in train]
+        # the train row shown is the most similar one, and the similarity is the exact Jaccard
+        assert pair["jaccard"] == pytest.approx(max(similarities), abs=1e-3) == pytest.approx(6 / 7, abs=1e-3)
+        assert bigram_jaccard(row, train[int(pair["in_train"].rsplit(":", 1)[1]) - 1]) == max(similarities)
+    markdown = (tmp_path / "report" / "data_report.md").read_text()
+    assert "## Eval rows with a copy in train" in markdown and markdown.count("| 0.857 |") == 6
+
+
+def bigram_jaccard(a: dict, b: dict) -> float:
+    def bigrams(row):
+        words = normalise(row["prompt"] + " " + row["completion"]).split()
+        return set(zip(words, words[1:]))
+
+    return len(bigrams(a) & bigrams(b)) / len(bigrams(a) | bigrams(b))
+
+
+def test_train_on_a_templated_task_is_not_refused_and_states_the_near_copies_as_a_caveat(templated_config, run_cli, tmp_path):
+    code, out, err = run_cli("train", templated_config, "--set", "training.max_steps=1")
+    assert code == 0, err
+    assert "warning: data check near_leakage (train+eval): 6 eval rows are near copies" in err
+    assert "caveat          6 of 10 held-out rows have a copy in train (6 nearly (Jaccard >= 0.8))" in out
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["data"]["heldout_overlap"] == {
+        "eval_rows": 10, "exact_copies_in_train": 0, "near_copies_in_train": 6, "near_threshold": 0.8}
+
+
+def test_near_leakage_can_be_made_to_fail_or_turned_off(make_config):
+    train = clean_rows(40)
+    evaluation = clean_rows(10, seed=1) + [one_word_changed(train[20], 3)]
+    strict = check_data(validate_dict(make_config(train, evaluation, checks={"near_leakage": "fail"})))
+    assert strict.failed and "set data.checks.near_leakage: warn" in strict.failure_line()
+    off = check_data(validate_dict(make_config(train, evaluation, checks={"near_leakage": "off"})))
+    assert off.findings == () and (off.overlap.exact, off.overlap.near) == (0, None)
 
 
 def test_over_long_rows_report_whether_truncation_cuts_the_completion(make_config):
