@@ -147,6 +147,7 @@ def validate(config: Path = ConfigArg, set_: Optional[List[str]] = SetOption):
     Example: loraft validate configs/llama8b.yaml
     """
     from .config import config_to_yaml
+    from .errors import DataError
     from .train import preflight
 
     cfg = _load(config, set_)
@@ -154,6 +155,8 @@ def validate(config: Path = ConfigArg, set_: Optional[List[str]] = SetOption):
     typer.echo(config_to_yaml(cfg).rstrip())
     typer.echo("---")
     typer.echo(check.summary())
+    if check.data_check is not None and check.data_check.failed:
+        raise DataError(check.data_check.failure_line(str(config)))
     typer.echo("ok: config is valid")
 
 

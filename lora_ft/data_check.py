@@ -266,7 +266,11 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
 
 def gate_data(cfg: RunConfig, tokenizer, console) -> DataCheckResult:
     """The checks at the start of `loraft train`: warnings print, a failing check stops the run (exit 2)."""
-    result = check_data(cfg, tokenizer, console=console)
+    return enforce_data_check(check_data(cfg, tokenizer, console=console), console)
+
+
+def enforce_data_check(result: DataCheckResult, console) -> DataCheckResult:
+    """Print each warning once; raise DataError (exit 2) when a check at fail fired."""
     for f in result.findings:
         if f.level == "warn":
             console.print(f"[yellow]warning[/]: data check {f.check} ({f.split}): {_escape(f.message)}")

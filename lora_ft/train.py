@@ -1,7 +1,7 @@
 """Train stage: config -> preflight checks -> data -> LoRA model -> TRL SFTTrainer -> a finished run folder.
 
 `preflight` is everything `validate` and `train` check before a model's weights load (config,
-device, tokenizer, target modules, data rows). `to_sft_config` is the one place where our schema
+device, tokenizer, target modules, data rows, the data checks). `to_sft_config` is the one place where our schema
 meets TRL: every TRL/Trainer default we depend on is set explicitly there (TRL turns bf16 on by
 default even on a CPU; we resolve precision once and record it).
 """
@@ -41,6 +41,7 @@ class Preflight:
     memory_gib: dict
     deployment_notes: tuple[str, ...] = ()  # conversions `loraft export` will make for serving.deployment
     coverage: "object" = None  # coverage.Coverage: what the targets reach, by block type
+    data_check: "object" = None  # data_check.DataCheckResult: findings `train` prints, and a failing one stops it
 
     def summary(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
@@ -61,13 +62,17 @@ class Preflight:
             )
         else:
             lines.append("data        (no data section: train needs data.train)")
+        if self.data_check is not None:
+            lines.append(f"data check  {self.data_check.headline()}")
+            lines += [f"  {f.level} {f.check} ({f.split}): {f.message}" for f in self.data_check.findings]
         lines.append(f"output      {self.cfg.output_dir}")
         lines += [f"deploy      note: {note}" for note in self.deployment_notes]
         return "\n".join(lines)
 
 
-def preflight(cfg: RunConfig, *, need_data: bool = True) -> Preflight:
+def preflight(cfg: RunConfig, *, need_data: bool = True, console=None) -> Preflight:
     from .data import validate_rows
+    from .data_check import check_data
     from .engines import check_deployment
     from .model import (
         check_device_support,
@@ -95,12 +100,13 @@ def preflight(cfg: RunConfig, *, need_data: bool = True) -> Preflight:
     model_config = load_model_config(cfg.model, source)
     counts, linear, reach = count_lora_params(model_config, cfg.lora, cfg.model.trust_remote_code)
     notes = check_deployment(cfg.serving, cfg.lora, model_config.model_type, source.gguf_file is not None)
-    data = None
+    data = data_check = None
     if cfg.data is not None:
         data = validate_rows(cfg.data, bool(getattr(tokenizer, "chat_template", None)), cfg.training.seed)
+        data_check = check_data(cfg, tokenizer, console=console)
     memory = estimate_memory_gib(cfg, model_config, counts.total, counts.trainable, precision)
     return Preflight(cfg, source, tokenizer, model_config, counts.trainable, counts.total, linear, precision, data, memory,
-                     tuple(notes), reach)
+                     tuple(notes), reach, data_check)
 
 
 def estimate_memory_gib(cfg: RunConfig, model_config, total: int, trainable: int, precision: str) -> dict:
@@ -178,7 +184,7 @@ def train(
     from .chat_template import check_end_of_turn, require_end_of_turn
     from .checkpoints import check_same_data, data_hashes, plan_resume, report_resume, truncate_metrics
     from .data import load_training_data
-    from .data_check import gate_data
+    from .data_check import enforce_data_check
     from .fingerprint import fingerprint_model_path
     from .coverage import check_same_coverage
     from .model import attach_lora, load_base_model
@@ -186,10 +192,10 @@ def train(
 
     console = console or _default_console()
     started = time.time()
-    check = preflight(cfg)
+    check = preflight(cfg, console=console)
     for note in check.deployment_notes:
         console.print(f"deploy: {note}")
-    gate = gate_data(cfg, check.tokenizer, console)  # a data check at fail stops every rank here, before weights load or files are written
+    gate = enforce_data_check(check.data_check, console)  # a data check at fail stops every rank here, before weights load or files are written
     main = is_main_process()
     check_output_path(Path(cfg.output_dir), _input_paths(cfg, check.source))  # before --overwrite deletes anything
     # Only rank 0 prepares and writes the run folder; other ranks only read which checkpoint to resume.

@@ -495,3 +495,13 @@ def test_the_shipped_template_passes_the_end_of_turn_check(tmp_path, tiny_config
     code, out, err = run_cli("data", "check", write_yaml(tiny_config), "--report", tmp_path / "report")
     report = json.loads((tmp_path / "report" / "data_report.json").read_text())
     assert not [f for f in report["findings"] if f["check"] == "end_of_turn"]
+
+
+def test_validate_runs_the_data_checks_train_runs(make_config, templated_config, write_yaml, run_cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, err = run_cli("validate", templated_config)
+    assert code == 0, err
+    assert "data check  data check passed with warnings" in out and "warn near_leakage (train+eval): 6 eval rows" in out
+    train = clean_rows(20)
+    code, out, err = run_cli("validate", write_yaml(make_config(train, [dict(train[0])] + clean_rows(3, seed=2)), "leaky.yaml"))
+    assert code == 2 and "data check failed: leakage: 1 eval rows also appear in train" in err
