@@ -369,10 +369,9 @@ def _parts(example: Example, system_prompt: str | None) -> tuple[str | None, str
         return None, None, example.text
     messages = [m for m in example.messages if not (m["role"] == "system" and m["content"] == system_prompt)]
     last = max(i for i, m in enumerate(messages) if m["role"] in ("assistant", "completion"))
+    # A row's tool definitions are left out too: usually one long list shared by every row, they would make
+    # all rows look alike. Tool calls and other message fields count (message_text).
     texts = [message_text(m) for m in messages]
-    if example.tools:
-        texts.insert(0, json.dumps(list(example.tools), sort_keys=True, ensure_ascii=False))
-        last += 1
     return "\n".join(texts[:last]), texts[last], "\n".join(texts)
 
 

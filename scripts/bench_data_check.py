@@ -5,8 +5,9 @@ Each measurement runs in a fresh process (so peak RSS is its own), with the quic
 tiny byte-level BPE tokenizer. It reports seconds (check only, and with the tokens check off, which
 shows what tokenization costs), CPU seconds of the process and its tokenizing workers (the machine is shared:
 wall time depends on the other load, CPU time does not), the peak RSS of the process and of the largest worker, and the planted counts beside the found
-ones. A last run uses 100,000 rows from the quickstart generator: templated rows that are the hard case
-for near-duplicate search.
+ones (recall: found / planted, for near-duplicates within train and near copies of train rows in eval).
+A last run uses 100,000 rows from the quickstart generator: templated rows that are the hard case
+for near-duplicate search (precision on templated rows: scripts/bench_near_leakage.py).
 Writes scripts/results/data_check_100k.json.
 
 Usage: python scripts/bench_data_check.py [--rows 100000] [--profile]
@@ -74,6 +75,13 @@ def make_data(folder: Path, rows: int, seed: int = 0) -> dict:
     evaluation = [{"prompt": text(20, 40), "completion": text(5, 15)} for _ in range(rows // 50)]
     evaluation += [dict(train[rng.randrange(len(train))]) for _ in range(leaks)]
     plant["leakage"] = leaks
+    originals = [r for r in train if 20 <= len(r["prompt"].split()) <= 40 and r["completion"]]
+    for k in range(leaks):  # a train row with one prompt word changed: near leakage (Jaccard >= 0.85)
+        src = originals[rng.randrange(len(originals))]
+        changed = src["prompt"].split()
+        changed[len(changed) // 2] = f"leaked{k}"
+        evaluation.append({"prompt": " ".join(changed), "completion": src["completion"]})
+    plant["near_leakage"] = leaks
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in (("train", train), ("eval", evaluation)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
@@ -210,11 +218,17 @@ def main() -> None:
         runs["tiny_bpe_quarter_rows"] = run_child(quarter, tiny, "warn", False)
         make_templated_data(tmp / "templated", args.rows)
         runs["gguf_smollm2_templated_rows"] = run_child(tmp / "templated", "gguf", "warn", False)
+    found = runs["gguf_smollm2"]["found"]
     result = {
         "command": "python scripts/bench_data_check.py" + (f" --rows {args.rows}" if args.rows != 100_000 else ""),
         "rows_train_plus_eval": runs["gguf_smollm2"]["rows"],
         "max_seq_length": MAX_SEQ,
         "planted": planted,
+        "recall": {
+            "near_duplicates": round(found.get("train:near_duplicates", 0) / planted["near_duplicates"], 4),
+            "near_leakage": round(found.get("train+eval:eval_rows_near_train", 0) / planted["near_leakage"], 4),
+            "exact_leakage": round(found.get("train+eval:eval_rows_in_train", 0) / planted["leakage"], 4),
+        },
         "runs": runs,
         "generate_seconds": round(generated, 1),
         "machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "python": platform.python_version(),

@@ -220,6 +220,26 @@ def test_near_leakage_can_be_made_to_fail_or_turned_off(make_config):
     assert off.findings == () and (off.overlap.exact, off.overlap.near) == (0, None)
 
 
+def test_tool_calls_count_in_what_makes_rows_alike_and_the_shared_tool_list_does_not(make_config):
+    def tool_row(city: str, tools: list[dict]) -> dict:
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+        return {"tools": tools, "messages": [
+            {"role": "user", "content": "What is the weather where I am going?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."}]}
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": " ".join(vocabulary()[:60])}}]
+    rows = [tool_row(city, tools) for city in ("Paris", "Rome", "Paris")]
+    rows += [{"tools": tools, "messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+             for r in clean_rows(20)]
+    result = check_data(validate_dict(make_config(rows, checks={"chat_fields": "off"})))
+    # Paris twice is an exact duplicate, Rome (another call) a near one; the 60-word tool list shared by all makes no pair.
+    assert findings(result) == {"train:exact_duplicates": 1, "train:near_duplicates": 1}
+    (near,) = result.findings[1].examples
+    assert near["where"].endswith("train.jsonl:2") and near["like"].endswith("train.jsonl:1")
+
+
 def test_over_long_rows_report_whether_truncation_cuts_the_completion(make_config):
     rows = clean_rows(30)
     long_prompts = clean_rows(2, seed=3, prompt_words=120)  # the prompt alone passes max_seq_length
