@@ -231,8 +231,9 @@ def main() -> None:
         },
         "runs": runs,
         "generate_seconds": round(generated, 1),
+        # Wall time depends on what else runs (a shared machine); CPU seconds much less so.
         "machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-                    "platform": platform.platform()},
+                    "platform": platform.platform(), "load_average_1m_at_end": round(os.getloadavg()[0], 1)},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
