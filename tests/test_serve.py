@@ -125,7 +125,7 @@ def test_64_concurrent_requests_over_three_adapters_and_the_base_equal_each_adap
     assert max(len(set(b)) for b in batches) == 4, "rows of all four models shared a batch"
 
 
-def test_a_streamed_chat_reply_is_the_whole_reply_in_pieces(client, references):
+def test_a_streamed_chat_reply_is_the_whole_reply_in_pieces(client, references, pool):
     stream = client.chat.completions.create(
         model="red", messages=[{"role": "user", "content": PROMPTS[4]}], max_tokens=MAX_TOKENS, temperature=0, stream=True,
         stream_options={"include_usage": True},
@@ -137,6 +137,9 @@ def test_a_streamed_chat_reply_is_the_whole_reply_in_pieces(client, references):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ("stop" if expected.stopped else "length")
     assert chunks[-1].usage.completion_tokens == expected.new_tokens
+    alone = client.chat.completions.create(model=pool.base.name, messages=[{"role": "user", "content": PROMPTS[4]}],
+                                           max_tokens=MAX_TOKENS, temperature=0)  # a batch of the base alone
+    assert alone.choices[0].message.content == references[pool.base.name][4].text
 
 
 def test_completions_continue_the_raw_prompt_as_generate_does_without_a_template(client, pool):
