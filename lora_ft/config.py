@@ -83,6 +83,12 @@ class LoraSpec(Spec):
     modules_to_save: list[str] = Field(
         default_factory=list, description="Non-LoRA modules trained in full and saved (e.g. embed_tokens, lm_head)."
     )
+    train_tokens: Literal["auto", "off"] | list[str] = Field(
+        "auto",
+        description="Embedding rows that train with the adapter (PEFT trainable tokens). auto: the rows of stop and "
+        "turn tokens (EOS, end of turn, role headers) the base never trained (near zero, or the same vector as other "
+        "never-used rows), which LoRA alone cannot teach to stop; off: none; or a list of tokens.",
+    )
     init: Literal["default", "gaussian", "pissa", "olora"] = Field(
         "default", description="Initialisation of A and B; default is Kaiming A, zero B (the update starts at 0)."
     )
@@ -95,6 +101,15 @@ class LoraSpec(Spec):
     @property
     def scaling(self) -> float:
         return self.resolved_alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+    @field_validator("train_tokens", mode="before")
+    @classmethod
+    def _tokens_or_choice(cls, value):
+        if isinstance(value, str) and value not in ("auto", "off"):
+            raise ValueError(f"{value!r} is neither auto, off, nor a list of tokens such as [</s>]")
+        if isinstance(value, list) and (not value or not all(isinstance(t, str) and t for t in value)):
+            raise ValueError("list the tokens as non-empty strings, e.g. ['<|eot_id|>']; or use auto or off")
+        return value
 
     @field_validator("target_modules", mode="before")
     @classmethod

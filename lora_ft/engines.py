@@ -170,7 +170,7 @@ class AdapterFeatures:
             used.add("bias")
         if lora.modules_to_save:
             used.add("modules_to_save")
-        if getattr(lora, "train_tokens", None):  # the trainable-tokens option, where the schema has it
+        if isinstance(getattr(lora, "train_tokens", None), list):  # the rows that train (preflight passes auto's choice)
             used.add("trainable_tokens")
         if lora.init in ("pissa", "olora"):
             used.add("weight_init")

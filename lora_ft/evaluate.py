@@ -7,7 +7,9 @@ disabled for the base), so every delta is the adapter's doing.
 
 - Task quality: held-out loss/perplexity (token-weighted, as in training) and generation metrics on
   the reference answers: exact match, contains, regex, JSON valid, JSON field equality, ROUGE-L,
-  and "stops" (the share of answers that end with an end-of-turn/EOS token before the length limit).
+  and "stops" (the share of answers that end with an end-of-turn/EOS token before the length limit); and,
+  on the references, the probability of stopping where each answer ends and the share of answers where
+  stopping is the most likely next token (stop_probability, stop_is_top1).
 - Regressions: per-example loss of the reference answers of a "base capability" set (the user's, or
   lora_ft/resources/regression_default.jsonl: short general questions SmolLM2-135M-Instruct answers
   correctly). Loss on references is the gate because it is smooth and cheap and does not hinge on one
@@ -441,6 +443,8 @@ def _compare(inference, label: str, items: list[EvalItem], settings: EvalSetting
         b, a = _loss_summary(losses[BASE]), _loss_summary(losses[label])
         metrics["loss"] = {"base": b["loss"], "adapter": a["loss"], "delta": a["loss"] - b["loss"], "n": len(scored)}
         metrics["perplexity"] = {"base": b["perplexity"], "adapter": a["perplexity"], "delta": a["perplexity"] - b["perplexity"], "n": len(scored)}
+        if what == "task":
+            metrics.update(_stop_metrics(inference, label, scored, settings))
 
     generated = [i for i in items if i.prompt_ids is not None and i.reference is not None]
     outputs: dict[str, list] = {}
@@ -477,6 +481,27 @@ def _compare(inference, label: str, items: list[EvalItem], settings: EvalSetting
             worst=sorted((e for e in examples if e.get("delta") is not None and e["delta"] > TIE_NATS), key=lambda e: -e["delta"])[:worst],
         )
     return report
+
+
+def _stop_metrics(inference, label: str, scored: list[EvalItem], settings: EvalSettings) -> dict:
+    """How likely base and adapter are to stop where each reference answer ends (stop_tokens.stop_score)."""
+    from .generate import BASE
+    from .stop_tokens import stop_score
+
+    tokenizer = inference.tokenizer(label)
+    found = {}
+    for who in (BASE, label):
+        with inference.use(who):
+            found[who] = stop_score(inference.model, [i.encoded for i in scored], inference.eos_ids[label],
+                                    pad_token_id=tokenizer.pad_token_id, batch_size=settings.batch_size)
+    if found[label] is None:
+        return {}
+    b, a = found[BASE], found[label]
+    return {
+        "stop_probability": {"base": b.mean_probability, "adapter": a.mean_probability,
+                             "delta": a.mean_probability - b.mean_probability, "n": a.answers},
+        "stop_is_top1": {"base": b.top1_share, "adapter": a.top1_share, "delta": a.top1_share - b.top1_share, "n": a.answers},
+    }
 
 
 def _examples(items, scored, losses, generated, outputs, label) -> list[dict]:

@@ -62,7 +62,9 @@ class MergeResult:
             f"weights         {m['dtype']}, {m['shards']} shard(s), {m['bytes_written'] / 2**30:.2f} GiB "
             f"in {m['merge_seconds']:.1f}s ({m['mb_per_s']:.0f} MB/s)",
             f"adapted         {mod['tensors']} tensors (scaling {_scalings(m)}); "
-            f"{len(m['replaced'])} replaced by the adapter's copies" + (f"; qlora base: {m['qlora_base']}" if m["qlora_base"] else ""),
+            f"{len(m['replaced'])} replaced by the adapter's copies"
+            + "".join(f"; {len(ids)} trained token rows in {name}" for name, ids in m.get("token_rows", {}).items())
+            + (f"; qlora base: {m['qlora_base']}" if m["qlora_base"] else ""),
             f"per-module      max |W'x - (Wx + sBAx)| = {mod['max_abs_error']:.3g} "
             f"({mod['max_error_to_bound']:.3f} of the {m['dtype']} rounding bound)",
         ]
@@ -175,13 +177,14 @@ class AdapterWeights:
     config: dict
     sha256: str
     parameters: dict[str, "ParameterDelta"] = field(default_factory=dict)  # LoRA on expert/router parameters
+    # trained token rows (lora.train_tokens, PEFT trainable_token_indices): base tensor -> (row ids, the rows)
+    token_rows: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)
 
 
 UNSUPPORTED = {
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "aLoRA",
     "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable tokens",
     "use_bdlora": "BD-LoRA",
 }
 
@@ -220,6 +223,10 @@ def load_adapter(run: AdapterRun, base_dir: Path | None = None) -> AdapterWeight
     if not path.is_file():
         raise LoraftError(f"--adapter: {run.path} has no adapter_model.safetensors (pickled .bin adapters are not read)")
     tensors = load_file(str(path))
+    from .stop_tokens import TOKEN_DELTA, saved_token_rows
+
+    token_rows = {f"{module}.weight": rows for module, rows in saved_token_rows(tensors, cfg).items()}
+    tensors = {k: v for k, v in tensors.items() if not TOKEN_DELTA.match(k)}
     wrappers = _parameter_wrappers(run, base_dir)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     replacements: dict[str, torch.Tensor] = {}
@@ -261,7 +268,7 @@ def load_adapter(run: AdapterRun, base_dir: Path | None = None) -> AdapterWeight
             bias_deltas[f"{module}.bias"] = parts["lora_B.bias"].float() * scaling
     if not deltas and not parameters:
         raise LoraftError(f"--adapter: {path} holds no LoRA weights")
-    return AdapterWeights(deltas, bias_deltas, replacements, cfg, file_sha256(path), parameters)
+    return AdapterWeights(deltas, bias_deltas, replacements, cfg, file_sha256(path), parameters, token_rows)
 
 
 def _parameter_wrappers(run: AdapterRun, base_dir: Path | None) -> dict:
@@ -337,6 +344,7 @@ class TensorJob:
     bias_delta: torch.Tensor | None = None
     replacement: torch.Tensor | None = None
     roundtrip: "object | None" = None  # QLoRA 'dequantized': the 4-bit quantize->dequantize of training
+    token_rows: tuple[list[int], torch.Tensor] | None = None  # trained rows written over the base's
 
     @property
     def nbytes(self) -> int:
@@ -365,7 +373,7 @@ def plan_merge(base_dir: Path, adapter: AdapterWeights, dtype: str, qlora: "Qlor
     adapter = checkpoint_deltas(adapter, located, base_dir)
 
     missing = [
-        n for n in list(adapter.deltas) + list(adapter.replacements) + list(adapter.bias_deltas)
+        n for n in list(adapter.deltas) + list(adapter.replacements) + list(adapter.bias_deltas) + list(adapter.token_rows)
         if n not in located and not (tied and n == head)
     ]
     if missing:
@@ -384,7 +392,7 @@ def plan_merge(base_dir: Path, adapter: AdapterWeights, dtype: str, qlora: "Qlor
                 continue
             jobs.append(_job(name, src, name, shape, src_dtype, out_dtype, adapter, qlora))
             if untie and name == embed:  # lm_head keeps the base embedding, as under PEFT
-                jobs.append(_job(head, src, embed, shape, src_dtype, out_dtype, adapter, qlora))
+                jobs.append(_job(head, src, embed, shape, src_dtype, out_dtype, adapter, qlora, adapter.token_rows.get(embed)))
         shards.append((f"model-{k + 1:05d}-of-{len(files):05d}.safetensors", jobs))
     n_params = sum(math.prod(j.shape) for _, jobs in shards for j in jobs)
     return MergePlan(
@@ -471,9 +479,17 @@ def _checkpoint_names(located: dict, conversions: list) -> dict[str, tuple[str, 
     return found
 
 
-def _job(name, src, source_name, shape, src_dtype, out_dtype, adapter: AdapterWeights, qlora) -> TensorJob:
+def _job(name, src, source_name, shape, src_dtype, out_dtype, adapter: AdapterWeights, qlora, token_rows=None) -> TensorJob:
     delta = adapter.deltas.get(name)
     replacement = adapter.replacements.get(name)
+    # Under PEFT an output layer tied to the embedding reads the same trained rows.
+    token_rows = token_rows or adapter.token_rows.get(name)
+    if token_rows is not None:
+        ids, rows = token_rows
+        if delta is not None or replacement is not None:
+            raise LoraftError(f"--adapter: {name} has trained token rows and another update; loraft cannot merge both")
+        if max(ids) >= shape[0] or rows.shape[1] != shape[1]:
+            raise LoraftError(f"--base: {name} has shape {list(shape)}, which the adapter's trained rows do not fit; wrong base")
     if delta is not None:
         want = (delta.A.shape[1], delta.B.shape[0]) if delta.transpose else (delta.B.shape[0], delta.A.shape[1])
         if tuple(shape) != want:
@@ -482,7 +498,7 @@ def _job(name, src, source_name, shape, src_dtype, out_dtype, adapter: AdapterWe
         raise LoraftError(f"--base: {name} has shape {list(shape)} but the adapter's copy is {list(replacement.shape)}")
     dtype = out_dtype if src_dtype.is_floating_point else src_dtype
     roundtrip = qlora.roundtrip if qlora and qlora.mode == "dequantized" and name in qlora.quantized else None
-    return TensorJob(name, src, source_name, tuple(shape), dtype, delta, adapter.bias_deltas.get(name), replacement, roundtrip)
+    return TensorJob(name, src, source_name, tuple(shape), dtype, delta, adapter.bias_deltas.get(name), replacement, roundtrip, token_rows)
 
 
 def _output_dtype(dtype: str, located: dict) -> torch.dtype:
@@ -565,6 +581,11 @@ def _merged_tensor(job: TensorJob) -> tuple[torch.Tensor, tuple[float, float] | 
     weight = job.replacement if job.replacement is not None else read_tensor(job.source, job.source_name)
     if job.bias_delta is not None:
         return (weight.float() + job.bias_delta).to(job.dtype), None
+    if job.token_rows is not None:  # PEFT's trainable tokens replace whole rows (TrainableTokensLayer.merge)
+        ids, rows = job.token_rows
+        out = weight.to(job.dtype, copy=True)
+        out[torch.tensor(ids)] = rows.to(job.dtype)
+        return out, None
     if job.delta is None:
         out = (job.roundtrip(weight.float()) if job.roundtrip is not None else weight).to(job.dtype)
         if job.dtype == torch.float16 and weight.dtype != torch.float16 and not torch.isfinite(out).all():
@@ -738,6 +759,7 @@ def _manifest(run, spec, source, matches, force, plan: MergePlan, written: Writt
         "adapted_tensors": sorted(plan.adapted_weights),
         "scalings": written.scalings,
         "replaced": sorted(plan.adapter.replacements),
+        "token_rows": {name: ids for name, (ids, _) in sorted(plan.adapter.token_rows.items())},
         "untied_embeddings": plan.untie,
         "verification": {
             "per_module": {

@@ -232,7 +232,9 @@ def resolve_target_modules(lora: LoraSpec, available: list[str]) -> list[str] | 
     return list(lora.target_modules)
 
 
-def build_lora_config(lora: LoraSpec, target_modules, target_parameters=None):
+def build_lora_config(lora: LoraSpec, target_modules, target_parameters=None, train_tokens: dict[str, list[int]] | None = None):
+    """`train_tokens`: embedding module path -> token ids whose rows train too (stop_tokens.plan_token_training);
+    PEFT ties an output layer that shares the input embedding's weight to the same rows."""
     from peft import LoraConfig
 
     init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[lora.init]
@@ -247,6 +249,7 @@ def build_lora_config(lora: LoraSpec, target_modules, target_parameters=None):
         use_dora=lora.use_dora,
         modules_to_save=list(lora.modules_to_save) or None,
         init_lora_weights=init,
+        trainable_token_indices=train_tokens,
         task_type="CAUSAL_LM",
     )
 
@@ -261,7 +264,7 @@ class ParamCounts:
         return 100.0 * self.trainable / max(self.total, 1)
 
 
-def count_lora_params(model_config, lora: LoraSpec, trust_remote_code: bool = False):
+def count_lora_params(model_config, lora: LoraSpec, trust_remote_code: bool = False, train_tokens: dict[str, list[int]] | None = None):
     """Trainable/total parameters of the LoRA-wrapped model, its linear layer names and what the targets
     reach by block type (coverage.Coverage), computed on the meta device. Options PEFT cannot combine
     with expert parameters are a ConfigError here, before any weight loads."""
@@ -269,13 +272,13 @@ def count_lora_params(model_config, lora: LoraSpec, trust_remote_code: bool = Fa
 
     model = meta_model(model_config, trust_remote_code)
     available = linear_module_names(model)
-    peft_model, plan = _wrap(model, lora, available, initialise=False)
+    peft_model, plan = _wrap(model, lora, available, initialise=False, train_tokens=train_tokens)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     return ParamCounts(trainable, total), available, coverage(peft_model, plan)
 
 
-def _wrap(model, lora: LoraSpec, available: list[str], *, initialise: bool = True):
+def _wrap(model, lora: LoraSpec, available: list[str], *, initialise: bool = True, train_tokens=None):
     """get_peft_model with loraft's targets (coverage.target_plan), checked before and after PEFT sees them.
     `initialise=False` (the meta model, for counting): plain init, since PiSSA/OLoRA decompose real weights."""
     import warnings
@@ -289,7 +292,7 @@ def _wrap(model, lora: LoraSpec, available: list[str], *, initialise: bool = Tru
     with warnings.catch_warnings():
         # PEFT warns that its rank/alpha patterns for transformers-4 expert names matched nothing; loraft sets none.
         warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*")
-        config = build_lora_config(lora, plan.modules, plan.parameters)
+        config = build_lora_config(lora, plan.modules, plan.parameters, train_tokens)
         if not initialise:
             config.init_lora_weights = True
         peft_model = get_peft_model(model, config)
@@ -378,14 +381,19 @@ def clear_gguf_marker(model) -> None:
         model.is_quantized = False
 
 
-def attach_lora(model, lora: LoraSpec):
+def attach_lora(model, lora: LoraSpec, train_tokens: dict[str, list[int]] | None = None):
     """Wrap with PEFT LoRA. A 4-bit base is NOT passed through `prepare_model_for_kbit_training`: it casts
     every non-quantized weight (embeddings, lm_head, norms) to fp32, which costs ~4 GiB on an 8B model and
     makes the norm activations fp32. Frozen weights need no fp32 copy; the LoRA weights are fp32 anyway
     (PEFT autocasts adapters), and non-reentrant checkpointing needs no input gradients."""
     for param in model.parameters():
         param.requires_grad_(False)
-    return _wrap(model, lora, linear_module_names(model))[0]
+    peft_model = _wrap(model, lora, linear_module_names(model), train_tokens=train_tokens)[0]
+    if train_tokens:
+        from .stop_tokens import expose_output_bias
+
+        expose_output_bias(peft_model)
+    return peft_model
 
 
 def _first_line(exc: BaseException) -> str:

@@ -75,6 +75,7 @@ class InspectResult:
     gradients: GradientReport | None
     comparison: Comparison | None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    trained_tokens: tuple = ()  # stop_tokens.TrainedRow: embedding rows trained with the adapter (lora.train_tokens)
 
     @property
     def mean_relative_norm(self) -> float | None:
@@ -97,6 +98,7 @@ class InspectResult:
             "gradients": self.gradients.to_json() if self.gradients else None,
             "comparison": self.comparison.to_json() if self.comparison else None,
             "notes": list(self.notes),
+            "trained_tokens": [t.to_json() for t in self.trained_tokens],
             "modules": [m.to_json() for m in self.modules],
         }
 
@@ -146,7 +148,24 @@ def inspect_adapter(
         gradients=gradient_report(read_metrics(run.path / METRICS), mean_relative_norm(modules)),
         comparison=comparison,
         notes=tuple(_notes(run, factors, modules)),
+        trained_tokens=tuple(_trained_token_rows(run, base)),
     )
+
+
+def _trained_token_rows(run, base: str | None) -> list:
+    """Rows of stop/turn tokens the adapter trained, beside what they were in the base (when it can be read)."""
+    from .stop_tokens import trained_rows
+
+    if not run.adapter_config.get("trainable_token_indices"):
+        return []
+    source = None
+    name = base or run.base_name
+    if name and not _uncached_hub_id(name):
+        try:
+            _, source, _ = run.resolve_base(base)
+        except LoraftError:
+            pass
+    return trained_rows(run, load_adapter_state(run.path), source)
 
 
 def _default_console():

@@ -91,6 +91,9 @@ def _summary_parts(result: InspectResult) -> list:
             f"its update inside this one's column space {c.mean_other_in_this:.0%}, this inside its {c.mean_this_in_other:.0%}\n"
             f"                {c.reading}"
         )
+    for row in result.trained_tokens:  # embedding rows trained beside LoRA (lora.train_tokens)
+        moved = "" if row.change is None else f", moved {row.change:.3g} from the base's {row.norm_before:.3g}"
+        parts.append(f"token row       {row.token} (id {row.id}) in {row.module}: norm {row.norm_after:.3g}{moved}")
     parts.extend(f"note            {n}" for n in result.notes)
     return parts
 

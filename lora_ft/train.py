@@ -42,6 +42,8 @@ class Preflight:
     deployment_notes: tuple[str, ...] = ()  # conversions `loraft export` will make for serving.deployment
     coverage: "object" = None  # coverage.Coverage: what the targets reach, by block type
     data_check: "object" = None  # data_check.DataCheckResult: findings `train` prints, and a failing one stops it
+    stop_tokens: "object" = None  # stop_tokens.StopTokenCheck
+    token_training: "object" = None  # stop_tokens.TokenTraining
 
     def summary(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
@@ -67,6 +69,10 @@ class Preflight:
             lines += [f"  {f.level} {f.check} ({f.split}): {f.message}" for f in self.data_check.findings]
         lines.append(f"output      {self.cfg.output_dir}")
         lines += [f"deploy      note: {note}" for note in self.deployment_notes]
+        if self.stop_tokens is not None:
+            from .stop_tokens import check_lines
+
+            lines += check_lines(self.stop_tokens, self.token_training)
         return "\n".join(lines)
 
 
@@ -84,6 +90,7 @@ def preflight(cfg: RunConfig, *, need_data: bool = True, console=None) -> Prefli
         resolve_precision,
     )
     from .speed import check_speed_choices
+    from .stop_tokens import check_stop_tokens, plan_token_training
 
     precision = resolve_precision(cfg.training.precision)
     check_device_support(cfg.model, precision)
@@ -98,15 +105,20 @@ def preflight(cfg: RunConfig, *, need_data: bool = True, console=None) -> Prefli
     check_weight_format(cfg.model, source)
     tokenizer = load_tokenizer(cfg.model, source)
     model_config = load_model_config(cfg.model, source)
-    counts, linear, reach = count_lora_params(model_config, cfg.lora, cfg.model.trust_remote_code)
-    notes = check_deployment(cfg.serving, cfg.lora, model_config.model_type, source.gguf_file is not None)
+    # Stop/turn tokens whose rows the base never trained, read from the weight files before they load.
+    stop_tokens = check_stop_tokens(tokenizer, source, model_config, trust_remote_code=cfg.model.trust_remote_code)
+    token_training = plan_token_training(cfg.lora, stop_tokens, tokenizer)
+    counts, linear, reach = count_lora_params(model_config, cfg.lora, cfg.model.trust_remote_code, token_training.peft_indices)
+    # The serving targets see the rows that will actually train (auto decides that only here).
+    planned = cfg.lora.model_copy(update={"train_tokens": list(token_training.tokens.values()) or "off"})
+    notes = check_deployment(cfg.serving, planned, model_config.model_type, source.gguf_file is not None)
     data = data_check = None
     if cfg.data is not None:
         data = validate_rows(cfg.data, bool(getattr(tokenizer, "chat_template", None)), cfg.training.seed)
         data_check = check_data(cfg, tokenizer, console=console)
     memory = estimate_memory_gib(cfg, model_config, counts.total, counts.trainable, precision)
     return Preflight(cfg, source, tokenizer, model_config, counts.trainable, counts.total, linear, precision, data, memory,
-                     tuple(notes), reach, data_check)
+                     tuple(notes), reach, data_check, stop_tokens=stop_tokens, token_training=token_training)
 
 
 def estimate_memory_gib(cfg: RunConfig, model_config, total: int, trainable: int, precision: str) -> dict:
@@ -148,6 +160,7 @@ class TrainResult:
     run_dir: Path
     manifest: dict
     scores: dict = field(default_factory=dict)
+    stop: dict = field(default_factory=dict)  # stop-token probability at the end of held-out answers, base and adapter
 
     def summary(self) -> str:
         from .data_check import heldout_caveat
@@ -167,10 +180,19 @@ class TrainResult:
             lines.append("held-out loss   (no eval data: set data.eval or data.eval_fraction)")
         if base and (caveat := heldout_caveat(m["data"].get("heldout_overlap"))):
             lines.append(f"caveat          {caveat}")
+        if self.stop.get("adapter"):
+            b, a = self.stop["base"], self.stop["adapter"]
+            lines.append(
+                f"stops           p(stop) at the end of held-out answers: base {b['mean_probability']:.3f} -> adapter "
+                f"{a['mean_probability']:.3f}; most likely next token in {b['top1_share']:.0%} -> {a['top1_share']:.0%} "
+                f"of {a['answers']} answers"
+            )
+        if self.stop.get("warning"):
+            lines.append(f"warning         {self.stop['warning']}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"run_dir": str(self.run_dir), "scores": self.scores, "manifest": self.manifest}
+        return {"run_dir": str(self.run_dir), "scores": self.scores, "stop": self.stop, "manifest": self.manifest}
 
 
 def train(
@@ -214,6 +236,11 @@ def train(
     require_end_of_turn(end_of_turn)
     if end_of_turn.turns:
         console.print(f"end of turn: {end_of_turn.token} trained in {end_of_turn.turns} assistant turns")
+    if check.stop_tokens.flagged:
+        from .stop_tokens import check_lines
+
+        for line in check_lines(check.stop_tokens, check.token_training):
+            console.print(f"[yellow]{line}[/]")
 
     with console.status(f"loading {cfg.model.name}"):
         base_fingerprint = fingerprint_model_path(check.source.path, check.source.gguf_file)
@@ -221,7 +248,7 @@ def train(
         model = load_base_model(cfg.model, check.source, check.precision)
         speed = plan_speed(cfg, check.model_config, trainable=check.trainable)
         original = original_base(model, data, check.tokenizer, cfg) if cfg.lora.init in ("pissa", "olora") else None
-        model = attach_lora(model, cfg.lora)
+        model = attach_lora(model, cfg.lora, check.token_training.peft_indices)
         check_same_coverage(model, check.coverage)
         apply_speed_plan(model, speed)
     console.print(check.coverage.summary().replace("reaches     ", "lora reaches ", 1))
@@ -274,9 +301,12 @@ def _run_and_finish(cfg, check, model, data, run, console, speed, signals, comma
     scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size)
     if scores and original:  # PiSSA/OLoRA: with the adapter disabled the model is the residual, not the base
         scores["base"] = original["heldout"]
+    stop = stop_after_training(model, data, check, cfg.training.batch_size)
     if not main:
         trainer.accelerator.wait_for_everyone()
-        return TrainResult(run.path, {}, scores)
+        return TrainResult(run.path, {}, scores, stop)
+    if stop.get("warning"):
+        console.print(f"[yellow]warning: {stop['warning']}[/]")
     manifest = finalize(
         run,
         trainer,
@@ -284,6 +314,7 @@ def _run_and_finish(cfg, check, model, data, run, console, speed, signals, comma
         check,
         data,
         scores=scores,
+        stop=stop,
         speed=speed,
         base_fingerprint=base_fingerprint,
         wall_seconds=time.time() - started,
@@ -291,7 +322,7 @@ def _run_and_finish(cfg, check, model, data, run, console, speed, signals, comma
     )
     trainer.accelerator.wait_for_everyone()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return TrainResult(run.path, manifest, scores)
+    return TrainResult(run.path, manifest, scores, stop)
 
 
 def _input_paths(cfg: RunConfig, source) -> list[Path]:
@@ -477,12 +508,29 @@ def final_scores(model, data, tokenizer, batch_size: int) -> dict:
     }
 
 
+def stop_after_training(model, data, check: Preflight, batch_size: int) -> dict:
+    """How likely base and adapter are to stop where held-out answers end; a warning with cause and fix
+    when the adapter would not stop on most of them."""
+    from .chat_template import stop_token_ids
+    from .stop_tokens import stop_score, stop_warning
+
+    if data.eval is None:
+        return {}
+    ids, pad = stop_token_ids(check.tokenizer), check.tokenizer.pad_token_id
+    base = stop_score(model, data.eval.encoded, ids, pad_token_id=pad, batch_size=batch_size, disable_adapter=True)
+    adapter = stop_score(model, data.eval.encoded, ids, pad_token_id=pad, batch_size=batch_size)
+    if adapter is None:
+        return {}
+    return {"stop_ids": ids, "base": base.to_json(), "adapter": adapter.to_json(),
+            "warning": stop_warning(adapter, check.stop_tokens, check.token_training)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Finishing: adapter, tokenizer, card, curve, and the manifest last
 
 
 def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds,
-             original=None) -> dict:
+             original=None, stop: dict | None = None) -> dict:
     from .chat_template import end_of_turn_token, generation_config
     from .coverage import parameter_wrappers
     from .progress import plot_loss_curve, read_metrics
@@ -531,6 +579,12 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
             "end_of_turn": end_of_turn_token(check.tokenizer),
             "stop_token_ids": generation.eos_token_id,
             "train_on": cfg.data.train_on,
+        },
+        # stop/turn tokens whose rows looked untrained, which rows trained, and how often the adapter stops
+        "stop_tokens": {
+            "check": check.stop_tokens.to_json(),
+            "train_tokens": check.token_training.to_json(),
+            "after_training": stop or None,
         },
         "trainable_params": check.trainable,
         "total_params": check.total,
