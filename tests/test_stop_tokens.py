@@ -233,3 +233,33 @@ def test_generate_with_trained_rows_stops_and_the_base_runs_to_the_limit(runs, t
     result = generate_file(inference, prompts, GenerationSettings(max_new_tokens=8), labels=[BASE, inference.labels[0]], progress=False)
     assert [r["outputs"][inference.labels[0]]["stopped"] for r in result.rows] == [True] * 4
     assert [r["outputs"][BASE]["stopped"] for r in result.rows] == [False] * 4
+
+
+def test_a_train_tokens_list_trains_those_rows_in_every_embedding_matrix(tiny_model_dir, tmp_path):
+    from lora_ft.train import preflight
+
+    check = preflight(validate_dict(config(tiny_model_dir, tmp_path, train_tokens=[EOT])))
+    assert check.token_training.peft_indices == {"model.embed_tokens": [4], "lm_head": [4]}
+
+
+def test_gguf_rows_are_read_one_by_one_and_dequantized_as_the_whole_tensor_would_be(tmp_path):
+    """A .gguf base is checked from its file too: float rows as stored, quantized rows dequantized per row."""
+    import gguf
+    import numpy as np
+
+    from lora_ft.model import ModelSource
+    from lora_ft.stop_tokens import RowReader
+
+    table = np.random.default_rng(0).standard_normal((40, 64)).astype(np.float32)
+    quantized = gguf.quants.quantize(table, gguf.GGMLQuantizationType.Q8_0)
+    writer = gguf.GGUFWriter(str(tmp_path / "base.gguf"), "llama")
+    writer.add_tensor("token_embd.weight", table)
+    writer.add_tensor("output.weight", quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        step()
+    reader = RowReader(ModelSource(tmp_path, "base.gguf", "base.gguf", None))
+    rows = [0, 7, 39]
+    assert reader.n_rows("model.embed_tokens", "input") == 40
+    assert np.array_equal(reader.rows("model.embed_tokens", "input", rows).numpy(), table[rows])
+    whole = gguf.quants.dequantize(quantized, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(reader.rows("lm_head", "output", rows).numpy(), whole[rows])
