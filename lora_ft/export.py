@@ -316,7 +316,7 @@ def write_gguf(path: Path, modules: list[LoraModule], alpha: float, arch: str, h
 def _write_modelfile(folder: Path, base_gguf: str, run: AdapterRun) -> None:
     """Ollama: FROM the base GGUF, ADAPTER the adapter GGUF (relative to the Modelfile), and the run's stop token."""
     lines = [f"FROM {base_gguf}", f"ADAPTER ./{ADAPTER_GGUF}"]
-    end = ((run.manifest or {}).get("chat") or {}).get("end_of_turn")
+    end = run.manifest.chat.end_of_turn if run.manifest is not None else None
     if end:
         lines.append(f'PARAMETER stop "{end}"')
     (folder / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -537,7 +537,7 @@ def _export_merged(run: AdapterRun, rule: EngineRule, out: Path, spec, source, m
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         result = merge(run.path, scratch / "model")
-        logits = result.manifest["verification"]["logits"]
+        logits = result.manifest.verification.logits
         verification = None if logits is None else ExportVerification(
             method="loraft merge: the merged folder loaded with plain transformers", prompts=logits["prompts"],
             tokens=logits["tokens"], max_abs_diff=logits["max_abs_diff"], tolerance=logits["tolerance"],
@@ -546,7 +546,7 @@ def _export_merged(run: AdapterRun, rule: EngineRule, out: Path, spec, source, m
         staged = scratch / "model"
         manifest = ExportManifest(
             loraft_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), target=rule.name,
-            rule=_rule_record(rule), run_dir=str(run.path), adapter_sha256=result.manifest["adapter"]["sha256"],
+            rule=_rule_record(rule), run_dir=str(run.path), adapter_sha256=result.manifest.adapter.sha256,
             base_model=spec.name, base_for_target=str(out.resolve()), base_fingerprint_matches=matches,
             lora_alpha=None, use_rslora=None, conversions=["merged into the base weights (W + s*B@A)"],
             files={p.name: file_sha256(p) for p in sorted(staged.iterdir()) if p.is_file()},

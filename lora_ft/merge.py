@@ -32,6 +32,9 @@ import torch
 from .speed import one_torch_thread
 from . import __version__
 from .errors import LoraftError, VerificationError
+from .manifests import (
+    MergeManifest, MergedAdapterRecord, MergedBaseRecord, ModuleCheckRecord, VerificationRecord, write_manifest,
+)
 from .merge_check import check_module, full_check_unfits, verify_logits
 from .run_dir import AdapterRun, atomic_dir, atomic_write_json, file_sha256
 from .shards import INDEX, ShardWriter, base_shards, read_tensor, shard_index
@@ -39,7 +42,6 @@ from .shards import INDEX, ShardWriter, base_shards, read_tensor, shard_index
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 PEFT_PREFIX = "base_model.model."
-MANIFEST = "merge_manifest.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,43 +51,43 @@ MANIFEST = "merge_manifest.json"
 @dataclass(frozen=True)
 class MergeResult:
     out_dir: Path
-    manifest: dict
+    manifest: MergeManifest
 
     def summary(self) -> str:
         m = self.manifest
-        v = m["verification"]
-        mod = v["per_module"]
+        mod = m.verification.per_module
+        matches = m.base_model.fingerprint_matches
         lines = [
             f"merged model written to {self.out_dir}",
-            f"base            {m['base_model']['name']} (fingerprint {m['base_model']['fingerprint']}, "
-            f"{'matches the adapter' if m['base_model']['fingerprint_matches'] else 'NOT CHECKED' if m['base_model']['fingerprint_matches'] is None else 'MISMATCH, merged with --force'})",
-            f"weights         {m['dtype']}, {m['shards']} shard(s), {m['bytes_written'] / 2**30:.2f} GiB "
-            f"in {m['merge_seconds']:.1f}s ({m['mb_per_s']:.0f} MB/s)",
-            f"adapted         {mod['tensors']} tensors (scaling {_scalings(m)}); "
-            f"{len(m['replaced'])} replaced by the adapter's copies"
-            + "".join(f"; {len(ids)} trained token rows in {name}" for name, ids in m.get("token_rows", {}).items())
-            + (f"; qlora base: {m['qlora_base']}" if m["qlora_base"] else ""),
-            f"per-module      max |W'x - (Wx + sBAx)| = {mod['max_abs_error']:.3g} "
-            f"({mod['max_error_to_bound']:.3f} of the {m['dtype']} rounding bound)",
+            f"base            {m.base_model.name} (fingerprint {m.base_model.fingerprint}, "
+            f"{'matches the adapter' if matches else 'NOT CHECKED' if matches is None else 'MISMATCH, merged with --force'})",
+            f"weights         {m.dtype}, {m.shards} shard(s), {m.bytes_written / 2**30:.2f} GiB "
+            f"in {m.merge_seconds:.1f}s ({m.mb_per_s:.0f} MB/s)",
+            f"adapted         {mod.tensors} tensors (scaling {_scalings(m.scalings)}); "
+            f"{len(m.replaced)} replaced by the adapter's copies"
+            + "".join(f"; {len(ids)} trained token rows in {name}" for name, ids in m.token_rows.items())
+            + (f"; qlora base: {m.qlora_base}" if m.qlora_base else ""),
+            f"per-module      max |W'x - (Wx + sBAx)| = {mod.max_abs_error:.3g} "
+            f"({mod.max_error_to_bound:.3f} of the {m.dtype} rounding bound)",
         ]
-        full = v["logits"]
+        full = m.verification.logits
         if full is None:
-            lines.append(f"logits check    skipped: {v['logits_skipped']}")
+            lines.append(f"logits check    skipped: {m.verification.logits_skipped}")
         else:
             lines.append(
                 f"logits check    max |merged - base+adapter| = {full['max_abs_diff']:.3g} over {full['prompts']} prompts "
                 f"({full['tokens']} tokens), tolerance {full['tolerance']:.3g}: ok"
             )
-        if m["force"]:
+        if m.force:
             lines.append("warning         --force: this base is not the one the adapter was trained on")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"out_dir": str(self.out_dir), "manifest": self.manifest}
+        return {"out_dir": str(self.out_dir), "manifest": self.manifest.model_dump(mode="json")}
 
 
-def _scalings(m: dict) -> str:
-    values = sorted(set(m["scalings"]))
+def _scalings(scalings: list[float]) -> str:
+    values = sorted(set(scalings))
     return ", ".join(f"{s:g}" for s in values[:4]) + (" ..." if len(values) > 4 else "")
 
 
@@ -127,7 +129,7 @@ def merge(
                     logits = verify_logits(staging, run, plan, tokenizer, trust_remote_code=spec.trust_remote_code)
         manifest = _manifest(run, spec, source, matches, force, plan, written, logits, skipped, time.time() - started)
         (staging / "README.md").write_text(model_card(manifest), encoding="utf-8")
-        atomic_write_json(staging / MANIFEST, manifest)
+        write_manifest(staging, manifest)
         _readable_by_all(staging)
     return MergeResult(out.resolve(), manifest)
 
@@ -623,7 +625,7 @@ class QloraChoice:
 def _qlora_choice(run: AdapterRun, qlora_base: str) -> QloraChoice | None:
     """An adapter trained on a 4-bit base is merged into full-precision weights, never 4-bit ones:
     the original weights (default), or the 4-bit round trip of them that training actually saw."""
-    quant = ((run.manifest or {}).get("base_model") or {}).get("quantization")
+    quant = run.trained_quantization
     if qlora_base not in ("original", "dequantized"):
         raise LoraftError(f"--qlora-base: {qlora_base!r} is not one of original, dequantized")
     if not quant:
@@ -632,7 +634,7 @@ def _qlora_choice(run: AdapterRun, qlora_base: str) -> QloraChoice | None:
         return None
     if qlora_base == "original":
         return QloraChoice("original", frozenset(), None)
-    if quant.get("bits", 4) != 4:
+    if quant.bits != 4:
         raise LoraftError("--qlora-base dequantized: reproduces 4-bit (nf4/fp4) training only; use --qlora-base original")
     device = _roundtrip_device()
     if device is None:
@@ -652,13 +654,13 @@ def _roundtrip_device() -> str | None:
 def _training_dtype(run: AdapterRun) -> torch.dtype:
     from .model import PRECISION_DTYPES, resolve_dtype
 
-    precision = (run.manifest or {}).get("precision", "bf16")
+    precision = run.manifest.precision  # only QLoRA runs come here, and loraft wrote their manifest
     if run.config is not None:
         return resolve_dtype(run.config.model, precision)
-    return PRECISION_DTYPES.get(precision, torch.bfloat16)
+    return PRECISION_DTYPES[precision]
 
 
-def _nf4_roundtrip(quant: dict, load_dtype: torch.dtype, device: str):
+def _nf4_roundtrip(quant, load_dtype: torch.dtype, device: str):
     """W -> dequantize(quantize_4bit(W)) with the training settings (blocksize 64, as bitsandbytes' Linear4bit)."""
 
     def roundtrip(weight: torch.Tensor) -> torch.Tensor:
@@ -666,8 +668,8 @@ def _nf4_roundtrip(quant: dict, load_dtype: torch.dtype, device: str):
 
         w = weight.to(device=device, dtype=load_dtype)
         packed, state = bnbf.quantize_4bit(
-            w, blocksize=64, quant_type=quant.get("quant_type", "nf4"),
-            compress_statistics=bool(quant.get("double_quant", True)), quant_storage=torch.uint8,
+            w, blocksize=64, quant_type=quant.quant_type,
+            compress_statistics=quant.double_quant, quant_storage=torch.uint8,
         )
         return bnbf.dequantize_4bit(packed, state).float().cpu()
 
@@ -724,87 +726,86 @@ def write_sidecars(plan: MergePlan, base_dir: Path, run: AdapterRun, spec, sourc
 # Manifest and model card
 
 
-def _manifest(run, spec, source, matches, force, plan: MergePlan, written: Written, logits, skipped, seconds) -> dict:
+def _manifest(run, spec, source, matches, force, plan: MergePlan, written: Written, logits, skipped, seconds) -> MergeManifest:
     from .fingerprint import fingerprint_model_path
 
     recorded = run.base_fingerprint
     actual = recorded if matches else fingerprint_model_path(source.path, source.gguf_file)
-    serving = run.config.serving.model_dump() if run.config is not None else None
-    return {
-        "loraft_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base_model": {
-            "name": spec.name,
-            "resolved_path": source.display,
-            "fingerprint": actual,
-            "recorded_fingerprint": recorded,
-            "fingerprint_matches": matches,
-        },
-        "force": force,
-        "adapter": {
-            "path": str(run.path),
-            "sha256": plan.adapter.sha256,
-            "rank": plan.adapter.config.get("r"),
-            "alpha": plan.adapter.config.get("lora_alpha"),
-            "use_rslora": bool(plan.adapter.config.get("use_rslora")),
-            "use_dora": bool(plan.adapter.config.get("use_dora")),
-            "trained_quantization": ((run.manifest or {}).get("base_model") or {}).get("quantization"),
-        },
-        "qlora_base": plan.qlora_base,
-        "dtype": DTYPE_NAMES[plan.dtype],
-        "shards": len(plan.shards),
-        "bytes_written": written.total_bytes,
-        "merge_seconds": round(written.seconds, 2),
-        "mb_per_s": written.total_bytes / 1e6 / max(written.seconds, 1e-9),
-        "adapted_tensors": sorted(plan.adapted_weights),
-        "scalings": written.scalings,
-        "replaced": sorted(plan.adapter.replacements),
-        "token_rows": {name: ids for name, (ids, _) in sorted(plan.adapter.token_rows.items())},
-        "untied_embeddings": plan.untie,
-        "verification": {
-            "per_module": {
-                "tensors": written.checked,
-                "max_abs_error": written.max_abs_error,
-                "max_error_to_bound": written.max_error_to_bound,
-            },
-            "logits": logits,
-            "logits_skipped": skipped if logits is None else None,
-        },
-        "serving": serving,
-        "wall_seconds": round(seconds, 1),
-    }
+    adapter = plan.adapter.config
+    return MergeManifest(
+        loraft_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        base_model=MergedBaseRecord(
+            name=spec.name,
+            resolved_path=source.display,
+            fingerprint=actual,
+            recorded_fingerprint=recorded,
+            fingerprint_matches=matches,
+        ),
+        force=force,
+        adapter=MergedAdapterRecord(
+            path=str(run.path),
+            sha256=plan.adapter.sha256,
+            rank=adapter["r"],
+            alpha=adapter["lora_alpha"],
+            use_rslora=bool(adapter.get("use_rslora")),
+            use_dora=bool(adapter.get("use_dora")),
+            trained_quantization=run.trained_quantization,
+        ),
+        qlora_base=plan.qlora_base,
+        dtype=DTYPE_NAMES[plan.dtype],
+        shards=len(plan.shards),
+        bytes_written=written.total_bytes,
+        merge_seconds=round(written.seconds, 2),
+        mb_per_s=written.total_bytes / 1e6 / max(written.seconds, 1e-9),
+        adapted_tensors=sorted(plan.adapted_weights),
+        scalings=written.scalings,
+        replaced=sorted(plan.adapter.replacements),
+        token_rows={name: ids for name, (ids, _) in sorted(plan.adapter.token_rows.items())},
+        untied_embeddings=plan.untie,
+        verification=VerificationRecord(
+            per_module=ModuleCheckRecord(
+                tensors=written.checked,
+                max_abs_error=written.max_abs_error,
+                max_error_to_bound=written.max_error_to_bound,
+            ),
+            logits=logits,
+            logits_skipped=skipped if logits is None else None,
+        ),
+        serving=run.config.serving if run.config is not None else None,
+        wall_seconds=round(seconds, 1),
+    )
 
 
-def model_card(m: dict) -> str:
-    base = m["base_model"]["name"]
-    logits = m["verification"]["logits"]
+def model_card(m: MergeManifest) -> str:
+    base = m.base_model.name
+    logits = m.verification.logits
     check = (
         f"max |logit difference| {logits['max_abs_diff']:.3g} against base+adapter under PEFT "
         f"(tolerance {logits['tolerance']:.3g}, {logits['prompts']} prompts)"
-        if logits else f"logits check skipped ({m['verification']['logits_skipped']})"
+        if logits else f"logits check skipped ({m.verification.logits_skipped})"
     )
     commands = {
         "vllm": "vllm serve <this folder>",
         "sglang": "python -m sglang.launch_server --model-path <this folder>",
     }
-    deployment = (m.get("serving") or {}).get("deployment")
-    targets = [deployment] if isinstance(deployment, str) else list(deployment or [])
+    targets = m.serving.targets if m.serving is not None else ()
     serve = next((commands[t] for t in targets if t in commands), None)
     serve_text = f"\nServe it: `{serve}`\n" if serve else ""
-    forced = "\n**Merged with --force onto a base other than the adapter's own.**\n" if m["force"] else ""
+    forced = "\n**Merged with --force onto a base other than the adapter's own.**\n" if m.force else ""
     return f"""---
 base_model: {base}
 tags: [lora, merged, loraft]
 ---
-# {Path(m['adapter']['path']).name} merged into {base}
+# {Path(m.adapter.path).name} merged into {base}
 
-An ordinary {m['dtype']} model folder: the LoRA adapter (rank {m['adapter']['rank']}, alpha {m['adapter']['alpha']}
-{', rsLoRA' if m['adapter']['use_rslora'] else ''}{', DoRA' if m['adapter']['use_dora'] else ''}) merged into the base weights by loraft {m['loraft_version']}; no PEFT needed.
+An ordinary {m.dtype} model folder: the LoRA adapter (rank {m.adapter.rank}, alpha {m.adapter.alpha:g}
+{', rsLoRA' if m.adapter.use_rslora else ''}{', DoRA' if m.adapter.use_dora else ''}) merged into the base weights by loraft {m.loraft_version}; no PEFT needed.
 {forced}
-- base fingerprint `{m['base_model']['fingerprint']}`; adapter sha256 `{m['adapter']['sha256'][:16]}...`
-- {m['verification']['per_module']['tensors']} adapted tensors, each checked as written (W'x against Wx + sBAx)
+- base fingerprint `{m.base_model.fingerprint}`; adapter sha256 `{m.adapter.sha256[:16]}...`
+- {m.verification.per_module.tensors} adapted tensors, each checked as written (W'x against Wx + sBAx)
 - {check}
-{f"- QLoRA adapter merged into the {m['qlora_base']} full-precision weights" if m['qlora_base'] else ''}
+{f"- QLoRA adapter merged into the {m.qlora_base} full-precision weights" if m.qlora_base else ''}
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer

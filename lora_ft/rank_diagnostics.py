@@ -191,7 +191,7 @@ def _read_adapter(path: str | Path, what: str):
 
 def _notes(run, factors: dict[str, Factors], stats: list[ModuleStats]) -> list[str]:
     notes = []
-    converted = ((run.manifest or {}).get("lora") or {}).get("converted")
+    converted = run.manifest.lora.converted if run.manifest is not None else None
     if converted:
         notes.append(
             f"{converted['from']} adapter saved converted to rank {converted['saved_rank']} (2 x {converted['trained_rank']}): "
@@ -444,7 +444,7 @@ def adapter_wrappers(run) -> dict:
 
     if not run.adapter_config.get("target_parameters"):
         return {}
-    recorded = ((run.manifest or {}).get("lora") or {}).get("parameter_wrappers")
+    recorded = run.manifest.lora.parameter_wrappers if run.manifest is not None else None
     if recorded:
         return {k: WrappedParameter(**{**v, "shape": tuple(v["shape"])}) for k, v in recorded.items()}
     try:

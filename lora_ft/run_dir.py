@@ -20,9 +20,12 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import LoraftError
+
+if TYPE_CHECKING:
+    from .manifests import RunManifest
 
 MANIFEST = "manifest.json"
 STATE = "run_state.json"
@@ -175,7 +178,7 @@ class AdapterRun:
     Used by merge, eval, inspect, chat and generate, so they all read a run the same way.
     """
 
-    def __init__(self, path: Path, adapter_config: dict, manifest: dict | None, config):
+    def __init__(self, path: Path, adapter_config: dict, manifest: "RunManifest | None", config):
         self.path = path
         self.adapter_config = adapter_config
         self.manifest = manifest
@@ -191,8 +194,10 @@ class AdapterRun:
         if not (path / "adapter_config.json").is_file():
             hint = " (the run has not finished; resume it with loraft train CONFIG --resume)" if (path / STATE).exists() else ""
             raise LoraftError(f"--adapter: {path} holds no adapter_config.json{hint}")
+        from .manifests import RunManifest, read_manifest
+
         adapter_config = read_json(path / "adapter_config.json")
-        manifest = read_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+        manifest = read_manifest(path, RunManifest) if (path / MANIFEST).is_file() else None
         config = None
         if (path / CONFIG).is_file():
             import yaml
@@ -204,13 +209,19 @@ class AdapterRun:
     @property
     def base_name(self) -> str:
         """The base model the adapter was trained on, as the user named it."""
-        if self.manifest:
-            return self.manifest["base_model"]["name"]
+        if self.manifest is not None:
+            return self.manifest.base_model.name
         return self.adapter_config.get("base_model_name_or_path") or ""
 
     @property
     def base_fingerprint(self) -> str | None:
-        return (self.manifest or {}).get("base_model", {}).get("fingerprint")
+        """None for a foreign adapter (no manifest): nothing to compare the base with."""
+        return self.manifest.base_model.fingerprint if self.manifest is not None else None
+
+    @property
+    def trained_quantization(self):
+        """The QuantizationSpec training loaded the base with; None for a full-precision or foreign adapter."""
+        return self.manifest.base_model.quantization if self.manifest is not None else None
 
     def resolve_base(self, base: str | None, *, force: bool = False):
         """Find the base model (default: the recorded one) and refuse one whose weights differ from training's.

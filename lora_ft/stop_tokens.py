@@ -539,7 +539,8 @@ def trained_rows(run, state: dict, source=None) -> list[TrainedRow]:
     if not saved:
         return []
     names = {}
-    for entry in ((run.manifest or {}).get("stop_tokens") or {}).get("check", {}).get("tokens", []):
+    recorded = (run.manifest.stop_tokens or {}) if run.manifest is not None else {}  # stop_tokens.py's own JSON
+    for entry in recorded.get("check", {}).get("tokens", []):
         names[entry["id"]] = entry["token"]
     reader = RowReader(source) if source is not None else None
     out = []

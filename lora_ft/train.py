@@ -21,6 +21,7 @@ from .config import RunConfig, config_to_yaml, redact
 from .distributed import effective_batch, is_main_process, world_size
 from .errors import ConfigError, Interrupted
 from .guards import NumericGuard, SignalCallback, StopSignals
+from .manifests import RunManifest
 from .run_dir import CONFIG, METRICS, RunDir, check_output_path
 
 # ---------------------------------------------------------------------------------------------
@@ -158,18 +159,17 @@ def estimate_memory_gib(cfg: RunConfig, model_config, total: int, trainable: int
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
-    manifest: dict
+    manifest: RunManifest | None  # None on ranks other than 0: only rank 0 writes the run folder
     scores: dict = field(default_factory=dict)
     stop: dict = field(default_factory=dict)  # stop-token probability at the end of held-out answers, base and adapter
 
     def summary(self) -> str:
         from .data_check import heldout_caveat
 
-        m = self.manifest
         lines = [f"adapter written to {self.run_dir}"]
-        train = m["metrics"].get("train_loss")
-        if train is not None:
-            lines.append(f"train loss      {train:.4f} after {m['metrics']['steps']} steps in {m['wall_seconds']:.0f}s")
+        m = self.manifest
+        if m is not None and m.metrics.train_loss is not None:
+            lines.append(f"train loss      {m.metrics.train_loss:.4f} after {m.metrics.steps} steps in {m.wall_seconds:.0f}s")
         base, tuned = self.scores.get("base"), self.scores.get("adapter")
         if base and tuned:
             lines.append(
@@ -178,7 +178,7 @@ class TrainResult:
             )
         elif not base:
             lines.append("held-out loss   (no eval data: set data.eval or data.eval_fraction)")
-        if base and (caveat := heldout_caveat(m["data"].get("heldout_overlap"))):
+        if base and m is not None and (caveat := heldout_caveat(m.data.heldout_overlap)):
             lines.append(f"caveat          {caveat}")
         if self.stop.get("adapter"):
             b, a = self.stop["base"], self.stop["adapter"]
@@ -192,7 +192,8 @@ class TrainResult:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"run_dir": str(self.run_dir), "scores": self.scores, "stop": self.stop, "manifest": self.manifest}
+        manifest = self.manifest.model_dump(mode="json") if self.manifest is not None else None
+        return {"run_dir": str(self.run_dir), "scores": self.scores, "stop": self.stop, "manifest": manifest}
 
 
 def train(
@@ -304,7 +305,7 @@ def _run_and_finish(cfg, check, model, data, run, console, speed, signals, comma
     stop = stop_after_training(model, data, check, cfg.training.batch_size)
     if not main:
         trainer.accelerator.wait_for_everyone()
-        return TrainResult(run.path, {}, scores, stop)
+        return TrainResult(run.path, None, scores, stop)
     if stop.get("warning"):
         console.print(f"[yellow]warning: {stop['warning']}[/]")
     manifest = finalize(
@@ -529,10 +530,15 @@ def stop_after_training(model, data, check: Preflight, batch_size: int) -> dict:
 # Finishing: adapter, tokenizer, card, curve, and the manifest last
 
 
-def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds,
-             original=None, stop: dict | None = None) -> dict:
+def finalize(
+    run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds,
+    original=None, stop: dict | None = None,
+) -> RunManifest:
     from .chat_template import end_of_turn_token, generation_config
     from .coverage import parameter_wrappers
+    from .manifests import (
+        BaseModelRecord, ChatRecord, DataRecord, DistributedRecord, LoraRecord, MetricsRecord, write_manifest,
+    )
     from .progress import plot_loss_curve, read_metrics
     from .rank_diagnostics import adapter_statistics, model_weight_norms
 
@@ -547,76 +553,78 @@ def finalize(run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, sc
     plot_loss_curve(history, stage / "loss_curve.png")
     state = trainer.state
     train_losses = [h["loss"] for h in history if "loss" in h]
-    manifest = {
-        "loraft_version": __version__,
-        "status": "finished",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wall_seconds": round(wall_seconds, 1),
-        "config_hash": config_hash(cfg),
-        "base_model": {
-            "name": cfg.model.name,
-            "revision": cfg.model.revision,
-            "resolved_path": check.source.display,
-            "fingerprint": base_fingerprint,
-            "model_type": check.model_config.model_type,
-            "quantization": cfg.model.quantization.model_dump() if cfg.model.quantization else None,
-        },
-        "lora": {
-            "rank": cfg.lora.rank,
-            "alpha": cfg.lora.resolved_alpha,
-            "scaling": cfg.lora.scaling,
-            "target_modules": sorted(model.peft_config["default"].target_modules),
-            "target_parameters": sorted(model.peft_config["default"].target_parameters or []),
-            "coverage": check.coverage.to_json() if check.coverage is not None else None,
-            "use_rslora": cfg.lora.use_rslora,
-            "use_dora": cfg.lora.use_dora,
-            "init": cfg.lora.init,
-            "converted": conversion,
-            "parameter_wrappers": {k: {**w.__dict__, "shape": list(w.shape)} for k, w in wrappers.items()},
-        },
-        "chat": {
-            "template": cfg.model.chat_template or ("tokenizer" if check.tokenizer.chat_template else None),
-            "end_of_turn": end_of_turn_token(check.tokenizer),
-            "stop_token_ids": generation.eos_token_id,
-            "train_on": cfg.data.train_on,
-        },
+    manifest = RunManifest(
+        loraft_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        wall_seconds=round(wall_seconds, 1),
+        config_hash=config_hash(cfg),
+        base_model=BaseModelRecord(
+            name=cfg.model.name,
+            revision=cfg.model.revision,
+            resolved_path=check.source.display,
+            fingerprint=base_fingerprint,
+            model_type=check.model_config.model_type,
+            quantization=cfg.model.quantization,
+        ),
+        lora=LoraRecord(
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.resolved_alpha,
+            scaling=cfg.lora.scaling,
+            target_modules=sorted(model.peft_config["default"].target_modules),
+            target_parameters=sorted(model.peft_config["default"].target_parameters or []),
+            coverage=check.coverage.to_json() if check.coverage is not None else None,
+            use_rslora=cfg.lora.use_rslora,
+            use_dora=cfg.lora.use_dora,
+            init=cfg.lora.init,
+            converted=conversion,
+            parameter_wrappers={k: {**w.__dict__, "shape": list(w.shape)} for k, w in wrappers.items()},
+        ),
+        chat=ChatRecord(
+            template=cfg.model.chat_template or ("tokenizer" if check.tokenizer.chat_template else None),
+            end_of_turn=end_of_turn_token(check.tokenizer),
+            stop_token_ids=generation.eos_token_id,
+            train_on=cfg.data.train_on,
+        ),
         # stop/turn tokens whose rows looked untrained, which rows trained, and how often the adapter stops
-        "stop_tokens": {
+        stop_tokens={
             "check": check.stop_tokens.to_json(),
             "train_tokens": check.token_training.to_json(),
             "after_training": stop or None,
         },
-        "trainable_params": check.trainable,
-        "total_params": check.total,
-        "precision": check.precision,
-        "speed": speed.to_json(),
-        "distributed": {
-            "world_size": world_size(),
-            "strategy": cfg.distributed.strategy if world_size() > 1 else None,
-            "effective_batch_size": effective_batch(cfg),
-        },
-        "seed": cfg.training.seed,
-        "data": {"format": data.format, "sources": data.sources,
-                 "dropped_rows": len(data.train.dropped) + (len(data.eval.dropped) if data.eval else 0),
-                 "heldout_overlap": data.heldout_overlap},
-        "metrics": {
-            "steps": state.global_step,
-            "epochs": round(state.epoch or 0, 3),
-            "train_loss": train_losses[-1] if train_losses else None,
-            "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
-            "peak_gpu_memory_gib": _peak_gpu_gib(),
-            "heldout": scores,
-        },
-        "environment": environment(),
-        "serving": cfg.serving.model_dump(),
+        trainable_params=check.trainable,
+        total_params=check.total,
+        precision=check.precision,
+        speed=speed.to_json(),
+        distributed=DistributedRecord(
+            world_size=world_size(),
+            strategy=cfg.distributed.strategy if world_size() > 1 else None,
+            effective_batch_size=effective_batch(cfg),
+        ),
+        seed=cfg.training.seed,
+        data=DataRecord(
+            format=data.format,
+            sources=data.sources,
+            dropped_rows=len(data.train.dropped) + (len(data.eval.dropped) if data.eval else 0),
+            heldout_overlap=data.heldout_overlap,
+        ),
+        metrics=MetricsRecord(
+            steps=state.global_step,
+            epochs=round(state.epoch or 0, 3),
+            train_loss=train_losses[-1] if train_losses else None,
+            tokens_seen=int(getattr(state, "num_input_tokens_seen", 0) or 0),
+            peak_gpu_memory_gib=_peak_gpu_gib(),
+            heldout=scores,
+        ),
+        environment=environment(),
+        serving=cfg.serving,
         # what `loraft inspect` reports per module (spectrum, effective rank, ||dW||/||W||), kept with the run
-        "adapter_stats": adapter_statistics(stage, None, (original or {}).get("norms") or model_weight_norms(model), wrappers=wrappers),
-    }
+        adapter_stats=adapter_statistics(stage, None, (original or {}).get("norms") or model_weight_norms(model), wrappers=wrappers),
+    )
     (stage / "README.md").write_text(model_card(cfg, manifest), encoding="utf-8")
     run.install(stage)
     stage.rmdir()
     shutil.rmtree(run.path / INITIAL_ADAPTER, ignore_errors=True)
-    run.write_json("manifest.json", manifest)  # "finished" from here on; then the unfinished marker goes
+    write_manifest(run.path, manifest)  # "finished" from here on; then the unfinished marker goes
     (run.path / "run_state.json").unlink(missing_ok=True)
     return manifest
 
@@ -694,20 +702,20 @@ def environment() -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), "device": device, **versions}
 
 
-def _converted_note(manifest: dict) -> str:
-    converted = manifest["lora"].get("converted")
+def _converted_note(manifest: RunManifest) -> str:
+    converted = manifest.lora.converted
     if not converted:
         return ""
     return f" ({converted['from']}; saved converted to rank {converted['saved_rank']} on the original base)"
 
 
-def model_card(cfg: RunConfig, manifest: dict) -> str:
-    held = manifest["metrics"]["heldout"]
+def model_card(cfg: RunConfig, manifest: RunManifest) -> str:
+    held = manifest.metrics.heldout
     score = ""
     if held:
         score = (
-            f"| held-out loss | {held['base']['loss']:.4f} | {held['adapter']['loss']:.4f} |\n"
-            f"| held-out perplexity | {held['base']['perplexity']:.2f} | {held['adapter']['perplexity']:.2f} |\n"
+            f"| held-out loss | {held['base'].loss:.4f} | {held['adapter'].loss:.4f} |\n"
+            f"| held-out perplexity | {held['base'].perplexity:.2f} | {held['adapter'].perplexity:.2f} |\n"
         )
     return f"""---
 library_name: peft
@@ -717,13 +725,13 @@ tags: [lora, loraft]
 # LoRA adapter for {cfg.model.name}
 
 Trained with loraft {__version__}: rank {cfg.lora.rank}, alpha {cfg.lora.resolved_alpha:g}{_converted_note(manifest)},
-targets {', '.join(manifest['lora']['target_modules'])}; {manifest['trainable_params']:,} trainable parameters;
-{manifest['metrics']['steps']} steps, precision {manifest['precision']}, seed {cfg.training.seed}.
+targets {', '.join(manifest.lora.target_modules)}; {manifest.trainable_params:,} trainable parameters;
+{manifest.metrics.steps} steps, precision {manifest.precision}, seed {cfg.training.seed}.
 
 | metric | base | adapter |
 |---|---|---|
 {score}
-Base weights fingerprint: `{manifest['base_model']['fingerprint']}` (merge and eval check it).
+Base weights fingerprint: `{manifest.base_model.fingerprint}` (merge and eval check it).
 
 ```python
 from transformers import AutoModelForCausalLM

@@ -136,6 +136,56 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     return train(validate_dict(cfg)).run_dir
 
 
+def make_run_manifest(base_name: str, fingerprint: str, *, quantization: dict | None = None, precision: str = "bf16"):
+    """A complete RunManifest for an adapter a test builds by hand (no training): the fields merge, eval
+    and inspect read are the given ones; the rest are plausible placeholders."""
+    from lora_ft.config import ServingSpec
+    from lora_ft.manifests import (
+        BaseModelRecord, ChatRecord, DataRecord, DistributedRecord, EnvironmentRecord, LoraRecord, MetricsRecord,
+        RunManifest,
+    )
+
+    return RunManifest(
+        loraft_version="test", created="2026-01-01T00:00:00Z", wall_seconds=0.0, config_hash="0" * 16,
+        base_model=BaseModelRecord(name=base_name, revision=None, resolved_path=base_name, fingerprint=fingerprint,
+                                   model_type="llama", quantization=quantization),
+        lora=LoraRecord(rank=4, alpha=16, scaling=4.0, target_modules=["q_proj"], use_rslora=False, use_dora=False),
+        chat=ChatRecord(template=None, end_of_turn=None, stop_token_ids=None, train_on="assistant"),
+        trainable_params=0, total_params=0, precision=precision, speed={},
+        distributed=DistributedRecord(world_size=1, strategy=None, effective_batch_size=1), seed=0,
+        data=DataRecord(format="prompt_completion", sources=[], dropped_rows=0),
+        metrics=MetricsRecord(steps=0, epochs=0.0, train_loss=None, tokens_seen=0, peak_gpu_memory_gib=None, heldout={}),
+        environment=EnvironmentRecord(python="3", platform="test", device="cpu"), serving=ServingSpec(), adapter_stats={},
+    )
+
+
+def check_manifests_under(root: Path) -> int:
+    """Read every manifest loraft wrote under `root` with the typed reader (raises if one does not fit its schema).
+
+    Files a test wrote by hand to stand for something else ("{}" as 'a finished run', a future schema_version)
+    carry no loraft_version or another schema_version and are left to the tests that wrote them."""
+    from lora_ft.manifests import SCHEMA_VERSION, MergeManifest, RunManifest, read_manifest
+
+    checked = 0
+    for kind in (RunManifest, MergeManifest):
+        for path in sorted(Path(root).rglob(kind.FILE)):
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(raw, dict) and "loraft_version" in raw and raw.get("schema_version", SCHEMA_VERSION) == SCHEMA_VERSION:
+                read_manifest(path.parent, kind)
+                checked += 1
+    return checked
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_written_manifest_fits_its_schema(tmp_path_factory):
+    """After the session, every run and merge folder any test wrote is read back through the typed schema."""
+    yield
+    check_manifests_under(tmp_path_factory.getbasetemp())
+
+
 @pytest.fixture
 def write_yaml(tmp_path):
     def _write(data: dict, name: str = "config.yaml") -> Path:

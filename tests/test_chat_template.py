@@ -263,7 +263,7 @@ def test_train_accepts_tool_rows_and_warns_once_about_the_field_the_template_ign
     assert printed.count("warning:") == 1
     assert "chat_fields (train): 4 rows have fields the chat template does not render" in printed and "tool_call_id (4x)" in printed
     assert "end of turn: <|im_end|> trained in 8 assistant turns" in printed  # the tool-call turn and the answer, 4 rows
-    assert result.manifest["metrics"]["steps"] == 2
+    assert result.manifest.metrics.steps == 2
 
 
 @pytest.mark.parametrize(

@@ -218,7 +218,7 @@ def test_eval_steps_log_eval_loss_and_early_stopping_keeps_the_best_adapter(tiny
     history = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     assert [s for s, _ in evals] == list(range(3, 3 * len(evals) + 1, 3))
-    steps = result.manifest["metrics"]["steps"]
+    steps = result.manifest.metrics.steps
     assert steps < 60, "early stopping ended the run"
     best = min(loss for _, loss in evals)
     assert [loss for _, loss in evals][-3] == best, "stopped exactly `patience` evaluations after the best one"

@@ -12,9 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import copy_rows, save_tiny_model, write_jsonl
+from conftest import copy_rows, make_run_manifest, save_tiny_model, write_jsonl
 from lora_ft import merge as merge_module
 from lora_ft.fingerprint import fingerprint_model_path
+from lora_ft.manifests import write_manifest
 from lora_ft.run_dir import file_sha256
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 40, 100, 250]])
@@ -49,8 +50,7 @@ def make_adapter(base_dir: Path, path: Path, *, r=4, alpha=16, seed=0, targets=(
     AutoTokenizer.from_pretrained(folder, **gguf).save_pretrained(path)
     base_name = base_name or str(base_dir)
     fingerprint = fingerprint_model_path(folder, gguf.get("gguf_file"))
-    manifest = {"base_model": {"name": base_name, "fingerprint": fingerprint, "quantization": quantization}}
-    (Path(path) / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(path, make_run_manifest(base_name, fingerprint, quantization=quantization))
     return Path(path)
 
 

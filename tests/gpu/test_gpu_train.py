@@ -14,8 +14,8 @@ def test_gpu_training_learns_and_records_peak_memory(tiny_config, quantized):
     if quantized:
         tiny_config["model"]["quantization"] = {"bits": 4, "quant_type": "nf4"}
     result = train(validate_dict(tiny_config))
-    metrics = result.manifest["metrics"]
-    assert metrics["peak_gpu_memory_gib"] > 0
+    assert result.manifest.metrics.peak_gpu_memory_gib > 0
     assert result.scores["adapter"]["loss"] < result.scores["base"]["loss"]
-    assert result.manifest["base_model"]["quantization"] == (tiny_config["model"].get("quantization") and {
+    quantization = result.manifest.base_model.quantization
+    assert (quantization.model_dump() if quantization else None) == (tiny_config["model"].get("quantization") and {
         "bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"})
