@@ -317,10 +317,11 @@ def config_changes(saved_path: Path, cfg) -> list[str]:
     import yaml
 
     from .config import redact
+    from .yaml_io import load_yaml
 
     try:
-        saved = yaml.safe_load(Path(saved_path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        saved = load_yaml(Path(saved_path).read_text(encoding="utf-8"), saved_path) or {}
+    except (OSError, yaml.YAMLError, LoraftError):
         return ["config.yaml (unreadable)"]
     now = redact(cfg.model_dump(mode="json"))
     before, after = _flatten(saved), _flatten(now)
