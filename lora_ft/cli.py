@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import wraps
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import typer
 
@@ -27,8 +29,6 @@ app = typer.Typer(
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before spending GPU time on it.")
 app.add_typer(data_app, name="data")
 
-STATE = {"debug": False}
-
 ConfigArg = typer.Argument(..., exists=False, help="The run's YAML config.", show_default=False)
 SetOption = typer.Option(None, "--set", help="Override a key: --set training.max_steps=10 (repeatable).")
 
@@ -41,37 +41,61 @@ def _version(value: bool):
 
 @app.callback()
 def main(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for internal errors."),
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for internal errors (or LORAFT_DEBUG=1)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ):
-    STATE["debug"] = debug or os.environ.get("LORAFT_DEBUG") == "1"
-    _quiet_libraries()
-    from .speed import configure_cuda_allocator
-
-    configure_cuda_allocator()
+    token = DEBUG.set(debug or os.environ.get("LORAFT_DEBUG") == "1")
+    ctx.call_on_close(lambda: DEBUG.reset(token))  # this invocation only: the next one starts from False
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# --debug of the invocation now running (set by `main`, reset when it ends; read by `handled`).
+DEBUG: ContextVar[bool] = ContextVar("loraft_debug", default=False)
+
+# Set for the duration of one command and restored after it (a test or notebook that calls several keeps its own).
+# Expandable CUDA segments: long and variable-length batches otherwise fragment the caching allocator until a run
+# that fits on paper dies out of memory; set before CUDA starts, never over the user's own setting.
+COMMAND_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+}
+QUIET_LOGGERS = ("transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "torch")
+
+
+@contextmanager
+def command_environment() -> Iterator[None]:
+    """What a command's terminal output needs from the libraries: no advisory chatter, no progress bars, their
+    loggers at ERROR and their UserWarnings/FutureWarnings off, for this command only (nothing global)."""
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="(torch|transformers|peft|trl)")
-
-    for name in ("transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "torch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    added = {k: v for k, v in COMMAND_ENV.items() if k not in os.environ}
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    os.environ.update(added)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="(torch|transformers|peft|trl)")
+            for name in QUIET_LOGGERS:
+                logging.getLogger(name).setLevel(logging.ERROR)
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def handled(func):
-    """Turn LoraftError into one line + its exit code; internal errors into exit 1."""
+    """Run a command in its environment; LoraftError becomes one line + its exit code, internal errors exit 1."""
 
     @wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with command_environment():
+                return func(*args, **kwargs)
         except LoraftError as exc:
             from .config import redact
             from .errors import Interrupted
@@ -86,7 +110,7 @@ def handled(func):
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
         except Exception as exc:
-            if STATE["debug"]:
+            if DEBUG.get():
                 raise
             from .config import redact
 
@@ -94,6 +118,18 @@ def handled(func):
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
+
+
+def _writer_of(folder: Optional[Path], option: str, verb: str):
+    """The exclusive lock on a command's output folder (one writer per folder); a no-op without one."""
+    import shlex
+    from contextlib import nullcontext
+
+    from .locks import hold
+
+    if folder is None:
+        return nullcontext()
+    return hold(folder, shlex.join(["loraft", verb, *sys.argv[2:]]) if len(sys.argv) > 2 else f"loraft {verb}", what=option)
 
 
 def _load(config: Path, overrides: Optional[List[str]]):
@@ -275,13 +311,14 @@ def eval_(
         DEFAULT_MAX_REGRESSION if max_regression is None else max_regression,
     )
     settings = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, regex=regex)
-    report = evaluate(
-        adapter, base=base, data=data or (), regression=[] if no_regression else (regression or None),
-        settings=settings, gates=gates, force=force,
-    )
-    typer.echo(report.summary())
-    if out is not None:
-        typer.echo(f"report written to {report.write(out)}")
+    with _writer_of(out, "--out", "eval"):
+        report = evaluate(
+            adapter, base=base, data=data or (), regression=[] if no_regression else (regression or None),
+            settings=settings, gates=gates, force=force,
+        )
+        typer.echo(report.summary())
+        if out is not None:
+            typer.echo(f"report written to {report.write(out)}")
     if not report.passed:
         raise typer.Exit(report.exit_code)
 
@@ -332,7 +369,8 @@ def merge(
 
     if dtype != "auto" and dtype not in DTYPES:
         raise LoraftError(f"--dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    result = run_merge(adapter, out, base=base, dtype=dtype, force=force, qlora_base=qlora_base, verify=not no_verify)
+    with _writer_of(out, "--out", "merge"):
+        result = run_merge(adapter, out, base=base, dtype=dtype, force=force, qlora_base=qlora_base, verify=not no_verify)
     typer.echo(result.summary())
 
 
@@ -351,7 +389,8 @@ def export_command(
     """
     from .export import export
 
-    result = export(run_dir, to, out)
+    with _writer_of(out, "--out", "export"):
+        result = export(run_dir, to, out)
     typer.echo(result.summary())
 
 

@@ -97,6 +97,25 @@ def check_output_path(output: Path, inputs: list[Path]) -> None:
             raise LoraftError(f"output_dir {output} contains the run's input {item}; choose an output_dir outside it")
 
 
+def check_writable_folder(folder: Path, what: str) -> None:
+    """`folder` is, or can be created as, a folder this process can write in; else one line naming the obstacle.
+
+    Probes by creating (and removing) a temporary folder in the nearest existing ancestor: permission bits
+    do not tell the whole story (root, read-only mounts, /sys)."""
+    folder = Path(folder).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise LoraftError(f"{what} {folder} is a file; choose a folder path")
+    ancestor = folder
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LoraftError(f"{what} {folder}: {ancestor} is a file, not a folder; choose a path outside it")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".loraft-probe.", dir=ancestor))
+    except OSError as exc:
+        raise LoraftError(f"{what} {folder}: cannot write in {ancestor} ({exc.strerror}); choose a folder you can write") from None
+
+
 class RunDir:
     """One run's output folder."""
 
@@ -200,9 +219,9 @@ class AdapterRun:
         manifest = read_manifest(path, RunManifest) if (path / MANIFEST).is_file() else None
         config = None
         if (path / CONFIG).is_file():
-            import yaml
+            from .yaml_io import load_yaml
 
-            raw = yaml.safe_load((path / CONFIG).read_text(encoding="utf-8"))
+            raw = load_yaml((path / CONFIG).read_text(encoding="utf-8"), path / CONFIG)
             config = validate_dict(raw, source=str(path / CONFIG))
         return cls(path.resolve(), adapter_config, manifest, config)
 

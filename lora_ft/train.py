@@ -201,7 +201,17 @@ def train(
 ) -> TrainResult:
     """Train as `cfg` says. An unfinished run of the same config in output_dir is continued from its
     last complete checkpoint (`resume=True` insists there is one). `command` is what the user typed,
-    quoted back in interruption and resume messages."""
+    quoted back in interruption and resume messages. One writer per run folder: rank 0 holds the folder's
+    lock from before the first check to the end, so a second `loraft train` on it exits 2 at once."""
+    from contextlib import nullcontext
+
+    from .locks import hold
+
+    with hold(cfg.output_dir, command, what="output_dir") if is_main_process() else nullcontext():
+        return _train(cfg, resume=resume, overwrite=overwrite, console=console, command=command)
+
+
+def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, console, command: str) -> TrainResult:
     from transformers import set_seed
 
     from .chat_template import check_end_of_turn, require_end_of_turn
