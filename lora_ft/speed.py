@@ -145,14 +145,6 @@ def apply_speed_plan(model, plan: SpeedPlan) -> None:
     apply_checkpointing(model, plan.checkpoint_layers)
 
 
-def configure_cuda_allocator() -> None:
-    """Expandable segments: long and variable-length batches otherwise fragment the caching allocator until a
-    run that fits on paper dies out of memory. Only before CUDA starts, and never over the user's own setting."""
-    import os
-
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-
 def apply_checkpointing(model, layers_to_checkpoint: int) -> None:
     """Checkpoint the first N decoder layers (non-reentrant); the rest keep their activations.
 

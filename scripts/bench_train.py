@@ -549,9 +549,9 @@ def main():
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if getattr(args, "tool", None) == "loraft":
-        from lora_ft.speed import configure_cuda_allocator  # what the loraft CLI does before CUDA starts
+        from lora_ft.cli import COMMAND_ENV  # what the loraft CLI sets before CUDA starts
 
-        configure_cuda_allocator()
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", COMMAND_ENV["PYTORCH_CUDA_ALLOC_CONF"])
     if args.cmd == "one":
         print(json.dumps(run_one(args.tool, args.mode, args.batch, args.seq, args.steps, args.gc, args.liger, args.offload,
                                  not args.unfused, args.profile, "torch" if args.torch_lora_kernels else "auto",
