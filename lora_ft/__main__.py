@@ -1,3 +1,3 @@
-from .cli import app
+from lora_ft.cli import app
 
 app()

@@ -17,8 +17,8 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from . import __version__
-from .errors import EXIT_INTERNAL, LoraftError
+from lora_ft import __version__
+from lora_ft.errors import EXIT_INTERNAL, LoraftError
 
 app = typer.Typer(
     add_completion=False,
@@ -97,8 +97,8 @@ def handled(func):
             with command_environment():
                 return func(*args, **kwargs)
         except LoraftError as exc:
-            from .config import redact
-            from .errors import Interrupted
+            from lora_ft.config import redact
+            from lora_ft.errors import Interrupted
 
             prefix = "interrupted" if isinstance(exc, Interrupted) else "error"
             for line in str(exc).splitlines():
@@ -112,7 +112,7 @@ def handled(func):
         except Exception as exc:
             if DEBUG.get():
                 raise
-            from .config import redact
+            from lora_ft.config import redact
 
             typer.echo(f"internal error: {type(exc).__name__}: {redact(str(exc))} (rerun with --debug for the traceback)", err=True)
             raise typer.Exit(EXIT_INTERNAL) from None
@@ -125,7 +125,7 @@ def _writer_of(folder: Optional[Path], option: str, verb: str):
     import shlex
     from contextlib import nullcontext
 
-    from .locks import hold
+    from lora_ft.artifacts.locks import hold
 
     if folder is None:
         return nullcontext()
@@ -133,7 +133,7 @@ def _writer_of(folder: Optional[Path], option: str, verb: str):
 
 
 def _load(config: Path, overrides: Optional[List[str]]):
-    from .config import load_config
+    from lora_ft.config import load_config
 
     return load_config(config, overrides or [])
 
@@ -159,8 +159,8 @@ def train(
     """
     import shlex
 
-    from .distributed import is_main_process, launch, world_size
-    from .train import train as run_training
+    from lora_ft.training.distributed import is_main_process, launch, world_size
+    from lora_ft.train import train as run_training
 
     cfg = _load(config, set_)
     if gpus > 1 and world_size() == 1:
@@ -182,9 +182,9 @@ def validate(config: Path = ConfigArg, set_: Optional[List[str]] = SetOption):
 
     Example: loraft validate configs/llama8b.yaml
     """
-    from .config import config_to_yaml
-    from .errors import DataError
-    from .train import preflight
+    from lora_ft.config import config_to_yaml
+    from lora_ft.errors import DataError
+    from lora_ft.train import preflight
 
     cfg = _load(config, set_)
     check = preflight(cfg, need_data=False)
@@ -208,9 +208,9 @@ def data_show(
 
     Example: loraft data show recipes/quickstart.yaml --rows 2
     """
-    from .config import ConfigError
-    from .data_show import print_rows, show_rows
-    from .model import load_tokenizer, resolve_model_source
+    from lora_ft.config import ConfigError
+    from lora_ft.data_show import print_rows, show_rows
+    from lora_ft.model.loading import load_tokenizer, resolve_model_source
 
     cfg = _load(config, set_)
     if cfg.data is None:
@@ -235,8 +235,8 @@ def data_check(
     """
     from rich.console import Console
 
-    from .data_check import check_data
-    from .errors import DataError
+    from lora_ft.data_check import check_data
+    from lora_ft.errors import DataError
 
     console = Console()
     result = check_data(_load(config, set_), console=console)
@@ -261,7 +261,7 @@ BaseOption = typer.Option(None, "--base", help="Base model (default: the one the
 ForceOption = typer.Option(False, "--force", help="Use --base even though its weights differ from the recorded base.")
 
 
-from .evaluate import DEFAULT_MAX_REGRESSION  # noqa: E402  (no torch at import: --help stays instant)
+from lora_ft.evaluate import DEFAULT_MAX_REGRESSION  # noqa: E402  (no torch at import: --help stays instant)
 
 
 def _metric_option(name: str):
@@ -300,7 +300,7 @@ def eval_(
 
     Example: loraft eval --adapter runs/quickstart --min-json-fields 0.8 --out reports/quickstart
     """
-    from .evaluate import EvalSettings, Gates, evaluate
+    from lora_ft.evaluate import EvalSettings, Gates, evaluate
 
     minimums = {
         "exact_match": min_exact_match, "contains": min_contains, "regex": min_regex, "json_valid": min_json_valid,
@@ -324,7 +324,7 @@ def eval_(
 
 
 def _generation_settings(max_new_tokens: int, batch_size: int, sample: bool, temperature: float, top_p: float, seed: int):
-    from .generate import GenerationSettings
+    from lora_ft.generate import GenerationSettings
 
     return GenerationSettings(
         max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed
@@ -333,7 +333,7 @@ def _generation_settings(max_new_tokens: int, batch_size: int, sample: bool, tem
 
 def _models(adapter: Optional[List[Path]], base: Optional[str], base_only: bool, with_base: bool, force: bool):
     """Load once; return (inference, labels to run) for --adapter [--adapter] / --base-only / --with-base."""
-    from .generate import BASE, load_for_inference
+    from lora_ft.generate import BASE, load_for_inference
 
     if base_only and with_base:
         raise LoraftError("--base-only and --with-base contradict each other; keep one")
@@ -365,7 +365,7 @@ def merge(
 
     Example: loraft merge --adapter runs/quickstart --out merged/quickstart
     """
-    from .merge import DTYPES, merge as run_merge
+    from lora_ft.merge import DTYPES, merge as run_merge
 
     if dtype != "auto" and dtype not in DTYPES:
         raise LoraftError(f"--dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
@@ -387,7 +387,7 @@ def export_command(
 
     Example: loraft export runs/quickstart --to llamacpp --out exports/quickstart-gguf
     """
-    from .export import export
+    from lora_ft.export import export
 
     with _writer_of(out, "--out", "export"):
         result = export(run_dir, to, out)
@@ -409,8 +409,8 @@ def inspect_command(
 
     Example: loraft inspect runs/quickstart --report reports/quickstart
     """
-    from .rank_diagnostics import inspect_adapter
-    from .rank_report import write_report
+    from lora_ft.rank_diagnostics import inspect_adapter
+    from lora_ft.rank_report import write_report
 
     result = inspect_adapter(adapter_dir, against=against, base=base, energy=energy)
     if report is not None:
@@ -443,7 +443,7 @@ def generate(
     """
     import json
 
-    from .generate import generate_file
+    from lora_ft.generate import generate_file
 
     if not prompts.is_file():  # before loading any model
         raise LoraftError(f"--prompts: data file not found: {prompts}")
@@ -478,7 +478,7 @@ def chat(
 
     Example: loraft chat --adapter runs/quickstart --with-base
     """
-    from .generate import run_system_prompt
+    from lora_ft.generate import run_system_prompt
 
     settings = _generation_settings(max_new_tokens, 1, sample, temperature, top_p, seed)
     inference, labels = _models(adapter, base, base_only, with_base, force)
@@ -539,7 +539,7 @@ def serve(
 
     Example: loraft serve --adapter quickstart=runs/quickstart --port 8000
     """
-    from .serve import ServeSettings, parse_adapters, serve as run_server
+    from lora_ft.serve import ServeSettings, parse_adapters, serve as run_server
 
     settings = ServeSettings(
         max_tokens=max_tokens, max_batch_size=max_batch_size, queue_size=queue_size, api_key=api_key,

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from .yaml_io import load_yaml
+from lora_ft.errors import ConfigError
+from lora_ft.yaml_io import load_yaml
 
 TargetPreset = Literal["all-linear", "attention", "mlp"]
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -1,12 +1,12 @@
 """Data check stage: find what is wrong with the train and eval rows before any GPU time is spent.
 
-Reads the data exactly as training will (data.py parses, formats, renders and masks; nothing is
+Reads the data exactly as training will (data/rows.py parses, formats, renders and masks; nothing is
 re-implemented here) and reports, per split: malformed rows with file and line, token lengths after
 the chat template, truncation and rows with nothing to learn, exact and near-duplicates, one prompt
 with several answers, eval rows that leak from train, and a dominant answer in short-answer tasks.
 `data.checks` sets each check to warn, fail or off. LoRA learns bad data as efficiently as good
 data; the pitfall guarded here is a run that "works" on duplicated, contradictory or leaked rows.
-Memory grows linearly with the rows: near-duplicates come from MinHash + LSH banding (near_dup.py),
+Memory grows linearly with the rows: near-duplicates come from MinHash + LSH banding (data/near_dup.py),
 never from comparing all pairs.
 """
 
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DataSpec, RunConfig
-from .data import IGNORE, Example, Row, detect_format, encode, examples_from_rows, ignored_fields, load_rows, message_text
-from .errors import ConfigError, DataError
-from .near_dup import ShingleIndex
+from lora_ft.config import DataSpec, RunConfig
+from lora_ft.data.rows import IGNORE, Example, Row, detect_format, encode, examples_from_rows, ignored_fields, load_rows, message_text
+from lora_ft.errors import ConfigError, DataError
+from lora_ft.data.near_dup import ShingleIndex
 
 CHECKS = ("row_schema", "chat_fields", "lengths", "duplicates", "contradictions", "leakage", "near_leakage", "balance",
           "end_of_turn")
@@ -198,7 +198,7 @@ class DataCheckResult:
 
     def write_report(self, folder: Path) -> list[Path]:
         """data_report.json and data_report.md in `folder`, each written atomically."""
-        from .run_dir import atomic_write_json, atomic_write_text
+        from lora_ft.artifacts.run_dir import atomic_write_json, atomic_write_text
 
         folder = Path(folder)
         atomic_write_json(folder / "data_report.json", self.to_json())
@@ -225,7 +225,7 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
         raise ConfigError("data: missing; add data.train: path/to/train.jsonl")
     spec, levels = cfg.data, cfg.data.checks.model_dump()
     if tokenizer is None:
-        from .model import load_tokenizer, resolve_model_source
+        from lora_ft.model.loading import load_tokenizer, resolve_model_source
 
         tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
     started = time.perf_counter()  # the check's own time; loading a tokenizer is not the data's cost
@@ -589,7 +589,7 @@ END_OF_TURN_SAMPLE = 200  # the template decides this, not the row; a sample fin
 
 def _end_of_turn_check(split: _Split, tokenizer, train_on: str, max_len: int, add) -> None:
     """The same rule train enforces (chat_template.check_end_of_turn), reported with the other findings."""
-    from .chat_template import check_end_of_turn
+    from lora_ft.data.chat_template import check_end_of_turn
 
     encoded = []
     for example in split.examples[:END_OF_TURN_SAMPLE]:
@@ -673,7 +673,7 @@ class _FixPlan:
         self.splits, self.contradictions = splits, contradictions
 
     def write(self, folder: Path) -> FixResult:
-        from .run_dir import atomic_dir
+        from lora_ft.artifacts.run_dir import atomic_dir
 
         kept, removed = {}, {}
         with atomic_dir(folder) as tmp:

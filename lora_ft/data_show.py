@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import RunConfig
-from .data import IGNORE, encode, examples_from_rows, load_rows
+from lora_ft.config import RunConfig
+from lora_ft.data.rows import IGNORE, encode, examples_from_rows, load_rows
 
 
 @dataclass(frozen=True)

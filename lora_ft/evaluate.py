@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .errors import EXIT_GATE, LoraftError
-from .metrics import GENERATION_METRICS, score_generation
+from lora_ft.errors import EXIT_GATE, LoraftError
+from lora_ft.metrics import GENERATION_METRICS, score_generation
 
 DEFAULT_REGRESSION = Path(__file__).parent / "resources" / "regression_default.jsonl"
 # A per-example loss change within this many nats/token is a tie: LoRA always moves the loss a little.
@@ -108,8 +108,8 @@ class EvalItem:
 
 def build_items(rows, spec, tokenizer, *, max_seq_length: int, regex: str | None = None) -> list[EvalItem]:
     """Rows -> items, rendered exactly as training renders them (same format detection, template, masking)."""
-    from .data import Example, detect_format, encode, to_example
-    from .generate import render_prompt
+    from lora_ft.data.rows import Example, detect_format, encode, to_example
+    from lora_ft.generate import render_prompt
 
     if not rows:
         return []
@@ -216,7 +216,7 @@ class EvalReport:
 
     def write(self, out: str | Path) -> Path:
         """report.json, report.md and report.png in `out`, all or nothing (a temp folder renamed into place)."""
-        from .run_dir import atomic_dir
+        from lora_ft.artifacts.run_dir import atomic_dir
 
         out = Path(out)
         if out.exists() and not (out / "report.json").is_file():
@@ -347,7 +347,7 @@ def evaluate(
     `regression=None` uses the shipped default set; an empty list skips the regression check.
     `inference` reuses an already loaded model (tests, notebooks); by default one is loaded here.
     """
-    from .generate import load_for_inference
+    from lora_ft.generate import load_for_inference
 
     if inference is None:
         inference = load_for_inference(adapter, base, force)
@@ -366,7 +366,7 @@ def evaluate(
     regression_files = [DEFAULT_REGRESSION] if regression is None else list(regression)
     if regression_files:
         rows = _read_all(regression_files)
-        from .config import DataSpec
+        from lora_ft.config import DataSpec
 
         # General-capability prompts are asked as a user would, without the task's system prompt.
         spec = DataSpec(train={"path": str(regression_files[0])})
@@ -388,7 +388,7 @@ def evaluate(
 
 
 def _task_rows(run, data: Sequence[str | Path]):
-    from .data import load_rows, read_rows
+    from lora_ft.data.rows import load_rows, read_rows
 
     if data:
         return [str(p) for p in data], _read_all(data)
@@ -405,8 +405,8 @@ def _task_rows(run, data: Sequence[str | Path]):
 
 
 def _read_all(paths) -> list:
-    from .config import DataSource
-    from .data import read_rows
+    from lora_ft.config import DataSource
+    from lora_ft.data.rows import read_rows
 
     rows = []
     for path in paths:
@@ -421,7 +421,7 @@ def _read_all(paths) -> list:
 
 def _data_spec(run, source: str):
     """The run's data settings (field mapping, system prompt, masking) for any eval file."""
-    from .config import DataSpec
+    from lora_ft.config import DataSpec
 
     if run.config is not None and run.config.data is not None:
         return run.config.data
@@ -430,7 +430,7 @@ def _data_spec(run, source: str):
 
 def _compare(inference, label: str, items: list[EvalItem], settings: EvalSettings, progress, what: str, worst: int = 0) -> dict:
     """Loss and generation metrics of base and adapter on the same items; per-example rows for the report."""
-    from .generate import BASE, GenerationSettings
+    from lora_ft.generate import BASE, GenerationSettings
 
     tokenizer = inference.tokenizer(label)
     scored = [i for i in items if i.encoded is not None]
@@ -485,8 +485,8 @@ def _compare(inference, label: str, items: list[EvalItem], settings: EvalSetting
 
 def _stop_metrics(inference, label: str, scored: list[EvalItem], settings: EvalSettings) -> dict:
     """How likely base and adapter are to stop where each reference answer ends (stop_tokens.stop_score)."""
-    from .generate import BASE
-    from .stop_tokens import stop_score
+    from lora_ft.generate import BASE
+    from lora_ft.model.stop_tokens import stop_score
 
     tokenizer = inference.tokenizer(label)
     found = {}
@@ -505,7 +505,7 @@ def _stop_metrics(inference, label: str, scored: list[EvalItem], settings: EvalS
 
 
 def _examples(items, scored, losses, generated, outputs, label) -> list[dict]:
-    from .generate import BASE
+    from lora_ft.generate import BASE
 
     by_where = {i.where: {"where": i.where, "prompt": i.prompt, "reference": i.reference} for i in items}
     for item, b, a in zip(scored, losses.get(BASE, []), losses.get(label, [])):

@@ -1,7 +1,7 @@
 """Export stage: a finished run -> what one serving engine loads, normalised so the engine's own rule
 computes exactly the trained update, then read back and verified.
 
-Reads the run folder (adapter, manifest, tokenizer) and the engine rule (engines.py); writes --out:
+Reads the run folder (adapter, manifest, tokenizer) and the engine rule (serving/engines.py); writes --out:
 PEFT folders for vllm/sglang/transformers, a LoRA GGUF for llamacpp (+ a Modelfile for ollama), or the
 merged model. Normalisation: an integer lora_alpha where that is exact, else the scale folded into
 lora_B; rsLoRA and per-module rank/alpha patterns folded for engines that ignore them; a base the target
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .engines import AdapterFeatures, EngineRule, check_target, gguf_arch, go_uint32, max_lora_rank, rule_for
-from .errors import LoraftError, VerificationError
-from .export_manifest import EXPORT_MANIFEST, EngineRuleRecord, ExportManifest, ExportVerification
-from .run_dir import MANIFEST, STATE, AdapterRun, atomic_dir, atomic_write_json, file_sha256
+from lora_ft import __version__
+from lora_ft.serving.engines import AdapterFeatures, EngineRule, check_target, gguf_arch, go_uint32, max_lora_rank, rule_for
+from lora_ft.errors import LoraftError, VerificationError
+from lora_ft.artifacts.export_manifest import EXPORT_MANIFEST, EngineRuleRecord, ExportManifest, ExportVerification
+from lora_ft.artifacts.run_dir import MANIFEST, STATE, AdapterRun, atomic_dir, atomic_write_json, file_sha256
 
 FP32_TOLERANCE = 1e-4  # as merge: fp32 arithmetic on both sides, only summation order differs
 PEFT_PREFIX = "base_model.model."
@@ -93,7 +93,7 @@ def export(run_dir: str | Path, target: str, out: str | Path, *, console=None) -
     if rule.layout == "merged":
         return _export_merged(run, rule, out, spec, source, matches)
 
-    from .model import load_model_config
+    from lora_ft.model.loading import load_model_config
 
     model_config = load_model_config(spec, source)
     base_for_target = source.display if source.gguf_file or Path(os.path.expanduser(spec.name)).exists() or spec.name.startswith("pkg://") else spec.name
@@ -181,7 +181,7 @@ def _readable_by_all(folder: Path) -> None:
 
 def trained_modules(run: AdapterRun) -> list[LoraModule]:
     """The run's LoRA pairs with the scale PEFT trained them under (rsLoRA and patterns included)."""
-    from .merge import load_adapter
+    from lora_ft.merge import load_adapter
 
     weights = load_adapter(run)
     if weights.replacements or weights.bias_deltas:
@@ -396,7 +396,7 @@ def gguf_base_index(model_config, source) -> tuple[str, dict[str, str], dict[str
 
     With a GGUF base the names and shapes are the file's own (what llama-adapter.cpp checks against);
     otherwise those convert_hf_to_gguf.py would give it."""
-    from .model import linear_module_names, meta_model
+    from lora_ft.model.loading import linear_module_names, meta_model
 
     arch, permute = gguf_arch(model_config.model_type)
     model = meta_model(model_config)
@@ -486,8 +486,8 @@ def logits_gap(run: AdapterRun, spec, source, modules: list[LoraModule] | None, 
     `modules` is what an engine adds to each layer (scale * B @ A x); with None, PEFT loads `peft_folder`."""
     from peft import PeftModel
 
-    from .generate import run_tokenizer
-    from .model import load_base_model
+    from lora_ft.generate import run_tokenizer
+    from lora_ft.model.loading import load_base_model
 
     tokenizer = run_tokenizer(run)
     prompts = [torch.tensor([ids]) for p in VERIFY_PROMPTS if (ids := tokenizer(p)["input_ids"])]
@@ -531,7 +531,7 @@ def _add_lora(model, m: LoraModule):
 
 
 def _export_merged(run: AdapterRun, rule: EngineRule, out: Path, spec, source, matches) -> ExportResult:
-    from .merge import merge
+    from lora_ft.merge import merge
 
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .errors import LoraftError
-from .run_dir import AdapterRun, read_json
+from lora_ft.errors import LoraftError
+from lora_ft.artifacts.run_dir import AdapterRun, read_json
 
 BASE = "base"
 # End-of-turn tokens of common chat templates; each one present in the vocabulary is a stop id.
@@ -159,8 +159,8 @@ def load_for_inference(
     """
     import torch
 
-    from .config import ModelSpec
-    from .model import load_base_model, load_tokenizer, resolve_model_source, resolve_precision
+    from lora_ft.config import ModelSpec
+    from lora_ft.model.loading import load_base_model, load_tokenizer, resolve_model_source, resolve_precision
 
     dirs = [] if adapter_dir is None else [adapter_dir] if isinstance(adapter_dir, (str, Path)) else list(adapter_dir)
     if not dirs and not base:
@@ -232,7 +232,7 @@ def run_eos_ids(run: AdapterRun, tokenizer, model) -> list[int]:
 
 def base_eos_ids(tokenizer, model=None) -> list[int]:
     """Tokenizer EOS + every known end-of-turn token in the vocabulary + the model's own generation EOS ids."""
-    from .chat_template import stop_token_ids
+    from lora_ft.data.chat_template import stop_token_ids
 
     ids = set(stop_token_ids(tokenizer))  # EOS and the template's own end-of-turn token (the rule training used)
     vocab = tokenizer.get_vocab()
@@ -404,9 +404,9 @@ def generate_file(
     out: Path | None = None, progress=None,
 ) -> GenerateResult:
     """Read prompt rows, generate with each label (base and/or adapters), write one JSONL row per prompt."""
-    from .config import DataSource
-    from .data import read_rows
-    from .run_dir import atomic_write_text
+    from lora_ft.config import DataSource
+    from lora_ft.data.rows import read_rows
+    from lora_ft.artifacts.run_dir import atomic_write_text
 
     rows = read_rows(DataSource(path=str(prompts_file)))
     if not rows:

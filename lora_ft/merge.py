@@ -29,15 +29,15 @@ from typing import Iterator
 
 import torch
 
-from .speed import one_torch_thread
-from . import __version__
-from .errors import LoraftError, VerificationError
-from .manifests import (
+from lora_ft.model.speed import one_torch_thread
+from lora_ft import __version__
+from lora_ft.errors import LoraftError, VerificationError
+from lora_ft.artifacts.manifests import (
     MergeManifest, MergedAdapterRecord, MergedBaseRecord, ModuleCheckRecord, VerificationRecord, write_manifest,
 )
-from .merge_check import check_module, full_check_unfits, verify_logits
-from .run_dir import AdapterRun, atomic_dir, atomic_write_json, file_sha256
-from .shards import INDEX, ShardWriter, base_shards, read_tensor, shard_index
+from lora_ft.merge_check import check_module, full_check_unfits, verify_logits
+from lora_ft.artifacts.run_dir import AdapterRun, atomic_dir, atomic_write_json, file_sha256
+from lora_ft.artifacts.shards import INDEX, ShardWriter, base_shards, read_tensor, shard_index
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -204,7 +204,7 @@ class ParameterDelta:
 
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_e, A_e): expert e's update is scaling * B_e @ A_e, (out, in)."""
-        from .coverage import expert_factors
+        from lora_ft.model.coverage import expert_factors
 
         return expert_factors(self.A, self.B, self.experts)[e]
 
@@ -225,7 +225,7 @@ def load_adapter(run: AdapterRun, base_dir: Path | None = None) -> AdapterWeight
     if not path.is_file():
         raise LoraftError(f"--adapter: {run.path} has no adapter_model.safetensors (pickled .bin adapters are not read)")
     tensors = load_file(str(path))
-    from .stop_tokens import TOKEN_DELTA, saved_token_rows
+    from lora_ft.model.stop_tokens import TOKEN_DELTA, saved_token_rows
 
     token_rows = {f"{module}.weight": rows for module, rows in saved_token_rows(tensors, cfg).items()}
     tensors = {k: v for k, v in tensors.items() if not TOKEN_DELTA.match(k)}
@@ -276,7 +276,7 @@ def load_adapter(run: AdapterRun, base_dir: Path | None = None) -> AdapterWeight
 def _parameter_wrappers(run: AdapterRun, base_dir: Path | None) -> dict:
     from transformers import AutoConfig
 
-    from .coverage import wrappers_for_adapter
+    from lora_ft.model.coverage import wrappers_for_adapter
 
     if not run.adapter_config.get("target_parameters"):
         return {}
@@ -317,7 +317,7 @@ def _base_checkpoint(spec, source, scratch_parent: Path, console) -> Iterator[Pa
     if source.gguf_file is None:
         yield source.path
         return
-    from .model import load_base_model
+    from lora_ft.model.loading import load_base_model
 
     scratch_parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".gguf-dequantized-", dir=scratch_parent))
@@ -518,7 +518,7 @@ def _embedding_names(base_dir: Path) -> tuple[str, str, bool]:
     """Tensor names of the input embedding and lm_head, and whether config.json ties them (from a meta model)."""
     from transformers import AutoConfig
 
-    from .model import meta_model
+    from lora_ft.model.loading import meta_model
 
     config = AutoConfig.from_pretrained(str(base_dir))
     model = meta_model(config)
@@ -652,7 +652,7 @@ def _roundtrip_device() -> str | None:
 
 
 def _training_dtype(run: AdapterRun) -> torch.dtype:
-    from .model import PRECISION_DTYPES, resolve_dtype
+    from lora_ft.model.loading import PRECISION_DTYPES, resolve_dtype
 
     precision = run.manifest.precision  # only QLoRA runs come here, and loraft wrote their manifest
     if run.config is not None:
@@ -683,7 +683,7 @@ def with_quantized_names(choice: QloraChoice | None, base_dir: Path) -> QloraCho
         return choice
     from transformers import AutoConfig
 
-    from .model import meta_model
+    from lora_ft.model.loading import meta_model
 
     model = meta_model(AutoConfig.from_pretrained(str(base_dir)))
     head = model.get_output_embeddings()
@@ -698,7 +698,7 @@ def with_quantized_names(choice: QloraChoice | None, base_dir: Path) -> QloraCho
 
 
 def write_sidecars(plan: MergePlan, base_dir: Path, run: AdapterRun, spec, source, out_dir: Path):
-    from .model import load_tokenizer
+    from lora_ft.model.loading import load_tokenizer
 
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     config.pop("quantization_config", None)  # merged weights are dense; a leftover marker makes loaders quantize
@@ -727,7 +727,7 @@ def write_sidecars(plan: MergePlan, base_dir: Path, run: AdapterRun, spec, sourc
 
 
 def _manifest(run, spec, source, matches, force, plan: MergePlan, written: Written, logits, skipped, seconds) -> MergeManifest:
-    from .fingerprint import fingerprint_model_path
+    from lora_ft.artifacts.fingerprint import fingerprint_model_path
 
     recorded = run.base_fingerprint
     actual = recorded if matches else fingerprint_model_path(source.path, source.gguf_file)

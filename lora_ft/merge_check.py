@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import LoraftError, VerificationError
+from lora_ft.errors import LoraftError, VerificationError
 
 if TYPE_CHECKING:
-    from .merge import MergePlan, TensorJob
-    from .run_dir import AdapterRun
+    from lora_ft.merge import MergePlan, TensorJob
+    from lora_ft.artifacts.run_dir import AdapterRun
 
 FP32_TOLERANCE = 1e-4
 # Half-precision output is checked in fp32 arithmetic (weights upcast exactly), so only the rounding of

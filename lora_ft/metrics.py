@@ -11,7 +11,7 @@ import json
 import re
 from typing import Sequence
 
-from .errors import LoraftError
+from lora_ft.errors import LoraftError
 
 GENERATION_METRICS = ("exact_match", "contains", "regex", "json_valid", "json_fields", "rouge_l", "stops")
 

@@ -21,8 +21,8 @@ from typing import Mapping
 
 import torch
 
-from .speed import one_torch_thread
-from .errors import LoraftError
+from lora_ft.model.speed import one_torch_thread
+from lora_ft.errors import LoraftError
 
 DEFAULT_ENERGY = 0.9
 # Verdict thresholds on effective rank / r. With an energy threshold e the effective rank can be at
@@ -103,7 +103,7 @@ class InspectResult:
         }
 
     def summary(self, width: int = 120) -> str:
-        from .rank_report import render_summary
+        from lora_ft.rank_report import render_summary
 
         return render_summary(self, width)
 
@@ -118,8 +118,8 @@ def inspect_adapter(
 ) -> InspectResult:
     """Per-module spectra, effective ranks and verdicts of an adapter; its gradient-norm history; optionally
     its subspace overlap with a second adapter `against`. `base` overrides the base recorded for ||W||."""
-    from .progress import read_metrics
-    from .run_dir import METRICS
+    from lora_ft.training.progress import read_metrics
+    from lora_ft.artifacts.run_dir import METRICS
 
     if not 0 < energy <= 1:
         raise LoraftError(f"--energy: {energy} is not in (0, 1]; use e.g. 0.9 for 90% of the squared spectrum")
@@ -154,7 +154,7 @@ def inspect_adapter(
 
 def _trained_token_rows(run, base: str | None) -> list:
     """Rows of stop/turn tokens the adapter trained, beside what they were in the base (when it can be read)."""
-    from .stop_tokens import trained_rows
+    from lora_ft.model.stop_tokens import trained_rows
 
     if not run.adapter_config.get("trainable_token_indices"):
         return []
@@ -175,7 +175,7 @@ def _default_console():
 
 
 def _read_adapter(path: str | Path, what: str):
-    from .run_dir import AdapterRun
+    from lora_ft.artifacts.run_dir import AdapterRun
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -363,7 +363,7 @@ def compute_module_stats(adapter_dir_or_state, adapter_config=None, base_weight_
         folder = Path(adapter_dir_or_state)
         state = load_adapter_state(folder)
         if adapter_config is None:
-            from .run_dir import read_json
+            from lora_ft.artifacts.run_dir import read_json
 
             adapter_config = read_json(folder / "adapter_config.json")
     else:
@@ -381,7 +381,7 @@ def model_weight_norms(peft_model) -> dict[str, float]:
     for fused expert parameters (PEFT's ParamWrapper) one norm per expert, named as read_factors names them."""
     from peft.utils.integrations import dequantize_module_weight
 
-    from .coverage import parameter_wrappers
+    from lora_ft.model.coverage import parameter_wrappers
 
     norms = {}
     with torch.no_grad():
@@ -439,8 +439,8 @@ def _wrapped_norms(wrapper, param: torch.Tensor) -> dict[str, float]:
 def adapter_wrappers(run) -> dict:
     """The ParamWrapper layout of a run's adapter (LoRA on fused expert / router parameters): from its
     manifest, else rebuilt on the base's meta model; {} for an ordinary adapter."""
-    from .coverage import WrappedParameter, wrappers_for_adapter
-    from .model import load_model_config
+    from lora_ft.model.coverage import WrappedParameter, wrappers_for_adapter
+    from lora_ft.model.loading import load_model_config
 
     if not run.adapter_config.get("target_parameters"):
         return {}
@@ -485,7 +485,7 @@ def read_factors(state: Mapping[str, torch.Tensor], adapter_config: dict, wrappe
 
 
 def _expert_factors(wrapper, a, b, adapter_config, rslora, base_alpha, alpha_pattern) -> dict[str, Factors]:
-    from .coverage import expert_factors
+    from lora_ft.model.coverage import expert_factors
 
     alpha = float(alpha_pattern.get(_pattern_key(alpha_pattern, wrapper.parameter), base_alpha))
     if wrapper.experts == 1:
@@ -657,7 +657,7 @@ def _safetensors_weights(model_dir: Path):
 
 def _gguf_weights(spec, source):
     """A .gguf base has no safetensors to read: transformers dequantizes it into a model, once."""
-    from .model import load_base_model
+    from lora_ft.model.loading import load_base_model
 
     model = load_base_model(spec, source, "fp32")
     for key, tensor in model.state_dict().items():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoraftError
-from .rank_diagnostics import (
+from lora_ft.errors import LoraftError
+from lora_ft.rank_diagnostics import (
     ADVICE,
     BALANCED,
     NO_UPDATE,
@@ -138,7 +138,7 @@ def _top_modules_table(result: InspectResult):
 
 def write_report(result: InspectResult, out_dir: str | Path) -> Path:
     """inspect.json and two charts, written into a temporary sibling folder and renamed into place."""
-    from .run_dir import atomic_dir
+    from lora_ft.artifacts.run_dir import atomic_dir
 
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(p.name not in REPORT_FILES for p in out.iterdir())):

@@ -1,7 +1,7 @@
 """`loraft serve`: an OpenAI-compatible HTTP API over one base model and many LoRA adapters.
 
 Reads run folders (adapter, tokenizer and chat template as trained, stop ids, base fingerprint); writes
-nothing. The engine (loading, batching across adapters, isolation) is `serve_batching`; this module is the
+nothing. The engine (loading, batching across adapters, isolation) is `serving/batching.py`; this module is the
 HTTP side, on the stack `transformers serve` uses: FastAPI + uvicorn, with the `openai` package's own response
 types so that what we send is what OpenAI clients parse. `model` in a request names an adapter; the base's
 own name means no adapter. Pitfalls guarded here: every error is a JSON body in OpenAI's error shape and the
@@ -27,9 +27,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from .errors import LoraftError
-from .run_dir import AdapterRun
-from .serve_batching import Job, ModelPool, QueueFull, Sampling, Scheduler, ServedModel
+from lora_ft.errors import LoraftError
+from lora_ft.artifacts.run_dir import AdapterRun
+from lora_ft.serving.batching import Job, ModelPool, QueueFull, Sampling, Scheduler, ServedModel
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .config import RunConfig, config_to_yaml, redact
-from .distributed import effective_batch, is_main_process, world_size
-from .errors import ConfigError, Interrupted
-from .guards import NumericGuard, SignalCallback, StopSignals
-from .manifests import RunManifest
-from .run_dir import CONFIG, METRICS, RunDir, check_output_path
+from lora_ft import __version__
+from lora_ft.config import RunConfig, config_to_yaml, redact
+from lora_ft.training.distributed import effective_batch, is_main_process, world_size
+from lora_ft.errors import ConfigError, Interrupted
+from lora_ft.training.guards import NumericGuard, SignalCallback, StopSignals
+from lora_ft.artifacts.manifests import RunManifest
+from lora_ft.artifacts.run_dir import CONFIG, METRICS, RunDir, check_output_path
 
 # ---------------------------------------------------------------------------------------------
 # Preflight: what `validate` prints and `train` checks before loading weights
@@ -71,17 +71,17 @@ class Preflight:
         lines.append(f"output      {self.cfg.output_dir}")
         lines += [f"deploy      note: {note}" for note in self.deployment_notes]
         if self.stop_tokens is not None:
-            from .stop_tokens import check_lines
+            from lora_ft.model.stop_tokens import check_lines
 
             lines += check_lines(self.stop_tokens, self.token_training)
         return "\n".join(lines)
 
 
 def preflight(cfg: RunConfig, *, need_data: bool = True, console=None) -> Preflight:
-    from .data import validate_rows
-    from .data_check import check_data
-    from .engines import check_deployment
-    from .model import (
+    from lora_ft.data.rows import validate_rows
+    from lora_ft.data_check import check_data
+    from lora_ft.serving.engines import check_deployment
+    from lora_ft.model.loading import (
         check_device_support,
         check_weight_format,
         count_lora_params,
@@ -90,8 +90,8 @@ def preflight(cfg: RunConfig, *, need_data: bool = True, console=None) -> Prefli
         resolve_model_source,
         resolve_precision,
     )
-    from .speed import check_speed_choices
-    from .stop_tokens import check_stop_tokens, plan_token_training
+    from lora_ft.model.speed import check_speed_choices
+    from lora_ft.model.stop_tokens import check_stop_tokens, plan_token_training
 
     precision = resolve_precision(cfg.training.precision)
     check_device_support(cfg.model, precision)
@@ -164,7 +164,7 @@ class TrainResult:
     stop: dict = field(default_factory=dict)  # stop-token probability at the end of held-out answers, base and adapter
 
     def summary(self) -> str:
-        from .data_check import heldout_caveat
+        from lora_ft.data_check import heldout_caveat
 
         lines = [f"adapter written to {self.run_dir}"]
         m = self.manifest
@@ -205,7 +205,7 @@ def train(
     lock from before the first check to the end, so a second `loraft train` on it exits 2 at once."""
     from contextlib import nullcontext
 
-    from .locks import hold
+    from lora_ft.artifacts.locks import hold
 
     with hold(cfg.output_dir, command, what="output_dir") if is_main_process() else nullcontext():
         return _train(cfg, resume=resume, overwrite=overwrite, console=console, command=command)
@@ -214,14 +214,14 @@ def train(
 def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, console, command: str) -> TrainResult:
     from transformers import set_seed
 
-    from .chat_template import check_end_of_turn, require_end_of_turn
-    from .checkpoints import check_same_data, data_hashes, plan_resume, report_resume, truncate_metrics
-    from .data import load_training_data
-    from .data_check import enforce_data_check
-    from .fingerprint import fingerprint_model_path
-    from .coverage import check_same_coverage
-    from .model import attach_lora, load_base_model
-    from .speed import apply_speed_plan, liger_patches_scoped, plan_speed
+    from lora_ft.data.chat_template import check_end_of_turn, require_end_of_turn
+    from lora_ft.artifacts.checkpoints import check_same_data, data_hashes, plan_resume, report_resume, truncate_metrics
+    from lora_ft.data.rows import load_training_data
+    from lora_ft.data_check import enforce_data_check
+    from lora_ft.artifacts.fingerprint import fingerprint_model_path
+    from lora_ft.model.coverage import check_same_coverage
+    from lora_ft.model.loading import attach_lora, load_base_model
+    from lora_ft.model.speed import apply_speed_plan, liger_patches_scoped, plan_speed
 
     console = console or _default_console()
     started = time.time()
@@ -248,7 +248,7 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, console, command: s
     if end_of_turn.turns:
         console.print(f"end of turn: {end_of_turn.token} trained in {end_of_turn.turns} assistant turns")
     if check.stop_tokens.flagged:
-        from .stop_tokens import check_lines
+        from lora_ft.model.stop_tokens import check_lines
 
         for line in check_lines(check.stop_tokens, check.token_training):
             console.print(f"[yellow]{line}[/]")
@@ -290,7 +290,7 @@ def _run_and_finish(cfg, check, model, data, run, console, speed, signals, comma
                     base_fingerprint, started, main, original=None) -> TrainResult:
     import torch
 
-    from .checkpoints import resume_hint
+    from lora_ft.artifacts.checkpoints import resume_hint
 
     try:
         with signals:
@@ -425,7 +425,7 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eva
         report_to=list(t.report_to) or "none",
         max_length=t.max_seq_length,
         packing=cfg.data.packing,
-        # Rows arrive tokenized, labelled and truncated by data.py; TRL only packs when asked.
+        # Rows arrive tokenized, labelled and truncated by data/rows.py; TRL only packs when asked.
         dataset_kwargs={"skip_prepare_dataset": not cfg.data.packing},
         pad_token=pad_token,
         disable_tqdm=True,
@@ -439,8 +439,8 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eva
 def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, console, speed, signals, command: str):
     from transformers import EarlyStoppingCallback, PrinterCallback
 
-    from .checkpoints import CheckpointWriter
-    from .progress import MetricsCallback
+    from lora_ft.artifacts.checkpoints import CheckpointWriter
+    from lora_ft.training.progress import MetricsCallback
 
     args = to_sft_config(
         cfg, run, check.precision, speed, has_eval=data.eval is not None, pad_token=check.tokenizer.pad_token
@@ -472,8 +472,8 @@ def _trainer_class():
     """SFTTrainer with atomic, validated checkpoints and a finiteness check on every optimizer step."""
     from trl import SFTTrainer
 
-    from .checkpoints import is_disk_full
-    from .speed import SyncFreeSteps
+    from lora_ft.artifacts.checkpoints import is_disk_full
+    from lora_ft.model.speed import SyncFreeSteps
 
     class LoraftTrainer(SyncFreeSteps, SFTTrainer):  # the guard runs after every backward (SyncFreeSteps)
         def __init__(self, *args, writer, guard, **kwargs):
@@ -508,7 +508,7 @@ def _trainer_class():
 
 def final_scores(model, data, tokenizer, batch_size: int) -> dict:
     """Held-out loss of the base (adapter disabled) and of the adapter, on the same tokens."""
-    from .evaluate import heldout_loss
+    from lora_ft.evaluate import heldout_loss
 
     if data.eval is None:
         return {}
@@ -522,8 +522,8 @@ def final_scores(model, data, tokenizer, batch_size: int) -> dict:
 def stop_after_training(model, data, check: Preflight, batch_size: int) -> dict:
     """How likely base and adapter are to stop where held-out answers end; a warning with cause and fix
     when the adapter would not stop on most of them."""
-    from .chat_template import stop_token_ids
-    from .stop_tokens import stop_score, stop_warning
+    from lora_ft.data.chat_template import stop_token_ids
+    from lora_ft.model.stop_tokens import stop_score, stop_warning
 
     if data.eval is None:
         return {}
@@ -544,13 +544,13 @@ def finalize(
     run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds,
     original=None, stop: dict | None = None,
 ) -> RunManifest:
-    from .chat_template import end_of_turn_token, generation_config
-    from .coverage import parameter_wrappers
-    from .manifests import (
+    from lora_ft.data.chat_template import end_of_turn_token, generation_config
+    from lora_ft.model.coverage import parameter_wrappers
+    from lora_ft.artifacts.manifests import (
         BaseModelRecord, ChatRecord, DataRecord, DistributedRecord, LoraRecord, MetricsRecord, write_manifest,
     )
-    from .progress import plot_loss_curve, read_metrics
-    from .rank_diagnostics import adapter_statistics, model_weight_norms
+    from lora_ft.training.progress import plot_loss_curve, read_metrics
+    from lora_ft.rank_diagnostics import adapter_statistics, model_weight_norms
 
     stage = run.staging()
     model = trainer.model
@@ -647,8 +647,8 @@ INITIAL_ADAPTER = "initial_adapter"
 def original_base(model, data, tokenizer, cfg: RunConfig) -> dict:
     """What PiSSA/OLoRA take away once the adapter is attached (W becomes a residual, so disabling the
     adapter no longer gives the base): the weight norms and the held-out loss of the original base."""
-    from .evaluate import heldout_loss
-    from .rank_diagnostics import original_weight_norms
+    from lora_ft.evaluate import heldout_loss
+    from lora_ft.rank_diagnostics import original_weight_norms
 
     heldout = None
     if data.eval is not None:

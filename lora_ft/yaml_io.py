@@ -14,7 +14,7 @@ import re
 
 import yaml
 
-from .errors import ConfigError
+from lora_ft.errors import ConfigError
 
 
 class _Loader(yaml.SafeLoader):

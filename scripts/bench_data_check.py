@@ -1,7 +1,7 @@
 """Benchmark `loraft data check`: 100,000 synthetic prompt/completion rows with planted problems.
 
 Each measurement runs in a fresh process (so peak RSS is its own), with the quickstart tokenizer
-(SmolLM2-135M-Instruct's, read from the GGUF file through lora_ft.model.load_tokenizer) and with a
+(SmolLM2-135M-Instruct's, read from the GGUF file through lora_ft.model.loading.load_tokenizer) and with a
 tiny byte-level BPE tokenizer. It reports seconds (check only, and with the tokens check off, which
 shows what tokenization costs), CPU seconds of the process and its tokenizing workers (the machine is shared:
 wall time depends on the other load, CPU time does not), the peak RSS of the process and of the largest worker, and the planted counts beside the found
@@ -132,7 +132,7 @@ def measure(data: Path, tokenizer_name: str, tokens_check: str, profile: bool) -
 
     if tokenizer_name == "gguf":
         from lora_ft.config import ModelSpec
-        from lora_ft.model import load_tokenizer, resolve_model_source
+        from lora_ft.model.loading import load_tokenizer, resolve_model_source
 
         spec = ModelSpec(name=GGUF)
         tokenizer = load_tokenizer(spec, resolve_model_source(spec))

@@ -165,7 +165,7 @@ def write_adapter(folder: Path, base: Path, layers: int, rank: int) -> None:
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from lora_ft.fingerprint import fingerprint_model_path
+    from lora_ft.artifacts.fingerprint import fingerprint_model_path
 
     folder.mkdir(parents=True)
     gen = torch.Generator().manual_seed(1)

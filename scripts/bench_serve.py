@@ -104,7 +104,7 @@ def build_pool(shape: str, device: str, rank: int):
     from peft import LoraConfig, get_peft_model
 
     from lora_ft.generate import base_eos_ids
-    from lora_ft.serve_batching import BASE_ROW, ModelPool, ServedModel
+    from lora_ft.serving.batching import BASE_ROW, ModelPool, ServedModel
 
     if shape == "quickstart":
         pool = ModelPool.load({}, QUICKSTART, precision="fp32" if device == "cpu" else "auto")
@@ -181,7 +181,7 @@ def measure_direct(pool, requests, max_tokens: int, max_batch: int, mix: bool) -
     """The same workload handed straight to the scheduler: what the engine does, without HTTP."""
     import threading
 
-    from lora_ft.serve_batching import Job, Sampling, Scheduler
+    from lora_ft.serving.batching import Job, Sampling, Scheduler
 
     scheduler = Scheduler(pool, max_batch_size=max_batch, queue_size=len(requests) + 8, mix_adapters=mix).start()
 

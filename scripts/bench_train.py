@@ -209,8 +209,8 @@ def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=Fal
 
 def _loraft_model(mode, batch, seq, gc, liger, fused, kernels="auto"):
     from lora_ft.config import validate_dict
-    from lora_ft.model import attach_lora, load_base_model, resolve_model_source
-    from lora_ft.speed import apply_speed_plan, plan_speed
+    from lora_ft.model.loading import attach_lora, load_base_model, resolve_model_source
+    from lora_ft.model.speed import apply_speed_plan, plan_speed
 
     gc_value = {"true": True, "false": False, "auto": "auto"}.get(gc, True)
     raw = {
@@ -320,7 +320,7 @@ def _loraft_sft_trainer(stock: bool = False, **kwargs):
     from rich.console import Console
     from trl import SFTTrainer
 
-    from lora_ft.guards import NumericGuard
+    from lora_ft.training.guards import NumericGuard
     from lora_ft.train import _trainer_class
 
     guard = NumericGuard("stop", 0, None, Console(stderr=True), "")
@@ -423,7 +423,7 @@ def run_cli(config: str, steps: int, batch: int, seq: int, extra: list[str]) -> 
     shown = "loraft train configs/%s.yaml %s" % (config, " ".join(f"--set {o}" for o in overrides))
     if proc.returncode != 0:
         return {"tool": "cli", "config": config, "error": proc.stderr[-1500:], "command": shown}
-    from lora_ft.progress import read_metrics
+    from lora_ft.training.progress import read_metrics
 
     logs = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and "num_input_tokens_seen" in r]
     first = next(r for r in logs if r["step"] >= 5)

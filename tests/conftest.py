@@ -140,7 +140,7 @@ def make_run_manifest(base_name: str, fingerprint: str, *, quantization: dict | 
     """A complete RunManifest for an adapter a test builds by hand (no training): the fields merge, eval
     and inspect read are the given ones; the rest are plausible placeholders."""
     from lora_ft.config import ServingSpec
-    from lora_ft.manifests import (
+    from lora_ft.artifacts.manifests import (
         BaseModelRecord, ChatRecord, DataRecord, DistributedRecord, EnvironmentRecord, LoraRecord, MetricsRecord,
         RunManifest,
     )
@@ -164,7 +164,7 @@ def check_manifests_under(root: Path) -> int:
 
     Files a test wrote by hand to stand for something else ("{}" as 'a finished run', a future schema_version)
     carry no loraft_version or another schema_version and are left to the tests that wrote them."""
-    from lora_ft.manifests import SCHEMA_VERSION, MergeManifest, RunManifest, read_manifest
+    from lora_ft.artifacts.manifests import SCHEMA_VERSION, MergeManifest, RunManifest, read_manifest
 
     checked = 0
     for kind in (RunManifest, MergeManifest):

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import build_tokenizer, copy_rows, write_jsonl
-from lora_ft.chat_template import check_end_of_turn, end_of_turn_token, require_end_of_turn, stop_token_ids
+from lora_ft.data.chat_template import check_end_of_turn, end_of_turn_token, require_end_of_turn, stop_token_ids
 from lora_ft.config import DataSpec, validate_dict
-from lora_ft.data import Example, encode
+from lora_ft.data.rows import Example, encode
 from lora_ft.errors import DataError
-from lora_ft.model import read_chat_template
+from lora_ft.model.loading import read_chat_template
 
 CONVERSATION = (
     {"role": "system", "content": "Be brief."},
@@ -135,7 +135,7 @@ def test_a_builtin_template_whose_tokens_the_vocabulary_lacks_is_refused_with_th
     from conftest import save_tiny_model
     from lora_ft.config import ModelSpec
     from lora_ft.errors import ConfigError
-    from lora_ft.model import load_tokenizer, resolve_model_source
+    from lora_ft.model.loading import load_tokenizer, resolve_model_source
 
     folder = save_tiny_model(tmp_path / "base", chat_template=None)  # a base model: ChatML tokens, no template
     spec = ModelSpec(name=str(folder), chat_template="llama3")
@@ -188,7 +188,7 @@ TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}
 
 
 def _tool_example(row: dict = TOOL_ROW):
-    from lora_ft.data import Row, to_example
+    from lora_ft.data.rows import Row, to_example
 
     return to_example(Row(row, "t:1"), "chat", DataSpec(train={"path": "x.jsonl"}), use_chat=True)
 

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import copy_rows, write_jsonl
-from lora_ft.checkpoints import (
+from lora_ft.artifacts.checkpoints import (
     MANIFEST,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -25,7 +25,7 @@ from lora_ft.checkpoints import (
 )
 from lora_ft.config import load_config
 from lora_ft.errors import LoraftError
-from lora_ft.run_dir import file_sha256
+from lora_ft.artifacts.run_dir import file_sha256
 from lora_ft.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,7 +226,7 @@ def test_resume_refuses_changed_training_data(tmp_path, tiny_model_dir, referenc
 
 
 def test_full_disk_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    import lora_ft.checkpoints as checkpoints
+    import lora_ft.artifacts.checkpoints as checkpoints
 
     folder = tmp_path / "run" / "checkpoints"
     # Room for the first three checkpoints only.

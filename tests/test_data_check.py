@@ -17,7 +17,7 @@ from conftest import write_jsonl
 from lora_ft.config import validate_dict
 from lora_ft.data_check import check_data, normalise
 from lora_ft.errors import DataError
-from lora_ft.near_dup import bands_for, near_duplicate_pairs, near_matches
+from lora_ft.data.near_dup import bands_for, near_duplicate_pairs, near_matches
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "po", "si", "de", "vu", "ga", "hi"]
 MAX_LEN = 512  # a clean row renders to ~210 tokens with the tiny tokenizer
@@ -452,12 +452,12 @@ def test_malformed_files_give_one_line_naming_file_and_line(name, content, expec
 def test_train_with_a_failing_check_exits_2_before_the_model_loads_and_writes_nothing(
     make_config, write_yaml, run_cli, tmp_path, monkeypatch
 ):
-    import lora_ft.model
+    import lora_ft.model.loading
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the base model was loaded although the data check failed")
 
-    monkeypatch.setattr(lora_ft.model, "load_base_model", must_not_load)
+    monkeypatch.setattr(lora_ft.model.loading, "load_base_model", must_not_load)
     train = clean_rows(20)
     config = write_yaml(make_config(train, [dict(train[0]), dict(train[1])] + clean_rows(4, seed=2)))
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -472,7 +472,7 @@ def test_train_prints_warnings_and_goes_on(tiny_config, capsys):
     from rich.console import Console
 
     from lora_ft.data_check import gate_data
-    from lora_ft.model import load_tokenizer, resolve_model_source
+    from lora_ft.model.loading import load_tokenizer, resolve_model_source
 
     cfg = validate_dict(tiny_config)
     console = Console(file=None, stderr=True, width=200)
@@ -490,7 +490,7 @@ def test_gate_raises_one_line_data_error(make_config):
         from rich.console import Console
 
         from lora_ft.data_check import gate_data
-        from lora_ft.model import load_tokenizer, resolve_model_source
+        from lora_ft.model.loading import load_tokenizer, resolve_model_source
 
         gate_data(cfg, load_tokenizer(cfg.model, resolve_model_source(cfg.model)), Console(quiet=True))
     assert "\n" not in str(info.value)

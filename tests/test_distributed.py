@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lora_ft.config import ConfigError, validate_dict
-from lora_ft.distributed import accelerate_config, effective_batch
+from lora_ft.training.distributed import accelerate_config, effective_batch
 
 
 def test_ddp_config_follows_precision_and_process_count():

@@ -107,10 +107,10 @@ def small_regression(tmp_path_factory):
 
 def test_per_example_losses_do_not_depend_on_batching(loaded, tiny_run):
     from lora_ft.evaluate import build_items
-    from lora_ft.run_dir import AdapterRun
+    from lora_ft.artifacts.run_dir import AdapterRun
 
     run = AdapterRun.load(tiny_run)
-    from lora_ft.data import read_rows
+    from lora_ft.data.rows import read_rows
 
     items = build_items(read_rows(run.config.data.eval), run.config.data, loaded.tokenizer("run"), max_seq_length=64)
     encoded = [i.encoded for i in items]

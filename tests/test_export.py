@@ -1,6 +1,6 @@
 """loraft export: each engine's own rule, applied to what export wrote, computes the trained update.
 
-The engine rules (lora_ft/engines.py) are read from vLLM, SGLang, llama.cpp and Ollama sources; each
+The engine rules (lora_ft/serving/engines.py) are read from vLLM, SGLang, llama.cpp and Ollama sources; each
 test shows the rule serving the run folder (or a plain conversion of it) wrongly, then the export right.
 The last test runs real llama.cpp (llama-cpp-python) on the quickstart GGUF.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lora_ft import export as export_module
-from lora_ft.engines import RULES, go_uint32
+from lora_ft.serving.engines import RULES, go_uint32
 from lora_ft.export import (
     FP32_TOLERANCE,
     export,
@@ -27,7 +27,7 @@ from lora_ft.export import (
     unpermute_rows,
     write_gguf,
 )
-from lora_ft.run_dir import AdapterRun
+from lora_ft.artifacts.run_dir import AdapterRun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def gap_under(rule_name: str, folder: Path, run_dir: Path) -> tuple[float, float
 
 
 def base_view(run_dir: Path):
-    from lora_ft.model import load_model_config
+    from lora_ft.model.loading import load_model_config
 
     run = AdapterRun.load(run_dir)
     spec, source, _ = run.resolve_base(None)
@@ -228,7 +228,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, message, tiny_
 
 
 def test_trainable_token_rows_are_refused_for_vllm_naming_the_path_that_carries_them(tiny_run, tmp_path, run_cli):
-    from lora_ft.engines import merge_takes_trainable_tokens
+    from lora_ft.serving.engines import merge_takes_trainable_tokens
 
     run = variant(tiny_run, tmp_path, trainable_token_indices=[5, 6])
     code, _, stderr = run_cli("export", run, "--to", "vllm", "--out", tmp_path / "out")

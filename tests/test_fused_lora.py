@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_ft.fused_lora import fuse_lora_layers
+from lora_ft.model.fused_lora import fuse_lora_layers
 
 
 def _pair(dropout: float, dtype=torch.float32, rslora=False):

@@ -71,7 +71,7 @@ def test_sampling_is_reproducible_with_its_seed_and_differs_from_greedy(inferenc
 def test_stopped_is_true_only_when_a_stop_id_ends_the_answer(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from lora_ft.model import ModelSpec, load_tokenizer, resolve_model_source
+    from lora_ft.model.loading import ModelSpec, load_tokenizer, resolve_model_source
 
     spec = ModelSpec(name=str(tiny_model_dir))
     tokenizer = load_tokenizer(spec, resolve_model_source(spec))

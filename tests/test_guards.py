@@ -11,9 +11,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import build_tokenizer, save_tiny_model
-from lora_ft.checkpoints import latest_valid_checkpoint, list_checkpoints, validate_checkpoint
+from lora_ft.artifacts.checkpoints import latest_valid_checkpoint, list_checkpoints, validate_checkpoint
 from lora_ft.config import load_config
-from lora_ft.guards import NumericFault, SpikeDetector
+from lora_ft.training.guards import NumericFault, SpikeDetector
 from lora_ft.train import train
 from test_checkpoints import STEPS, loss_steps, small_config, start_cli, wait_for_step, write_config
 
@@ -70,7 +70,7 @@ def test_first_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, tiny_model_dir)
 def test_second_ctrl_c_exits_at_once_without_saving(tmp_path, tiny_model_dir, run_cli, monkeypatch):
     # In process and deterministic: both signals are raised in the main thread at step 2, inside the
     # training loop where loraft's handlers are installed (two signals sent from outside can coalesce).
-    import lora_ft.guards as guards
+    import lora_ft.training.guards as guards
 
     original = guards.SignalCallback.on_step_end
 

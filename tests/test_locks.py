@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from lora_ft.errors import LoraftError
-from lora_ft.locks import hold, holder_of, lock_path
+from lora_ft.artifacts.locks import hold, holder_of, lock_path
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = textwrap.dedent("""
     import sys, time
-    from lora_ft.locks import hold
+    from lora_ft.artifacts.locks import hold
     with hold(sys.argv[1], "loraft train holder.yaml"):
         print("held", flush=True)
         time.sleep(120)

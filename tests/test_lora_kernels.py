@@ -31,7 +31,7 @@ INTERPRETER = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present
 # identity block, so each output column is keep * scale for one input column.
 MASK_OF = textwrap.dedent('''
     import torch
-    from lora_ft import lora_kernels
+    from lora_ft.model import lora_kernels
 
     def mask_of(x2, stream, p):
         mask = torch.empty_like(x2, dtype=torch.bool)
@@ -45,7 +45,7 @@ MASK_OF = textwrap.dedent('''
 
 KERNEL_CHECKS = MASK_OF + textwrap.dedent('''
     import json, sys
-    from lora_ft import lora_kernels as K
+    from lora_ft.model import lora_kernels as K
 
     device, dtype_name = sys.argv[1], sys.argv[2]
     dtype = getattr(torch, dtype_name)
@@ -105,8 +105,8 @@ TWO_LAYER_MODEL = MASK_OF + textwrap.dedent('''
     import json, sys
     from torch import nn
     from peft import LoraConfig, get_peft_model
-    from lora_ft import lora_kernels
-    from lora_ft.fused_lora import fuse_lora_layers
+    from lora_ft.model import lora_kernels
+    from lora_ft.model.fused_lora import fuse_lora_layers
 
     device = sys.argv[1]
     dtype = torch.float16 if device == "cpu" else torch.bfloat16

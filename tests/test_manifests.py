@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from conftest import check_manifests_under, make_run_manifest
 from lora_ft.errors import LoraftError
-from lora_ft.manifests import SCHEMA_VERSION, MergeManifest, RunManifest, read_manifest, write_manifest
+from lora_ft.artifacts.manifests import SCHEMA_VERSION, MergeManifest, RunManifest, read_manifest, write_manifest
 
 
 def test_finished_run_manifest_reads_back_as_typed_fields(tiny_run):

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from conftest import copy_rows, make_run_manifest, save_tiny_model, write_jsonl
 from lora_ft import merge as merge_module
-from lora_ft.fingerprint import fingerprint_model_path
-from lora_ft.manifests import write_manifest
-from lora_ft.run_dir import file_sha256
+from lora_ft.artifacts.fingerprint import fingerprint_model_path
+from lora_ft.artifacts.manifests import write_manifest
+from lora_ft.artifacts.run_dir import file_sha256
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 40, 100, 250]])
 
@@ -28,7 +28,7 @@ def make_adapter(base_dir: Path, path: Path, *, r=4, alpha=16, seed=0, targets=(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_ft.model import clear_gguf_marker
+    from lora_ft.model.loading import clear_gguf_marker
 
     gguf = {"gguf_file": base_dir.name} if base_dir.suffix == ".gguf" else {}
     folder = base_dir.parent if gguf else base_dir

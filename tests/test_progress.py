@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from lora_ft import progress
+from lora_ft.training import progress
 
 
 def test_tokens_per_second_is_the_rate_since_the_previous_log_line(tmp_path, monkeypatch):

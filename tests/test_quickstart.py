@@ -51,7 +51,7 @@ def test_quickstart_answers_follow_the_task_and_stop(quickstart_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from lora_ft.model import load_base_model, resolve_model_source
+    from lora_ft.model.loading import load_base_model, resolve_model_source
 
     cfg, result = quickstart_run
     tokenizer = AutoTokenizer.from_pretrained(result.run_dir)

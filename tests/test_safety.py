@@ -71,7 +71,7 @@ def test_pickle_only_model_is_refused_unless_the_config_opts_in(tmp_path, tiny_c
 
 def test_pickle_weights_load_when_opted_in_and_match_the_safetensors_model(tmp_path, tiny_model_dir):
     from lora_ft.config import ModelSpec
-    from lora_ft.model import load_base_model, resolve_model_source
+    from lora_ft.model.loading import load_base_model, resolve_model_source
 
     pickled = _pickle_only_copy(tiny_model_dir, tmp_path)
     spec = ModelSpec(name=str(pickled), allow_pickle_weights=True)

@@ -27,7 +27,7 @@ import torch
 from lora_ft.errors import LoraftError
 from lora_ft.generate import GenerationSettings, load_for_inference, render_prompt
 from lora_ft.serve import BackgroundServer, ServeSettings, parse_adapters
-from lora_ft.serve_batching import ModelPool
+from lora_ft.serving.batching import ModelPool
 
 MAX_TOKENS = 12
 WORDS = ["yes", "no", "maybe", "fox", "dog", "paris", "hello", "world"]

@@ -7,7 +7,7 @@ import torch
 
 from conftest import build_tiny_llama, build_tokenizer
 from lora_ft.config import validate_dict
-from lora_ft.speed import SpeedPlan, _layers_to_checkpoint, activation_gib_per_layer, apply_checkpointing, apply_speed_plan
+from lora_ft.model.speed import SpeedPlan, _layers_to_checkpoint, activation_gib_per_layer, apply_checkpointing, apply_speed_plan
 
 
 def _losses(model, rows, tokenizer, tmp_path, name):
@@ -28,7 +28,7 @@ def _losses(model, rows, tokenizer, tmp_path, name):
 def test_loraft_path_gives_the_same_losses_as_plain_peft_trl(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from lora_ft.model import attach_lora
+    from lora_ft.model.loading import attach_lora
 
     tokenizer = build_tokenizer()
     g = torch.Generator().manual_seed(0)
@@ -60,7 +60,7 @@ def test_loraft_path_gives_the_same_losses_as_plain_peft_trl(tmp_path):
 def test_checkpointing_does_not_change_fused_dropout(tmp_path):
     """Recomputed layers redraw the very dropout masks of the first forward: checkpointing all, one or no
     layers gives the same losses with dropout on."""
-    from lora_ft.model import attach_lora
+    from lora_ft.model.loading import attach_lora
 
     tokenizer = build_tokenizer()
     g = torch.Generator().manual_seed(1)
@@ -159,7 +159,7 @@ def _train_logs(trainer_class, tmp_path, name, rows, *, steps=5, logging_steps=1
 def _loraft_trainer_kwargs():
     from rich.console import Console
 
-    from lora_ft.guards import NumericGuard
+    from lora_ft.training.guards import NumericGuard
 
     return {"writer": None, "guard": NumericGuard("stop", 0, None, Console(stderr=True), "")}
 

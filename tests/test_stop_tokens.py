@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import build_tiny_llama, build_tokenizer, copy_rows, write_jsonl
 from lora_ft.config import validate_dict
-from lora_ft.stop_tokens import STOP_WARN_SHARE
+from lora_ft.model.stop_tokens import STOP_WARN_SHARE
 
 EOT, HEADER = "<|im_end|>", "<|im_start|>"  # the tiny ChatML tokenizer's EOS / end of turn, and its turn header
 NEVER_USED = ("<pad>", "<s>", "</s>")  # rows no training row selects
@@ -247,8 +247,8 @@ def test_gguf_rows_are_read_one_by_one_and_dequantized_as_the_whole_tensor_would
     import gguf
     import numpy as np
 
-    from lora_ft.model import ModelSource
-    from lora_ft.stop_tokens import RowReader
+    from lora_ft.model.loading import ModelSource
+    from lora_ft.model.stop_tokens import RowReader
 
     table = np.random.default_rng(0).standard_normal((40, 64)).astype(np.float32)
     quantized = gguf.quants.quantize(table, gguf.GGMLQuantizationType.Q8_0)

@@ -40,7 +40,7 @@ def test_run_folder_holds_exactly_the_promised_files(finished_run):
 
 
 def test_manifest_records_base_fingerprint_data_hashes_and_versions(finished_run, tiny_model_dir):
-    from lora_ft.fingerprint import fingerprint_model_path
+    from lora_ft.artifacts.fingerprint import fingerprint_model_path
 
     cfg, result = finished_run
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
@@ -101,8 +101,8 @@ def test_finished_run_is_never_silently_overwritten(finished_run):
 
 def test_completion_only_masking_leaves_prompt_tokens_out_of_the_loss(tiny_model_dir):
     from lora_ft.config import DataSpec
-    from lora_ft.data import Row, encode, to_example
-    from lora_ft.model import ModelSpec, load_tokenizer, resolve_model_source
+    from lora_ft.data.rows import Row, encode, to_example
+    from lora_ft.model.loading import ModelSpec, load_tokenizer, resolve_model_source
 
     spec = ModelSpec(name=str(tiny_model_dir))
     tokenizer = load_tokenizer(spec, resolve_model_source(spec))

@@ -62,7 +62,7 @@ def _set_rng_state(device: torch.device, state) -> None:
 @functools.cache
 def _kernels():
     try:
-        from . import lora_kernels
+        from lora_ft.model import lora_kernels
     except ImportError:  # no Triton (CPU-only installs)
         return None
     return lora_kernels

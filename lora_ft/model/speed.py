@@ -15,7 +15,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .config import RunConfig
+from lora_ft.config import RunConfig
 
 # Activation bytes one decoder layer keeps per token when not checkpointed, bf16, LoRA with dropout on all 7
 # projections of a Llama-style layer (6 projections read a hidden-wide input, down_proj an intermediate-wide one).
@@ -73,7 +73,7 @@ def check_speed_choices(cfg: RunConfig) -> None:
 
     t = cfg.training
     if t.liger is True and not liger_available():
-        from .errors import ConfigError
+        from lora_ft.errors import ConfigError
 
         raise ConfigError("training.liger: true needs CUDA and the liger-kernel package; pip install liger-kernel or set liger: auto")
     if t.fused_lora:
@@ -101,11 +101,11 @@ def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None
 
 
 def _lora_kernels(choice: str, cuda: bool) -> str:
-    from .fused_lora import triton_available
+    from lora_ft.model.fused_lora import triton_available
 
     available = cuda and triton_available()
     if choice == "triton" and not available:
-        from .errors import ConfigError
+        from lora_ft.errors import ConfigError
 
         raise ConfigError("training.lora_kernels: triton needs CUDA and the triton package; set lora_kernels: auto")
     return "triton" if choice != "torch" and available else "torch"
@@ -139,7 +139,7 @@ def _layers_to_checkpoint(cfg: RunConfig, model_config, layers: int, weights_gib
 def apply_speed_plan(model, plan: SpeedPlan) -> None:
     """Fuse the LoRA projections (if planned) and set per-layer checkpointing on a PEFT-wrapped model."""
     if plan.fused_lora:
-        from .fused_lora import fuse_lora_layers
+        from lora_ft.model.fused_lora import fuse_lora_layers
 
         fuse_lora_layers(model, triton=plan.lora_kernels == "triton")
     apply_checkpointing(model, plan.checkpoint_layers)

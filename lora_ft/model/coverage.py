@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ATTENTION_MODULES, MLP_MODULES, LoraSpec
-from .errors import ConfigError, ModelError
+from lora_ft.config import ATTENTION_MODULES, MLP_MODULES, LoraSpec
+from lora_ft.errors import ConfigError, ModelError
 
 ATTENTION, DENSE_MLP, ROUTED, SHARED, ROUTER, EMBEDDINGS, OTHER = (
     "attention", "dense MLP", "routed experts", "shared experts", "router", "embeddings", "other",
@@ -119,7 +119,7 @@ def target_plan(lora: LoraSpec, model, linear: list[str]) -> TargetPlan:
     """PEFT's targets for this model. Dense models: as before (all-linear goes to PEFT as is). MoE models:
     explicit leaf names, so PEFT's transformers-4 rewrite of all-linear (which adapts the router, and only
     for some families the experts) never decides; the experts by `target_experts`, the router by `target_router`."""
-    from .model import resolve_target_modules
+    from lora_ft.model.loading import resolve_target_modules
 
     experts = expert_parameter_names(model)
     router_linear, router_params = router_targets(model)
@@ -275,7 +275,7 @@ def coverage(peft_model, plan: TargetPlan | None = None) -> Coverage:
 
 def check_same_coverage(peft_model, planned: Coverage) -> None:
     """The model with its weights must be wrapped exactly as the meta model validate reported."""
-    from .errors import VerificationError
+    from lora_ft.errors import VerificationError
 
     actual = coverage(peft_model, None)  # by name: a 4-bit weight is packed, so its parameter count differs
     if actual.adapted != planned.adapted:
@@ -352,7 +352,7 @@ def wrappers_for_adapter(model_config, adapter_config: dict, trust_remote_code: 
 
     from peft import LoraConfig, get_peft_model
 
-    from .model import meta_model
+    from lora_ft.model.loading import meta_model
 
     if not adapter_config.get("target_parameters"):
         return {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import DataError
+from lora_ft.errors import DataError
 
 PROBE = "\u2063loraft-probe\u2063"  # invisible separators: no template rewrites them
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .errors import EXIT_SIGINT, EXIT_SIGTERM, LoraftError
+from lora_ft.errors import EXIT_SIGINT, EXIT_SIGTERM, LoraftError
 
 LIKELY_CAUSES = (
     "likely causes: learning rate too high (training.learning_rate), LoRA scale too large (lora.alpha / lora.rank), "

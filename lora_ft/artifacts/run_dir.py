@@ -22,10 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .errors import LoraftError
+from lora_ft.errors import LoraftError
 
 if TYPE_CHECKING:
-    from .manifests import RunManifest
+    from lora_ft.artifacts.manifests import RunManifest
 
 MANIFEST = "manifest.json"
 STATE = "run_state.json"
@@ -205,7 +205,7 @@ class AdapterRun:
 
     @classmethod
     def load(cls, adapter_dir: str | Path) -> "AdapterRun":
-        from .config import validate_dict
+        from lora_ft.config import validate_dict
 
         path = Path(adapter_dir).expanduser()
         if not path.is_dir():
@@ -213,13 +213,13 @@ class AdapterRun:
         if not (path / "adapter_config.json").is_file():
             hint = " (the run has not finished; resume it with loraft train CONFIG --resume)" if (path / STATE).exists() else ""
             raise LoraftError(f"--adapter: {path} holds no adapter_config.json{hint}")
-        from .manifests import RunManifest, read_manifest
+        from lora_ft.artifacts.manifests import RunManifest, read_manifest
 
         adapter_config = read_json(path / "adapter_config.json")
         manifest = read_manifest(path, RunManifest) if (path / MANIFEST).is_file() else None
         config = None
         if (path / CONFIG).is_file():
-            from .yaml_io import load_yaml
+            from lora_ft.yaml_io import load_yaml
 
             raw = load_yaml((path / CONFIG).read_text(encoding="utf-8"), path / CONFIG)
             config = validate_dict(raw, source=str(path / CONFIG))
@@ -247,9 +247,9 @@ class AdapterRun:
 
         Returns (ModelSpec, ModelSource, fingerprint_matches: bool | None).
         """
-        from .config import ModelSpec
-        from .fingerprint import fingerprint_model_path
-        from .model import resolve_model_source
+        from lora_ft.config import ModelSpec
+        from lora_ft.artifacts.fingerprint import fingerprint_model_path
+        from lora_ft.model.loading import resolve_model_source
 
         name = base or self.base_name
         if not name:

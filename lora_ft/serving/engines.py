@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import LoraftError
+from lora_ft.errors import LoraftError
 
 Target = Literal["vllm", "sglang", "llamacpp", "ollama", "merged", "transformers"]
 TARGETS: tuple[str, ...] = ("vllm", "sglang", "llamacpp", "ollama", "merged", "transformers")
@@ -229,7 +229,7 @@ def check_target(rule: EngineRule, adapter: AdapterFeatures) -> list[Finding]:
 
 def merge_takes_trainable_tokens() -> bool:
     """Whether `loraft merge` folds trainable-token rows into the embedding (then --to merged carries them)."""
-    from .merge import UNSUPPORTED
+    from lora_ft.merge import UNSUPPORTED
 
     return "trainable_token_indices" not in UNSUPPORTED
 
@@ -291,7 +291,7 @@ def deployment_findings(serving, lora, model_type: str | None, base_is_gguf: boo
 
 def check_deployment(serving, lora, model_type: str | None, base_is_gguf: bool) -> list[str]:
     """Raise ConfigError on the first refusal (one line, with the fix); return the notes."""
-    from .errors import ConfigError
+    from lora_ft.errors import ConfigError
 
     found = deployment_findings(serving, lora, model_type, base_is_gguf)
     errors = [f for f in found if f.level == "error"]

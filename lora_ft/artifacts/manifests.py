@@ -16,8 +16,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import QuantizationSpec, ServingSpec
-from .errors import LoraftError
+from lora_ft.config import QuantizationSpec, ServingSpec
+from lora_ft.errors import LoraftError
 
 RUN_MANIFEST = "manifest.json"
 MERGE_MANIFEST = "merge_manifest.json"
@@ -194,7 +194,7 @@ M = TypeVar("M", bound=Record)
 
 def write_manifest(folder: str | Path, manifest: RunManifest | MergeManifest) -> Path:
     """Write the manifest into `folder` atomically (temporary name, then rename)."""
-    from .run_dir import atomic_write_text
+    from lora_ft.artifacts.run_dir import atomic_write_text
 
     path = Path(folder) / manifest.FILE
     atomic_write_text(path, manifest.model_dump_json(indent=2) + "\n")

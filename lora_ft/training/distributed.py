@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import DistributedSpec, RunConfig
-from .errors import ConfigError
+from lora_ft.config import DistributedSpec, RunConfig
+from lora_ft.errors import ConfigError
 
 
 def world_size() -> int:
@@ -90,7 +90,7 @@ def launch(config_path: Path, argv: list[str], cfg: RunConfig, num_processes: in
             f"--gpus {num_processes}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use --gpus "
             f"{max(torch.cuda.device_count(), 1)} or run on a bigger machine"
         )
-    from .model import resolve_precision
+    from lora_ft.model.loading import resolve_precision
 
     content = accelerate_config(cfg.distributed, num_processes, precision=resolve_precision(cfg.training.precision), cpu=cpu)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="loraft-accelerate-", delete=False) as handle:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ATTENTION_MODULES, MLP_MODULES, LoraSpec, ModelSpec, QuantizationSpec
-from .errors import ConfigError, ModelError
+from lora_ft.config import ATTENTION_MODULES, MLP_MODULES, LoraSpec, ModelSpec, QuantizationSpec
+from lora_ft.errors import ConfigError, ModelError
 
-TEMPLATES_DIR = Path(__file__).parent / "templates"
+TEMPLATES_DIR = Path(__file__).parents[1] / "templates"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -268,7 +268,7 @@ def count_lora_params(model_config, lora: LoraSpec, trust_remote_code: bool = Fa
     """Trainable/total parameters of the LoRA-wrapped model, its linear layer names and what the targets
     reach by block type (coverage.Coverage), computed on the meta device. Options PEFT cannot combine
     with expert parameters are a ConfigError here, before any weight loads."""
-    from .coverage import coverage
+    from lora_ft.model.coverage import coverage
 
     model = meta_model(model_config, trust_remote_code)
     available = linear_module_names(model)
@@ -285,7 +285,7 @@ def _wrap(model, lora: LoraSpec, available: list[str], *, initialise: bool = Tru
 
     from peft import get_peft_model
 
-    from .coverage import check_expert_options, check_plan_applied, target_plan
+    from lora_ft.model.coverage import check_expert_options, check_plan_applied, target_plan
 
     plan = target_plan(lora, model, available)
     check_expert_options(lora, plan)
@@ -390,7 +390,7 @@ def attach_lora(model, lora: LoraSpec, train_tokens: dict[str, list[int]] | None
         param.requires_grad_(False)
     peft_model = _wrap(model, lora, linear_module_names(model), train_tokens=train_tokens)[0]
     if train_tokens:
-        from .stop_tokens import expose_output_bias
+        from lora_ft.model.stop_tokens import expose_output_bias
 
         expose_output_bias(peft_model)
     return peft_model

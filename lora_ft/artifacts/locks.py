@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import LoraftError
+from lora_ft.errors import LoraftError
 
 
 def lock_path(folder: str | Path) -> Path:
@@ -31,7 +31,7 @@ def lock_path(folder: str | Path) -> Path:
 @contextmanager
 def hold(folder: str | Path, command: str, *, what: str = "output folder") -> Iterator[Path]:
     """Hold the folder's lock for the duration of the block; LoraftError if another process holds it."""
-    from .run_dir import check_writable_folder
+    from lora_ft.artifacts.run_dir import check_writable_folder
 
     folder = Path(folder).expanduser().absolute()
     check_writable_folder(folder, what)

@@ -97,7 +97,7 @@ def fingerprint_model_path(model_dir: Path, gguf_file: str | None = None) -> str
         return fingerprint_gguf(Path(model_dir) / gguf_file)
     files = weight_files(model_dir)
     if not files:
-        from .errors import ModelError
+        from lora_ft.errors import ModelError
 
         raise ModelError(f"{model_dir}: no .safetensors weights to fingerprint")
     return fingerprint_tensors(iter_safetensors_rows(files))

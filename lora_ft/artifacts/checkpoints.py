@@ -19,9 +19,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .errors import LoraftError
-from .run_dir import atomic_write_json, file_sha256
+from lora_ft import __version__
+from lora_ft.errors import LoraftError
+from lora_ft.artifacts.run_dir import atomic_write_json, file_sha256
 
 PREFIX = "checkpoint-"
 STAGING = ".partial"
@@ -316,8 +316,8 @@ def config_changes(saved_path: Path, cfg) -> list[str]:
     """Dotted keys whose value differs between the saved (redacted) config and `cfg`, safe keys excluded."""
     import yaml
 
-    from .config import redact
-    from .yaml_io import load_yaml
+    from lora_ft.config import redact
+    from lora_ft.yaml_io import load_yaml
 
     try:
         saved = load_yaml(Path(saved_path).read_text(encoding="utf-8"), saved_path) or {}
@@ -346,7 +346,7 @@ def _flatten(value, prefix: str = "") -> dict:
 
 def truncate_metrics(path: Path, step: int) -> int:
     """Drop metrics records after `step` (they will be logged again); returns how many were dropped."""
-    from .run_dir import atomic_write_text
+    from lora_ft.artifacts.run_dir import atomic_write_text
 
     path = Path(path)
     if not path.is_file():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelError
+from lora_ft.errors import ModelError
 
 INDEX = "model.safetensors.index.json"
 # safetensors' dtype codes (the file format's spelling).

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, DataError, LoraftError
+from lora_ft.errors import ConfigError, DataError, LoraftError
 
 # A row whose norm is below this share of the median norm of ordinary rows was never trained. Llama 3 base
 # leaves its untrained rows at exactly 0 (~1e-23 in bf16); trained rows of any vocabulary sit within a small
@@ -59,8 +59,8 @@ class ReliedToken:
 def relied_tokens(tokenizer) -> list[ReliedToken]:
     """EOS, the template's end-of-turn token, and every special token a rendered row contains (BOS, role
     headers such as <|im_start|> or <|start_header_id|>), rendered exactly as training renders rows."""
-    from .chat_template import PROBE, end_of_turn_token
-    from .data import Example, render_with_spans
+    from lora_ft.data.chat_template import PROBE, end_of_turn_token
+    from lora_ft.data.rows import Example, render_with_spans
 
     roles: dict[int, list[str]] = {}
 
@@ -104,7 +104,7 @@ class EmbeddingModules:
 
 
 def embedding_modules(model_config, trust_remote_code: bool = False) -> EmbeddingModules:
-    from .model import meta_model
+    from lora_ft.model.loading import meta_model
 
     model = meta_model(model_config, trust_remote_code)
     names = {id(m): n for n, m in model.named_modules()}
@@ -154,7 +154,7 @@ class RowReader:
             return int(handle.get_slice(found[1]).get_shape()[0])
 
     def _find(self, module: str) -> tuple[Path, str] | None:
-        from .shards import base_shards, shard_index
+        from lora_ft.artifacts.shards import base_shards, shard_index
 
         if self._located is None:
             try:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import DataSource, DataSpec
-from .errors import DataError
+from lora_ft.config import DataSource, DataSpec
+from lora_ft.errors import DataError
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -521,7 +521,7 @@ def load_training_data(spec: DataSpec, tokenizer, *, max_seq_length: int, seed: 
 
 
 def describe_sources(spec: DataSpec, train: SplitData, evaluation: SplitData | None) -> list[dict]:
-    from .run_dir import file_sha256
+    from lora_ft.artifacts.run_dir import file_sha256
 
     out = []
     for role, source, split in (("train", spec.train, train), ("eval", spec.eval, evaluation)):

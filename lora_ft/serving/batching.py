@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import LoraftError
-from .run_dir import AdapterRun
+from lora_ft.errors import LoraftError
+from lora_ft.artifacts.run_dir import AdapterRun
 
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 TOKENIZER_LOCK = threading.Lock()
@@ -52,7 +52,7 @@ class ServedModel:
 
     def render_chat(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of a conversation up to the assistant's turn, with the run's template (as `loraft chat`)."""
-        from .generate import render_prompt
+        from lora_ft.generate import render_prompt
 
         if self.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
@@ -61,7 +61,7 @@ class ServedModel:
 
     def render_text(self, text: str) -> list[int]:
         """A raw completion prompt: BOS (if the tokenizer adds one) + text, as `loraft generate` does without a template."""
-        from .generate import render_prompt
+        from lora_ft.generate import render_prompt
 
         with TOKENIZER_LOCK:
             return render_prompt(self.tokenizer, [{"role": "prompt", "content": text}])
@@ -82,10 +82,10 @@ class ModelPool:
         """Load the base (default: the first adapter's recorded base) and every adapter, checked against it."""
         import torch
 
-        from .config import ModelSpec
-        from .fingerprint import fingerprint_model_path
-        from .generate import base_eos_ids
-        from .model import load_base_model, load_tokenizer, resolve_model_source, resolve_precision
+        from lora_ft.config import ModelSpec
+        from lora_ft.artifacts.fingerprint import fingerprint_model_path
+        from lora_ft.generate import base_eos_ids
+        from lora_ft.model.loading import load_base_model, load_tokenizer, resolve_model_source, resolve_precision
 
         if not adapters and not base:
             raise LoraftError("give --adapter NAME=RUN_DIR (or --base MODEL to serve a base model alone)")
@@ -136,7 +136,7 @@ class ModelPool:
 
     def attach(self, name: str, run: AdapterRun) -> ServedModel:
         """Load the run's adapter under `name` (on the worker thread once the scheduler runs)."""
-        from .generate import run_eos_ids, run_tokenizer
+        from lora_ft.generate import run_eos_ids, run_tokenizer
 
         self.check(name, run)
         tokenizer = run_tokenizer(run)  # the chat template exactly as trained
