@@ -10,7 +10,7 @@ per-module alpha under vLLM), or refuses it at deployment time, after hours of t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from lora_ft.errors import LoraftError
@@ -63,6 +63,18 @@ FEATURES = {
     "weight_init": "an init that rewrites the base weights (lora.init pissa/olora)",
 }
 
+_LLAMACPP = EngineRule(
+    name="llamacpp",
+    source="convert_lora_to_gguf.py, src/llama-adapter.cpp, src/llama-graph.cpp (build_lora_mm), gguf-py/gguf/tensor_mapping.py",
+    layout="gguf",
+    scaling="alpha/rank",
+    reads_keys=("lora_alpha",),
+    integer_alpha=False,
+    max_rank=None,
+    tensor_suffixes=(".lora_a", ".lora_b"),
+    refuses=("dora", "bias", "modules_to_save", "trainable_tokens", "embedding_lora", "weight_init"),
+)
+
 RULES: dict[str, EngineRule] = {
     # vllm/lora/peft_helper.py (PEFTHelper: fields r, lora_alpha, target_modules, bias, modules_to_save,
     # use_rslora, use_dora, context_length; from_dict drops every other key; _validate_features refuses
@@ -104,31 +116,16 @@ RULES: dict[str, EngineRule] = {
     # src/llama-adapter.cpp (general.architecture must equal the base's; a.ne[0] == W.ne[0], b.ne[1] ==
     # W.ne[1], a.ne[1] == b.ne[0]), src/llama-graph.cpp build_lora_mm (scale = alpha / b.ne[0], the rank
     # of each tensor; alpha 0 means scale 1).
-    "llamacpp": EngineRule(
-        name="llamacpp",
-        source="convert_lora_to_gguf.py, src/llama-adapter.cpp, src/llama-graph.cpp (build_lora_mm), gguf-py/gguf/tensor_mapping.py",
-        layout="gguf",
-        scaling="alpha/rank",
-        reads_keys=("lora_alpha",),
-        integer_alpha=False,
-        max_rank=None,
-        tensor_suffixes=(".lora_a", ".lora_b"),
-        refuses=("dora", "bias", "modules_to_save", "trainable_tokens", "embedding_lora", "weight_init"),
-    ),
+    "llamacpp": _LLAMACPP,
     # convert/convert.go (AdapterParameters.Alpha is uint32 `json:"lora_alpha"`: "32.0" fails to parse;
     # KV() writes the same adapter.* keys llama.cpp reads), convert/convert_llama_adapter.go (its
     # safetensors importer knows llama and gemma2 only). Ollama also takes a GGUF adapter as is
     # (Modelfile ADAPTER), which is what export gives it; it runs llama.cpp's rule.
-    "ollama": EngineRule(
+    "ollama": replace(
+        _LLAMACPP,
         name="ollama",
         source="convert/convert.go, convert/convert_llama_adapter.go (+ llama.cpp's rule for the GGUF adapter)",
-        layout="gguf",
-        scaling="alpha/rank",
-        reads_keys=("lora_alpha",),
         integer_alpha=True,
-        max_rank=None,
-        tensor_suffixes=(".lora_a", ".lora_b"),
-        refuses=("dora", "bias", "modules_to_save", "trainable_tokens", "embedding_lora", "weight_init"),
     ),
     # lora_ft/merge.py: the adapter merged into the base weights, verified; every engine loads the result.
     "merged": EngineRule(
