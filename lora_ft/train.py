@@ -170,6 +170,7 @@ class TrainResult:
         m = self.manifest
         if m is not None and m.metrics.train_loss is not None:
             lines.append(f"train loss      {m.metrics.train_loss:.4f} after {m.metrics.steps} steps in {m.wall_seconds:.0f}s")
+            lines.append(f"speed           {speed_line(self.run_dir, m.metrics.peak_gpu_memory_gib)}")
         base, tuned = self.scores.get("base"), self.scores.get("adapter")
         if base and tuned:
             lines.append(
@@ -194,6 +195,15 @@ class TrainResult:
     def to_json(self) -> dict:
         manifest = self.manifest.model_dump(mode="json") if self.manifest is not None else None
         return {"run_dir": str(self.run_dir), "scores": self.scores, "stop": self.stop, "manifest": manifest}
+
+
+def speed_line(run_dir: Path, peak_gib: float | None) -> str:
+    """Mean training tokens/s (metrics.jsonl's last record) next to the peak GPU memory."""
+    from lora_ft.training.progress import read_metrics
+
+    rates = [r["tokens_per_s_mean"] for r in read_metrics(run_dir / METRICS) if "tokens_per_s_mean" in r]
+    rate = f"{rates[-1]:,.0f} tok/s (mean)" if rates else "tok/s not measured"
+    return f"{rate}, peak GPU memory " + (f"{peak_gib:.2f} GiB" if peak_gib is not None else "n/a (no CUDA)")
 
 
 def train(
@@ -549,7 +559,7 @@ def finalize(
     from lora_ft.artifacts.manifests import (
         BaseModelRecord, ChatRecord, DataRecord, DistributedRecord, LoraRecord, MetricsRecord, write_manifest,
     )
-    from lora_ft.training.progress import plot_loss_curve, read_metrics
+    from lora_ft.training.progress import peak_gpu_gib, plot_loss_curve, read_metrics
     from lora_ft.rank_diagnostics import adapter_statistics, model_weight_norms
 
     stage = run.staging()
@@ -622,7 +632,7 @@ def finalize(
             epochs=round(state.epoch or 0, 3),
             train_loss=train_losses[-1] if train_losses else None,
             tokens_seen=int(getattr(state, "num_input_tokens_seen", 0) or 0),
-            peak_gpu_memory_gib=_peak_gpu_gib(),
+            peak_gpu_memory_gib=peak_gpu_gib(),
             heldout=scores,
         ),
         environment=environment(),
@@ -687,14 +697,6 @@ def save_adapter(model, stage: Path, lora, initial: Path) -> dict | None:
         "why": f"{lora.init} trains against W minus its initial low-rank part; the saved adapter is the trained "
                "update minus the initial one (rank 2r, same alpha/r), applied to the original W",
     }
-
-
-def _peak_gpu_gib() -> float | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def environment() -> dict:

@@ -4,7 +4,8 @@ The Trainer's tqdm bar is off; this callback prints loss, learning rate, tokens/
 logging step, and appends every log record as one JSON line (a torn last line after a crash is
 skipped on read). tokens/s is the recent window's rate (since the previous log line, evaluation and
 checkpoint time left out), so it shows the steady speed rather than a mean dragged down by the first,
-slow steps; `tokens_per_s_mean` in the record is the mean since the start.
+slow steps; `tokens_per_s_mean` in the record is the mean since the start. On CUDA the line and the record also
+carry the peak GPU memory so far (`peak_gpu_gib`, torch's allocator peak, as in the manifest).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class MetricsCallback(TrainerCallback):
         if elapsed > 0 and seen > self.start_tokens:
             record["tokens_per_s_mean"] = round((seen - self.start_tokens) / elapsed, 1)
         record["elapsed_s"] = round(elapsed, 3)
+        peak = peak_gpu_gib()
+        if peak is not None:
+            record["peak_gpu_gib"] = peak
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         self._print(record, state, elapsed)
@@ -70,10 +74,21 @@ class MetricsCallback(TrainerCallback):
             parts.append(f"lr {record['learning_rate']:.2e}")
         if "tokens_per_s" in record:
             parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+        if "peak_gpu_gib" in record:
+            parts.append(f"peak GPU {record['peak_gpu_gib']:.1f} GiB")
         if "loss" in record and step < total:
             parts.append(f"eta {_duration(eta)}")
         if len(parts) > 1:
             self.console.print("  ".join(parts))
+
+
+def peak_gpu_gib() -> float | None:
+    """Peak GPU memory allocated by torch in this process so far (GiB), None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def _plain(logs: dict) -> dict:
