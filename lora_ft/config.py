@@ -54,6 +54,11 @@ class ModelSpec(Spec):
     chat_template: str | None = Field(
         None, description="Override the tokenizer's chat template: a built-in name (chatml, llama3, mistral) or a .jinja file."
     )
+    adapter: str | None = Field(
+        None,
+        description="Start from a finished run's adapter (e.g. runs/sft), for preference tuning after SFT: its base "
+        "fingerprint must match model.name; training continues that adapter and the reference is that SFT model.",
+    )
 
     @property
     def is_gguf(self) -> bool:
@@ -163,6 +168,30 @@ class DataChecksSpec(Spec):
     end_of_turn: CheckLevel = Field(
         "fail", description="Chat rows whose assistant turns do not end with a trained end-of-turn token (the model never stops)."
     )
+    identical_pairs: CheckLevel = Field(
+        "fail", description="Preference pairs whose chosen and rejected answers are identical: they teach nothing and add noise."
+    )
+    near_identical_pairs: CheckLevel = Field(
+        "warn", description="Preference pairs whose chosen and rejected differ by little (near_identical_threshold); each pair is shown."
+    )
+    emptied_answers: CheckLevel = Field(
+        "fail", description="Preference pairs where the length limits leave no token of the chosen or rejected answer."
+    )
+    cut_answers: CheckLevel = Field(
+        "warn", description="Preference pairs whose chosen or rejected answer is cut by max_seq_length (with the share)."
+    )
+    pair_prompts: CheckLevel = Field(
+        "fail", description="Preference pairs whose chosen and rejected render from different prompts (not a preference)."
+    )
+    length_bias: CheckLevel = Field(
+        "warn", description="Chosen longer than rejected in more than length_bias_max_share of the pairs (the model learns 'longer')."
+    )
+    near_identical_threshold: float = Field(
+        0.9, gt=0, le=1, description="Character similarity (difflib ratio) at which chosen and rejected count as near-identical."
+    )
+    length_bias_max_share: float = Field(
+        0.8, gt=0.5, le=1, description="Share of pairs with the chosen answer longer (in tokens) past which length_bias fires."
+    )
     near_duplicate_threshold: float = Field(
         0.8, gt=0, le=1, description="Jaccard similarity of word-bigram sets (normalised text) at which rows are near-duplicates."
     )
@@ -222,7 +251,16 @@ class DataSpec(Spec):
         return self
 
 
+PreferenceMethod = Literal["dpo", "kto"]
+
+
 class TrainingSpec(Spec):
+    method: Literal["sft"] | PreferenceMethod = Field(
+        "sft",
+        description="sft: supervised (rows with answers). dpo: pairs prompt/chosen/rejected (Rafailov 2023). kto: unpaired "
+        "prompt/completion/label (Ethayarajh 2024). Preference methods train the adapter against the base with the "
+        "adapter disabled (or model.adapter's SFT model); their keys are under preference.",
+    )
     epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Rows per device per forward pass.")
@@ -308,6 +346,34 @@ class TrainingSpec(Spec):
         return self
 
 
+class DpoSpec(Spec):
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the adapter may move from the reference (higher: less).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm"] = Field(
+        "sigmoid", description="sigmoid: DPO; ipo: IPO (Azar 2023); hinge: SLiC; robust: noise-robust DPO; sigmoid_norm: "
+        "length-normalised DPO (TRL loss_type)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (conservative DPO / robust); 0 is plain DPO."
+    )
+
+
+class KtoSpec(Spec):
+    beta: float = Field(0.1, gt=0, description="KTO temperature (higher: the adapter stays closer to the reference).")
+    desirable_weight: float = Field(1.0, gt=0, description="Loss weight of label: true rows.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of label: false rows.")
+
+
+class PreferenceSpec(Spec):
+    """Keys of the preference methods (training.method); the section of another method may not be set."""
+
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="Keep at most this many prompt tokens (the end of the prompt); null keeps prompts whole "
+        "and a pair whose prompt fills max_seq_length is reported as emptied."
+    )
+    dpo: DpoSpec = Field(default_factory=DpoSpec, description="training.method: dpo.")
+    kto: KtoSpec = Field(default_factory=KtoSpec, description="training.method: kto.")
+
+
 DeploymentTarget = Literal["vllm", "sglang", "llamacpp", "ollama", "merged", "transformers"]
 
 
@@ -350,6 +416,9 @@ class RunConfig(Spec):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     data: DataSpec | None = Field(None, description="Needed by train; validate accepts a config without it.")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    preference: PreferenceSpec = Field(
+        default_factory=PreferenceSpec, description="Preference tuning (training.method dpo or kto)."
+    )
     serving: ServingSpec = Field(default_factory=ServingSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     output_dir: str | None = Field(None, description="Run folder; default runs/<config file name>.")
@@ -363,7 +432,41 @@ class RunConfig(Spec):
             raise ValueError("training.precision: fp32 with a 4-bit base; set model.quantization.compute_dtype: float32")
         if self.model.dtype == "float16" and self.training.precision == "bf16":
             raise ValueError("model.dtype float16 with precision bf16; choose one half-precision type")
+        self._preference_combinations()
         return self
+
+    def _preference_combinations(self) -> None:
+        method = self.training.method
+        for name in ("dpo", "kto"):
+            if name in self.preference.model_fields_set and name != method:
+                raise ValueError(f"preference.{name} is set but training.method is {method}; "
+                                 f"remove preference.{name} or set training.method: {name}")
+        if method == "sft":
+            if self.preference.model_fields_set:
+                raise ValueError("preference is set but training.method is sft; set training.method: dpo or kto")
+            if self.model.adapter is not None:
+                raise ValueError("model.adapter (start from a finished run's adapter) needs training.method: dpo or kto")
+            return
+        if self.lora.init in ("pissa", "olora"):
+            raise ValueError(
+                f"lora.init: {self.lora.init} with training.method: {method}: the reference would be the model with the "
+                f"adapter disabled, which {self.lora.init} turns into the residual W minus its principal part, not the "
+                "original model; use lora.init: default (or gaussian)"
+            )
+        if self.data is not None and self.data.packing:
+            raise ValueError(f"data.packing with training.method: {method}: pairs are scored whole; set data.packing: false")
+        if self.data is not None and self.data.train_on != "assistant":
+            raise ValueError(f"data.train_on: {self.data.train_on} with training.method: {method}: the preference loss is "
+                             "on the answers only; remove data.train_on")
+        if self.data is not None and self.data.format not in ("auto",):
+            raise ValueError(f"data.format: {self.data.format} with training.method: {method}: preference rows have their "
+                             "own formats (prompt/chosen/rejected, prompt/completion/label); use data.format: auto")
+        if method == "kto" and self.training.batch_size < 2:
+            raise ValueError("training.batch_size 1 with training.method: kto: KTO estimates its KL term from the other "
+                             "rows of a batch; set training.batch_size: 2 or more")
+        if self.training.early_stopping_patience is not None:
+            raise ValueError(f"training.early_stopping_patience with training.method: {method}: the preference eval "
+                             "loss is not comparable to SFT's; remove it")
 
 
 # ---------------------------------------------------------------------------------------------

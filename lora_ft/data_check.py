@@ -27,9 +27,10 @@ from lora_ft.config import DataSpec, RunConfig
 from lora_ft.data.rows import IGNORE, Example, Row, detect_format, encode, examples_from_rows, ignored_fields, load_rows, message_text
 from lora_ft.errors import ConfigError, DataError
 from lora_ft.data.near_dup import ShingleIndex
+from lora_ft.data.pair_checks import PAIR_CHECKS, check_pairs
 
 CHECKS = ("row_schema", "chat_fields", "lengths", "duplicates", "contradictions", "leakage", "near_leakage", "balance",
-          "end_of_turn")
+          "end_of_turn", *PAIR_CHECKS)
 SHOWN = 5  # examples kept per finding: enough to recognise the problem, small enough to read
 SNIPPET = 100  # characters of a row shown in an example
 # A "short-answer task" (classification-like) is one where answers are labels: nearly all of them a
@@ -229,6 +230,8 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
 
         tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
     started = time.perf_counter()  # the check's own time; loading a tokenizer is not the data's cost
+    if cfg.training.method != "sft":
+        return _preference_check(cfg, tokenizer, levels, started)
     train_rows, eval_rows = load_rows(spec, cfg.training.seed)
     fmt = detect_format(train_rows, spec)
     splits = [_read_split("train", train_rows, spec, tokenizer, fmt)]
@@ -262,6 +265,24 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
         fmt, cfg.training.max_seq_length, cfg.data.checks.near_duplicate_threshold, tuple(reports), tuple(findings),
         time.perf_counter() - started, plan, overlap,
     )
+
+
+def _preference_check(cfg: RunConfig, tokenizer, levels: dict, started: float) -> DataCheckResult:
+    """Preference rows: the pair checks (data/pair_checks.py) reported like the others; --fix drops flagged pairs."""
+    findings: list[Finding] = []
+    out = check_pairs(cfg, tokenizer, _collector(findings, levels))
+    reports, splits = [], []
+    for split in out.splits:
+        reports.append(SplitReport(split.name, len(split.rows), len(split.errors), out.tokens[split.name], None))
+        index = {row.where: i for i, row in enumerate(split.rows)}
+        examples = [pair.chosen.example for pair in split.pairs]
+        splits.append(_Split(split.name, cfg.data.system_prompt, split.rows, examples, [index[p.where] for p in split.pairs],
+                             list(split.errors), [], [], [], [], removed=out.removed[split.name]))
+    overlap = None
+    if len(out.splits) == 2:
+        overlap = HeldoutOverlap(len(out.splits[1].pairs), out.leaked, None, cfg.data.checks.near_duplicate_threshold)
+    return DataCheckResult(out.format, cfg.training.max_seq_length, cfg.data.checks.near_duplicate_threshold,
+                           tuple(reports), tuple(findings), time.perf_counter() - started, _FixPlan(splits, []), overlap)
 
 
 def gate_data(cfg: RunConfig, tokenizer, console) -> DataCheckResult:

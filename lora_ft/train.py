@@ -23,6 +23,8 @@ from lora_ft.errors import ConfigError, Interrupted
 from lora_ft.training.guards import NumericGuard, SignalCallback, StopSignals
 from lora_ft.artifacts.manifests import RunManifest
 from lora_ft.artifacts.run_dir import CONFIG, METRICS, RunDir, check_output_path
+from lora_ft.data.pairs import load_preference_data, validate_preference_rows
+from lora_ft.training import preference
 
 # ---------------------------------------------------------------------------------------------
 # Preflight: what `validate` prints and `train` checks before loading weights
@@ -115,7 +117,10 @@ def preflight(cfg: RunConfig, *, need_data: bool = True, console=None) -> Prefli
     notes = check_deployment(cfg.serving, planned, model_config.model_type, source.gguf_file is not None)
     data = data_check = None
     if cfg.data is not None:
-        data = validate_rows(cfg.data, bool(getattr(tokenizer, "chat_template", None)), cfg.training.seed)
+        if cfg.training.method == "sft":
+            data = validate_rows(cfg.data, bool(getattr(tokenizer, "chat_template", None)), cfg.training.seed)
+        else:
+            data = validate_preference_rows(cfg.data, tokenizer, cfg.training.seed, cfg.training.method)
         data_check = check_data(cfg, tokenizer, console=console)
     memory = estimate_memory_gib(cfg, model_config, counts.total, counts.trainable, precision)
     return Preflight(cfg, source, tokenizer, model_config, counts.trainable, counts.total, linear, precision, data, memory,
@@ -162,6 +167,7 @@ class TrainResult:
     manifest: RunManifest | None  # None on ranks other than 0: only rank 0 writes the run folder
     scores: dict = field(default_factory=dict)
     stop: dict = field(default_factory=dict)  # stop-token probability at the end of held-out answers, base and adapter
+    preference: dict | None = None  # preference runs: method, reference, chain, held-out preference accuracy
 
     def summary(self) -> str:
         from lora_ft.data_check import heldout_caveat
@@ -172,7 +178,9 @@ class TrainResult:
             lines.append(f"train loss      {m.metrics.train_loss:.4f} after {m.metrics.steps} steps in {m.wall_seconds:.0f}s")
             lines.append(f"speed           {speed_line(self.run_dir, m.metrics.peak_gpu_memory_gib)}")
         base, tuned = self.scores.get("base"), self.scores.get("adapter")
-        if base and tuned:
+        if self.preference is not None:
+            lines += preference.preference_summary(self.preference.get("heldout") or {})
+        elif base and tuned:
             lines.append(
                 f"held-out loss   base {base['loss']:.4f}  ->  adapter {tuned['loss']:.4f}   "
                 f"(perplexity {base['perplexity']:.2f} -> {tuned['perplexity']:.2f}, {tuned['rows']} rows)"
@@ -194,7 +202,8 @@ class TrainResult:
 
     def to_json(self) -> dict:
         manifest = self.manifest.model_dump(mode="json") if self.manifest is not None else None
-        return {"run_dir": str(self.run_dir), "scores": self.scores, "stop": self.stop, "manifest": manifest}
+        return {"run_dir": str(self.run_dir), "scores": self.scores, "stop": self.stop, "preference": self.preference,
+                "manifest": manifest}
 
 
 def speed_line(run_dir: Path, peak_gib: float | None) -> str:
@@ -248,14 +257,18 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, console, command: s
         report_resume(console, run, plan)
 
     with console.status("tokenizing data"):
-        data = load_training_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length, seed=cfg.training.seed)
+        if cfg.training.method == "sft":
+            data = load_training_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length, seed=cfg.training.seed)
+        else:
+            data = load_preference_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length,
+                                        max_prompt_length=cfg.preference.max_prompt_length, seed=cfg.training.seed)
     data.heldout_overlap = gate.overlap.to_json() if gate.overlap else None
     _report_data(console, data)
     if plan is not None and plan.checkpoint is not None:
         check_same_data(run, data.sources)
-    end_of_turn = check_end_of_turn(data.train.encoded, check.tokenizer, cfg.data.train_on)
-    require_end_of_turn(end_of_turn)
-    if end_of_turn.turns:
+    end_of_turn = check_end_of_turn(data.train.encoded, check.tokenizer, cfg.data.train_on) if cfg.training.method == "sft" else None
+    require_end_of_turn(end_of_turn) if end_of_turn is not None else None
+    if end_of_turn is not None and end_of_turn.turns:
         console.print(f"end of turn: {end_of_turn.token} trained in {end_of_turn.turns} assistant turns")
     if check.stop_tokens.flagged:
         from lora_ft.model.stop_tokens import check_lines
@@ -271,6 +284,8 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, console, command: s
         original = original_base(model, data, check.tokenizer, cfg) if cfg.lora.init in ("pissa", "olora") else None
         model = attach_lora(model, cfg.lora, check.token_training.peft_indices)
         check_same_coverage(model, check.coverage)
+        # preference tuning after SFT: the earlier run's adapter is where training starts (and the reference)
+        chain = [preference.load_start_adapter(model, cfg, base_fingerprint)] if cfg.model.adapter else []
         apply_speed_plan(model, speed)
     console.print(check.coverage.summary().replace("reaches     ", "lora reaches ", 1))
     console.print(f"speed: {speed.summary()}")
@@ -292,12 +307,13 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, console, command: s
     signals = StopSignals()
     with liger_patches_scoped(check.model_config, speed.liger):
         trainer = _build_trainer(cfg, check, model, data, run, console, speed, signals, command)
+        record = preference.run_record(cfg, trainer, chain) if cfg.training.method != "sft" else None
         return _run_and_finish(cfg, check, model, data, run, console, speed, signals, command, trainer, state,
-                               resume_from, base_fingerprint, started, main, original)
+                               resume_from, base_fingerprint, started, main, original, record)
 
 
 def _run_and_finish(cfg, check, model, data, run, console, speed, signals, command, trainer, state, resume_from,
-                    base_fingerprint, started, main, original=None) -> TrainResult:
+                    base_fingerprint, started, main, original=None, record=None) -> TrainResult:
     import torch
 
     from lora_ft.artifacts.checkpoints import resume_hint
@@ -319,13 +335,17 @@ def _run_and_finish(cfg, check, model, data, run, console, speed, signals, comma
         raise Interrupted(f"{signals.name} at step {trainer.state.global_step}: {resume_hint(run, command)}", exit_code=signals.exit_code)
 
     model.eval()
-    scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size)
-    if scores and original:  # PiSSA/OLoRA: with the adapter disabled the model is the residual, not the base
-        scores["base"] = original["heldout"]
-    stop = stop_after_training(model, data, check, cfg.training.batch_size)
+    if record is not None:  # preference: held-out pairs instead of held-out loss and stop tokens
+        scores, stop = {}, {}
+        record["heldout"] = preference.preference_scores(model, data, batch_size=cfg.training.batch_size)
+    else:
+        scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size)
+        if scores and original:  # PiSSA/OLoRA: with the adapter disabled the model is the residual, not the base
+            scores["base"] = original["heldout"]
+        stop = stop_after_training(model, data, check, cfg.training.batch_size)
     if not main:
         trainer.accelerator.wait_for_everyone()
-        return TrainResult(run.path, None, scores, stop)
+        return TrainResult(run.path, None, scores, stop, record)
     if stop.get("warning"):
         console.print(f"[yellow]warning: {stop['warning']}[/]")
     manifest = finalize(
@@ -340,10 +360,11 @@ def _run_and_finish(cfg, check, model, data, run, console, speed, signals, comma
         base_fingerprint=base_fingerprint,
         wall_seconds=time.time() - started,
         original=original,
+        preference=record,
     )
     trainer.accelerator.wait_for_everyone()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return TrainResult(run.path, manifest, scores, stop)
+    return TrainResult(run.path, manifest, scores, stop, record)
 
 
 def _input_paths(cfg: RunConfig, source) -> list[Path]:
@@ -389,8 +410,21 @@ def config_hash(cfg: RunConfig) -> str:
 
 def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eval: bool, pad_token: str):
     """TRL's SFTConfig from our schema; every default we rely on is stated here."""
-    import torch
     from trl import SFTConfig
+
+    return SFTConfig(
+        **trainer_arguments(cfg, run, precision, speed, has_eval=has_eval),
+        max_length=cfg.training.max_seq_length,
+        packing=cfg.data.packing,
+        # Rows arrive tokenized, labelled and truncated by data/rows.py; TRL only packs when asked.
+        dataset_kwargs={"skip_prepare_dataset": not cfg.data.packing},
+        pad_token=pad_token,
+    )
+
+
+def trainer_arguments(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eval: bool) -> dict:
+    """The Trainer arguments every method shares (SFT here, DPO/KTO in training/preference.py)."""
+    import torch
 
     t = cfg.training
     eval_strategy = "no"
@@ -398,7 +432,7 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eva
         eval_strategy = "steps" if t.eval_steps else "epoch"
     save_strategy = "steps" if t.save_steps or t.early_stopping_patience else "epoch"
     save_steps = t.save_steps or t.eval_steps or 500
-    return SFTConfig(
+    return dict(
         output_dir=str(run.checkpoints),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -433,11 +467,6 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eva
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         report_to=list(t.report_to) or "none",
-        max_length=t.max_seq_length,
-        packing=cfg.data.packing,
-        # Rows arrive tokenized, labelled and truncated by data/rows.py; TRL only packs when asked.
-        dataset_kwargs={"skip_prepare_dataset": not cfg.data.packing},
-        pad_token=pad_token,
         disable_tqdm=True,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
@@ -452,17 +481,22 @@ def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, c
     from lora_ft.artifacts.checkpoints import CheckpointWriter
     from lora_ft.training.progress import MetricsCallback
 
-    args = to_sft_config(
-        cfg, run, check.precision, speed, has_eval=data.eval is not None, pad_token=check.tokenizer.pad_token
-    )
+    has_eval = data.eval is not None
+    if cfg.training.method == "sft":
+        args = to_sft_config(cfg, run, check.precision, speed, has_eval=has_eval, pad_token=check.tokenizer.pad_token)
+    else:
+        args = preference.to_preference_config(cfg, trainer_arguments(cfg, run, check.precision, speed, has_eval=has_eval))
     callbacks = [MetricsCallback(run.path / METRICS, console), SignalCallback(signals)]
+    if cfg.training.method != "sft":
+        callbacks.append(preference.FallingLogpsCallback(console, run.path / METRICS if is_main_process() else None))
     if cfg.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
     hint = (
         f"The last good checkpoint is kept: to step over such batches set training.nan_policy: skip and rerun "
         f"`{command}`; to change learning rate or alpha, start over with `{command} --overwrite`"
     )
-    trainer = _trainer_class()(
+    base = preference.trainer_base(cfg.training.method) if cfg.training.method != "sft" else None
+    trainer = _trainer_class(base)(
         writer=CheckpointWriter(run.checkpoints, keep=cfg.training.save_total_limit, trainable_params=check.trainable),
         guard=NumericGuard(
             cfg.training.nan_policy, cfg.training.max_skipped_steps, run.path / METRICS if is_main_process() else None, console, hint
@@ -478,14 +512,15 @@ def _build_trainer(cfg: RunConfig, check: Preflight, model, data, run: RunDir, c
     return trainer
 
 
-def _trainer_class():
-    """SFTTrainer with atomic, validated checkpoints and a finiteness check on every optimizer step."""
+def _trainer_class(base=None):
+    """SFTTrainer (or `base`: a preference trainer) with atomic, validated checkpoints and a finiteness check on
+    every optimizer step."""
     from trl import SFTTrainer
 
     from lora_ft.artifacts.checkpoints import is_disk_full
     from lora_ft.model.speed import SyncFreeSteps
 
-    class LoraftTrainer(SyncFreeSteps, SFTTrainer):  # the guard runs after every backward (SyncFreeSteps)
+    class LoraftTrainer(SyncFreeSteps, base or SFTTrainer):  # the guard runs after every backward (SyncFreeSteps)
         def __init__(self, *args, writer, guard, **kwargs):
             super().__init__(*args, **kwargs)
             self.writer, self.guard, self._staging = writer, guard, None
@@ -552,7 +587,7 @@ def stop_after_training(model, data, check: Preflight, batch_size: int) -> dict:
 
 def finalize(
     run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds,
-    original=None, stop: dict | None = None,
+    original=None, stop: dict | None = None, preference: dict | None = None,
 ) -> RunManifest:
     from lora_ft.data.chat_template import end_of_turn_token, generation_config
     from lora_ft.model.coverage import parameter_wrappers
@@ -637,6 +672,7 @@ def finalize(
         ),
         environment=environment(),
         serving=cfg.serving,
+        preference=preference,
         # what `loraft inspect` reports per module (spectrum, effective rank, ||dW||/||W||), kept with the run
         adapter_stats=adapter_statistics(stage, None, (original or {}).get("norms") or model_weight_norms(model), wrappers=wrappers),
     )

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from lora_ft.training.preference import progress_parts
+
 
 class MetricsCallback(TrainerCallback):
     def __init__(self, path: Path, console):
@@ -70,6 +72,7 @@ class MetricsCallback(TrainerCallback):
             parts.append(f"eval_loss {record['eval_loss']:.4f}")
         if "grad_norm" in record:
             parts.append(f"grad_norm {record['grad_norm']:.3f}")
+        parts += progress_parts(record)  # preference runs: margin, accuracy, chosen/rejected log p
         if "learning_rate" in record:
             parts.append(f"lr {record['learning_rate']:.2e}")
         if "tokens_per_s" in record:

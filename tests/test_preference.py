@@ -1,0 +1,219 @@
+"""Preference tuning (training.method dpo | kto): config rules that fail before a model loads, pairs rendered
+through the SFT conversation format, the pair checks with counts and file:line, and DPO/KTO runs through
+`loraft train` that move held-out preference accuracy, log the preference figures and record the chain."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import yaml
+
+from conftest import write_jsonl
+from lora_ft.config import validate_dict
+from lora_ft.data.pairs import answer_ids, encode_pair, read_pairs
+from lora_ft.data_check import check_data
+from lora_ft.errors import ConfigError
+
+WORDS = ["yes", "no", "maybe", "fox", "dog", "paris", "hello", "world"]
+
+
+def repeat_pairs(n: int, offset: int = 0, shift: int = 3) -> list[dict]:
+    """Chosen repeats the word; rejected is another word of the same length class (no length bias)."""
+    return [{"prompt": f"Repeat after me: {WORDS[(i + offset) % 8]}", "chosen": WORDS[(i + offset) % 8],
+             "rejected": WORDS[(i + offset + shift) % 8]} for i in range(n)]
+
+
+def pref_config(tmp_path, model_dir, train_rows, eval_rows=None, *, method="dpo", checks=None, **training) -> dict:
+    data = {"train": str(write_jsonl(tmp_path / "train.jsonl", train_rows)),
+            "checks": {"length_bias": "off", "contradictions": "off", **(checks or {})}}
+    if eval_rows is not None:
+        data["eval"] = str(write_jsonl(tmp_path / "eval.jsonl", eval_rows))
+    return {
+        "model": {"name": str(model_dir)},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": data,
+        "training": {"method": method, "max_steps": 16, "batch_size": 8, "learning_rate": 3e-2, "max_seq_length": 64,
+                     "logging_steps": 4, "precision": "fp32", "warmup_ratio": 0.0, **training},
+        "output_dir": str(tmp_path / "run"),
+    }
+
+
+def findings(result) -> dict:
+    return {f.name: f for f in result.findings}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+@pytest.mark.parametrize("update, key, fix", [
+    ({"lora": {"init": "pissa"}}, "lora.init: pissa", "lora.init: default"),
+    ({"lora": {"init": "olora"}}, "lora.init: olora", "not the original model"),
+    ({"data": {"packing": True}}, "data.packing", "data.packing: false"),
+    ({"data": {"train_on": "all"}}, "data.train_on: all", "remove data.train_on"),
+    ({"preference": {"kto": {"beta": 0.2}}}, "preference.kto is set", "training.method: kto"),
+    ({"training": {"method": "kto", "batch_size": 1}}, "training.batch_size 1", "2 or more"),
+])
+def test_impossible_preference_combinations_fail_naming_the_key_and_the_fix(tmp_path, tiny_model_dir, write_yaml, run_cli,
+                                                                            update, key, fix):
+    cfg = pref_config(tmp_path, tiny_model_dir, repeat_pairs(8))
+    for section, values in update.items():
+        cfg.setdefault(section, {}).update(values)
+    code, out, err = run_cli("validate", write_yaml(cfg))
+    assert code == 2
+    assert key in err and fix in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_preference_keys_with_sft_and_adapter_with_sft_are_refused():
+    base = {"model": {"name": "m"}}
+    with pytest.raises(ConfigError, match="preference.dpo is set but training.method is sft"):
+        validate_dict({**base, "preference": {"dpo": {"beta": 0.5}}})
+    with pytest.raises(ConfigError, match="model.adapter .* needs training.method"):
+        validate_dict({"model": {"name": "m", "adapter": "runs/sft"}})
+
+
+def test_method_keys_are_typed_and_defaulted():
+    cfg = validate_dict({"model": {"name": "m"}, "training": {"method": "dpo"}, "preference": {"dpo": {"beta": "0.5"}}})
+    assert cfg.preference.dpo.beta == 0.5 and cfg.preference.dpo.loss_type == "sigmoid"
+    assert cfg.preference.kto.desirable_weight == 1.0
+    with pytest.raises(ConfigError, match="preference.dpo.loss_type"):
+        validate_dict({"model": {"name": "m"}, "training": {"method": "dpo"}, "preference": {"dpo": {"loss_type": "nope"}}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: pairs through the SFT conversation format
+
+
+def test_chosen_tokens_are_the_sft_answer_tokens_rendered_with_the_prompt(tmp_path, tiny_model_dir):
+    from lora_ft.data.rows import encode
+    from lora_ft.model.loading import load_tokenizer, resolve_model_source
+
+    cfg = validate_dict(pref_config(tmp_path, tiny_model_dir, repeat_pairs(2)))
+    tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
+    row = {"prompt": [{"role": "user", "content": "Repeat after me: fox"}], "chosen": [{"role": "assistant", "content": "fox"}],
+           "rejected": "dog"}
+    from lora_ft.data.rows import Row
+
+    pair = read_pairs([Row(row, "t:1")], cfg.data, tokenizer, "pairs")[0]
+    encoded = encode_pair(pair, tokenizer, max_seq_length=64, max_prompt_length=None)
+    sft = encode(pair.chosen.example, tokenizer, train_on="assistant", max_seq_length=64)
+    trained = [t for t in sft.labels if t != -100]
+    assert encoded.chosen_ids == trained  # the answer and its end-of-turn token, exactly as SFT trains them
+    assert tokenizer.decode(encoded.chosen_ids) == "fox<|im_end|>"
+    assert tokenizer.decode(encoded.prompt_ids).endswith("<|im_start|>assistant\n")
+    assert encoded.prompt_ids + encoded.rejected_ids == answer_ids(pair.rejected, tokenizer)[0]
+    assert encoded.same_prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# Pair checks
+
+
+def test_pair_checks_count_each_planted_problem_with_file_and_line(tmp_path, tiny_model_dir):
+    rows = repeat_pairs(8)
+    rows[2] = {**rows[2], "rejected": rows[2]["chosen"]}  # identical
+    rows[3] = {"prompt": "Say a sentence", "chosen": "the quick brown fox jumps", "rejected": "the quick brown fox jumped"}
+    rows.append({"chosen": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
+                 "rejected": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]})
+    rows.append({"prompt": "Repeat after me: yes", "chosen": "maybe", "rejected": "yes"})  # contradicts row 1 ... not quite
+    rows.append({"prompt": "Repeat after me: yes", "chosen": "fox", "rejected": "yes"})
+    rows[0] = {"prompt": "Repeat after me: yes", "chosen": "yes", "rejected": "fox"}  # fox/yes both ways: contradiction
+    leaked = [rows[5]] + repeat_pairs(3, 5, shift=1)
+    cfg = validate_dict(pref_config(tmp_path, tiny_model_dir, rows, leaked, checks={"contradictions": "warn"}))
+    result = check_data(cfg)
+    found = findings(result)
+    assert found["chosen_equals_rejected"].count == 1 and found["chosen_equals_rejected"].level == "fail"
+    assert found["chosen_equals_rejected"].examples[0]["where"].endswith("train.jsonl:3")
+    assert found["chosen_near_rejected"].count == 1 and found["chosen_near_rejected"].level == "warn"
+    assert found["chosen_near_rejected"].examples[0]["rejected"] == "the quick brown fox jumped"
+    assert found["different_prompts"].count == 1 and found["different_prompts"].examples[0]["where"].endswith(":9")
+    assert found["contradictory_preferences"].count == 1
+    assert found["eval_pairs_in_train"].count == 1 and found["eval_pairs_in_train"].level == "fail"
+    assert result.failed
+
+
+def test_length_limits_that_empty_an_answer_fail_and_cuts_warn_with_the_share(tmp_path, tiny_model_dir):
+    rows = repeat_pairs(8)
+    rows[0] = {"prompt": "Repeat " * 60, "chosen": "yes", "rejected": "no"}  # the prompt alone fills 64 tokens
+    rows[1] = {"prompt": "Repeat after me", "chosen": "yes " * 50, "rejected": "no"}  # chosen cut
+    result = check_data(validate_dict(pref_config(tmp_path, tiny_model_dir, rows)))
+    found = findings(result)
+    assert found["answer_emptied"].count == 1 and found["answer_emptied"].level == "fail"
+    assert found["answer_cut"].count == 1 and "(12%)" in found["answer_cut"].message
+    assert found["answer_cut"].examples[0]["chosen"].split("/")[0] != found["answer_cut"].examples[0]["chosen"].split("/")[1]
+
+
+def test_length_bias_reports_the_share_and_the_mean_ratio(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Tell me about {w}", "chosen": f"{w} is a fine word to know", "rejected": w} for w in WORDS]
+    result = check_data(validate_dict(pref_config(tmp_path, tiny_model_dir, rows, checks={"length_bias": "warn"})))
+    bias = findings(result)["chosen_longer"]
+    assert bias.count == 8 and bias.examples[0]["share"] == 1.0 and bias.examples[0]["mean_length_ratio"] > 2
+    clean = check_data(validate_dict(pref_config(tmp_path, tiny_model_dir, repeat_pairs(8), checks={"length_bias": "warn"})))
+    assert "chosen_longer" not in findings(clean)
+
+
+def test_clean_pairs_have_no_finding_and_checks_can_be_turned_off(tmp_path, tiny_model_dir):
+    assert check_data(validate_dict(pref_config(tmp_path, tiny_model_dir, repeat_pairs(8), repeat_pairs(4, 1, shift=1)))).findings == ()
+    rows = repeat_pairs(8)
+    rows[2] = {**rows[2], "rejected": rows[2]["chosen"]}
+    off = check_data(validate_dict(pref_config(tmp_path, tiny_model_dir, rows, checks={"identical_pairs": "off"})))
+    assert "chosen_equals_rejected" not in findings(off)
+
+
+def test_data_check_cli_and_train_stop_on_identical_pairs_before_weights_load(tmp_path, tiny_model_dir, write_yaml, run_cli):
+    rows = repeat_pairs(8)
+    rows[4] = {**rows[4], "rejected": rows[4]["chosen"]}
+    config = write_yaml(pref_config(tmp_path, tiny_model_dir, rows))
+    code, out, err = run_cli("data", "check", config)
+    assert code == 2 and "1 of 8 pairs have identical chosen and rejected" in out + err and "train.jsonl:5" in out + err
+    code, out, err = run_cli("train", config)
+    assert code == 2 and "identical_pairs" in err
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@pytest.mark.slow
+def test_dpo_train_moves_heldout_preference_accuracy_and_logs_the_preference_figures(tmp_path, tiny_model_dir, write_yaml,
+                                                                                    run_cli):
+    cfg = pref_config(tmp_path, tiny_model_dir, repeat_pairs(32), repeat_pairs(8, 1, shift=5))
+    code, out, err = run_cli("train", write_yaml(cfg))
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    pref = manifest["preference"]
+    assert pref["method"] == "dpo" and pref["reference"] == "the base model (adapter disabled)"
+    assert pref["heldout"]["adapter"]["accuracy"] >= 0.9 > pref["heldout"]["base"]["accuracy"]
+    assert pref["heldout"]["adapter"]["mean_margin"] > pref["heldout"]["base"]["mean_margin"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "rewards/margins" in r]
+    assert logged and {"rewards/accuracies", "logps/chosen", "logps/rejected"} <= set(logged[-1])
+    assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]
+    assert "margin " in err and "pref_acc " in err and "logp_chosen " in err
+    assert not (tmp_path / "run" / "ref").exists()  # the reference is the base with the adapter disabled, never saved
+    assert "held-out accuracy base" in out + err
+
+
+@pytest.mark.slow
+def test_kto_trains_on_unpaired_rows(tmp_path, tiny_model_dir, write_yaml, run_cli):
+    rows = []
+    for pair in repeat_pairs(16):
+        rows += [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+                 {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
+    code, out, err = run_cli("train", write_yaml(pref_config(tmp_path, tiny_model_dir, rows, method="kto")))
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    margins = [r["rewards/margins"] for r in records if "rewards/margins" in r]
+    assert margins[-1] > margins[0] + 0.5
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["preference"]["method"] == "kto"
+
+
+def test_kto_rows_with_a_dpo_method_are_refused_before_weights_load(tmp_path, tiny_model_dir, write_yaml, run_cli):
+    rows = [{"prompt": "p", "completion": "c", "label": True}] * 4
+    code, out, err = run_cli("validate", write_yaml(pref_config(tmp_path, tiny_model_dir, rows)))
+    assert code == 2 and "training.method dpo needs prompt/chosen/rejected rows" in err
