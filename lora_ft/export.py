@@ -14,7 +14,6 @@ Pitfall guarded: an engine that loads an adapter without error and serves it at 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -26,26 +25,16 @@ from pathlib import Path
 import torch
 
 from lora_ft import __version__
-from lora_ft.serving.engines import AdapterFeatures, EngineRule, check_target, gguf_arch, go_uint32, max_lora_rank, rule_for
+from lora_ft.serving.engines import RULES, AdapterFeatures, EngineRule, check_target, gguf_arch, go_uint32, max_lora_rank, rule_for
 from lora_ft.errors import LoraftError, VerificationError
 from lora_ft.artifacts.export_manifest import EXPORT_MANIFEST, EngineRuleRecord, ExportManifest, ExportVerification
-from lora_ft.artifacts.run_dir import MANIFEST, STATE, AdapterRun, atomic_dir, atomic_write_json, file_sha256
+from lora_ft.artifacts.adapter import ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterConfig, AdapterRun, ModuleFactors, read_state
+from lora_ft.artifacts.run_dir import MANIFEST, STATE, atomic_dir, atomic_write_json, file_sha256
 
 FP32_TOLERANCE = 1e-4  # as merge: fp32 arithmetic on both sides, only summation order differs
-PEFT_PREFIX = "base_model.model."
 ADAPTER_GGUF = "adapter.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    """One adapted linear layer in the base's (HF) layout: the engine adds scale * B @ (A @ x)."""
-
-    module: str  # e.g. model.layers.0.self_attn.q_proj
-    A: torch.Tensor  # (r, in)
-    B: torch.Tensor  # (out, r)
-    scale: float
 
 
 @dataclass(frozen=True)
@@ -84,8 +73,8 @@ def export(run_dir: str | Path, target: str, out: str | Path, *, console=None) -
     if out.exists():
         raise LoraftError(f"--out: {out} already exists; choose another folder or remove it")
     run = _finished_run(run_dir)
-    names = _tensor_names(run)
-    features = AdapterFeatures.from_adapter_config(run.adapter_config, names)
+    weights_path, state = read_state(run.path, "RUN_DIR")
+    features = AdapterFeatures.from_adapter_config(run.adapter, list(state))
     errors = [f for f in check_target(rule, features) if f.level == "error"]
     if errors:
         raise LoraftError(f"--to {target}: {errors[0].text}")
@@ -100,10 +89,10 @@ def export(run_dir: str | Path, target: str, out: str | Path, *, console=None) -
     conversions: list[str] = []
     with atomic_dir(out) as staging:
         if rule.scaling == "peft":
-            modules, alpha, rslora, folded = None, run.adapter_config["lora_alpha"], bool(run.adapter_config.get("use_rslora")), 0
+            modules, alpha, rslora, folded = None, run.adapter.alpha, run.adapter.use_rslora, 0
             _write_peft_folder(staging, dict(run.adapter_config), None, base_for_target, run)
         else:
-            modules, alpha, rslora, folded, conversions = normalise(rule, run.adapter_config, trained_modules(run))
+            modules, alpha, rslora, folded, conversions = normalise(rule, run.adapter, trained_modules(run))
             if rule.layout == "peft":
                 _write_peft_folder(staging, dict(run.adapter_config), (modules, alpha, rslora), base_for_target, run)
             else:
@@ -122,7 +111,7 @@ def export(run_dir: str | Path, target: str, out: str | Path, *, console=None) -
             target=rule.name,
             rule=_rule_record(rule),
             run_dir=str(run.path),
-            adapter_sha256=file_sha256(run.path / "adapter_model.safetensors"),
+            adapter_sha256=file_sha256(weights_path),
             base_model=spec.name,
             base_for_target=base_for_target,
             base_fingerprint_matches=matches,
@@ -146,17 +135,7 @@ def _finished_run(run_dir) -> AdapterRun:
     if path.is_dir() and not (path / MANIFEST).is_file():
         hint = " (training has not finished; resume it with loraft train CONFIG)" if (path / STATE).is_file() else ""
         raise LoraftError(f"RUN_DIR: {path} is not a finished loraft run: no {MANIFEST}{hint}")
-    run = AdapterRun.load(path)
-    if not (run.path / "adapter_model.safetensors").is_file():
-        raise LoraftError(f"RUN_DIR: {run.path} has no adapter_model.safetensors")
-    return run
-
-
-def _tensor_names(run: AdapterRun) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(run.path / "adapter_model.safetensors"), "pt") as handle:
-        return list(handle.keys())
+    return AdapterRun.load(path, "RUN_DIR")
 
 
 def _rule_record(rule: EngineRule) -> EngineRuleRecord:
@@ -179,31 +158,28 @@ def _readable_by_all(folder: Path) -> None:
 # Normalisation: alpha and B such that the engine's formula gives the trained scale of every module
 
 
-def trained_modules(run: AdapterRun) -> list[LoraModule]:
+def trained_modules(run: AdapterRun) -> list[ModuleFactors]:
     """The run's LoRA pairs with the scale PEFT trained them under (rsLoRA and patterns included)."""
-    from lora_ft.merge import load_adapter
-
-    weights = load_adapter(run)
-    if weights.replacements or weights.bias_deltas:
-        raise LoraftError(f"RUN_DIR: {run.path} saves full tensors beside LoRA (e.g. {next(iter(weights.replacements or weights.bias_deltas))}); "
+    weights = run.weights(what="RUN_DIR")
+    if weights.replacements or weights.bias:
+        raise LoraftError(f"RUN_DIR: {run.path} saves full tensors beside LoRA (e.g. {next(iter(weights.replacements or weights.bias))}); "
                           "deploy the merged model (--to merged)")
     modules = []
-    for delta in weights.deltas.values():
-        if delta.transpose or delta.magnitude is not None:
-            raise LoraftError(f"--to: {delta.module} is an embedding, Conv1D or DoRA update, which adapter engines cannot load; use --to merged")
-        modules.append(LoraModule(delta.module, delta.A, delta.B, delta.scaling))
+    for factors in weights.factors.values():
+        if factors.transpose or factors.magnitude is not None:
+            raise LoraftError(f"--to: {factors.module} is an embedding, Conv1D or DoRA update, which adapter engines cannot load; use --to merged")
+        modules.append(factors)
     return modules
 
 
-def normalise(rule: EngineRule, config: dict, modules: list[LoraModule]) -> tuple[list[LoraModule], float, bool, int, list[str]]:
+def normalise(rule: EngineRule, config: AdapterConfig, modules: list[ModuleFactors]) -> tuple[list[ModuleFactors], float, bool, int, list[str]]:
     """(modules with B folded where needed, alpha to write, use_rslora to write, modules folded, what was converted)."""
-    r = int(config["r"])
-    rslora = bool(config.get("use_rslora")) and rule.scaling == "alpha/r|rslora"
-    trained = float(config["lora_alpha"]) / (math.sqrt(r) if config.get("use_rslora") else r)
+    r = config.rank
+    rslora = config.use_rslora and rule.scaling == "alpha/r|rslora"
     # The alpha under which a module of the config's rank gets the trained global scale.
-    wanted = float(config["lora_alpha"]) if rslora else trained * r
+    wanted = config.alpha if rslora else config.scale * r
     conversions = []
-    if config.get("use_rslora") and not rslora:
+    if config.use_rslora and not rslora:
         conversions.append(f"use_rslora: {rule.name} scales {rule.scaling}; alpha/sqrt(r) written as lora_alpha {wanted:g} (= alpha*sqrt(r))")
     alpha = float(round(wanted))
     if abs(wanted - alpha) > 1e-9 * max(1.0, abs(wanted)):
@@ -211,14 +187,14 @@ def normalise(rule: EngineRule, config: dict, modules: list[LoraModule]) -> tupl
         conversions.append(f"lora_alpha {wanted:g} is not an integer: lora_alpha {r} written and each scale folded into lora_B")
     out, folded = [], 0
     for m in modules:
-        engine = rule.scale(alpha, r, m.A.shape[0], rslora)
+        engine = rule.scale(alpha, r, m.rank, rslora)
         factor = m.scale / engine
         if factor != 1.0:
-            out.append(LoraModule(m.module, m.A, (m.B.float() * factor).to(m.B.dtype), engine))
+            out.append(m.with_b((m.B.float() * factor).to(m.B.dtype), engine))
             folded += 1
         else:
-            out.append(LoraModule(m.module, m.A, m.B, engine))
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
+            out.append(m.with_b(m.B, engine))
+    if config.has_patterns:
         conversions.append(f"rank_pattern/alpha_pattern: {rule.name} ignores them; each module's scale folded into its lora_B")
     return out, alpha, rslora, folded, conversions
 
@@ -232,7 +208,7 @@ def _write_peft_folder(folder: Path, config: dict, normalised, base_for_target: 
 
     config["base_model_name_or_path"] = base_for_target
     if normalised is None:
-        shutil.copy2(run.path / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+        shutil.copy2(run.path / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)
     else:
         modules, alpha, rslora = normalised
         config.update(lora_alpha=int(alpha), use_rslora=rslora, rank_pattern={}, alpha_pattern={})
@@ -288,7 +264,7 @@ def _qk_heads(module: str, heads: tuple[int, int] | None) -> int | None:
     return None
 
 
-def write_gguf(path: Path, modules: list[LoraModule], alpha: float, arch: str, heads: tuple[int, int] | None) -> None:
+def write_gguf(path: Path, modules: list[ModuleFactors], alpha: float, arch: str, heads: tuple[int, int] | None) -> None:
     """A LoRA GGUF as convert_lora_to_gguf.py writes one: general.type=adapter, adapter.type=lora,
     adapter.lora.alpha (float32), tensors <base name>.lora_a (r, in) and .lora_b (out, r) in fp32,
     Q/K rows of B permuted like the base's Q/K weights were."""
@@ -324,7 +300,7 @@ def _write_modelfile(folder: Path, base_gguf: str, run: AdapterRun) -> None:
 
 def serve_command(rule: EngineRule, run: AdapterRun, out: Path, base: str, model_config, modules) -> str | None:
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", run.path.name) or "adapter"
-    rank = max((m.A.shape[0] for m in modules), default=int(run.adapter_config["r"])) if modules else int(run.adapter_config["r"])
+    rank = max((m.rank for m in modules), default=run.adapter.rank) if modules else run.adapter.rank
     if rule.name == "vllm":
         tokenizer = f" --tokenizer {out}" if base.endswith(".gguf") else ""
         return f"vllm serve {base}{tokenizer} --enable-lora --lora-modules {name}={out} --max-lora-rank {max_lora_rank(rule, rank)}"
@@ -342,7 +318,7 @@ def serve_command(rule: EngineRule, run: AdapterRun, out: Path, base: str, model
 # Readers: the written files as the engine reads them
 
 
-def read_target(rule: EngineRule, folder: Path, model_config, source) -> list[LoraModule] | None:
+def read_target(rule: EngineRule, folder: Path, model_config, source) -> list[ModuleFactors] | None:
     """What the engine will add to each base layer, read from `folder` under the engine's own rule
     (None for 'transformers': PEFT itself reads it)."""
     if rule.scaling == "peft":
@@ -352,7 +328,7 @@ def read_target(rule: EngineRule, folder: Path, model_config, source) -> list[Lo
     return read_peft(rule, folder)
 
 
-def read_peft(rule: EngineRule, folder: Path) -> list[LoraModule]:
+def read_peft(rule: EngineRule, folder: Path) -> list[ModuleFactors]:
     """A PEFT folder as vLLM's PEFTHelper.from_dict / SGLang's LoRAConfig read it: only the keys they read,
     their refusals, their tensor-name rule and their scaling formula."""
     from safetensors.torch import load_file
@@ -387,7 +363,7 @@ def read_peft(rule: EngineRule, folder: Path) -> list[LoraModule]:
         A, B = parts.get(rule.tensor_suffixes[0]), parts.get(rule.tensor_suffixes[1])
         if A is None or B is None:
             raise VerificationError(f"{rule.name}: {module} lacks its lora_A or lora_B")
-        modules.append(LoraModule(module, A.float(), B.float(), rule.scale(alpha, r, A.shape[0], rslora)))
+        modules.append(ModuleFactors(module, A.float(), B.float(), rule.scale(alpha, r, A.shape[0], rslora)))
     return modules
 
 
@@ -415,7 +391,7 @@ def gguf_base_index(model_config, source) -> tuple[str, dict[str, str], dict[str
     return arch, {v: k for k, v in to_gguf.items()}, shapes, _heads(model_config) if permute else None
 
 
-def read_gguf(path: Path, model_config, source) -> list[LoraModule]:
+def read_gguf(path: Path, model_config, source) -> list[ModuleFactors]:
     """A LoRA GGUF as llama-adapter.cpp loads it and build_lora_mm applies it: type keys, architecture,
     <base>.lora_a/.lora_b pairs whose base tensor exists with a.ne[0] == W.ne[0], b.ne[1] == W.ne[1],
     a.ne[1] == b.ne[0]; scale alpha / b.ne[0]. Q/K rows are mapped back to HF's layout for the check."""
@@ -453,8 +429,7 @@ def read_gguf(path: Path, model_config, source) -> list[LoraModule]:
         n = _qk_heads(module, heads)
         if n is not None:
             B = unpermute_rows(B, n)
-        scale = alpha / b_ne[0] if alpha else 1.0
-        modules.append(LoraModule(module, A, B, scale))
+        modules.append(ModuleFactors(module, A, B, RULES["llamacpp"].scale(alpha, b_ne[0], b_ne[0], False)))
     return modules
 
 
@@ -469,7 +444,7 @@ VERIFY_PROMPTS = (
 )
 
 
-def verify(run: AdapterRun, spec, source, modules: list[LoraModule] | None, peft_folder: Path | None, rule: EngineRule) -> ExportVerification:
+def verify(run: AdapterRun, spec, source, modules: list[ModuleFactors] | None, peft_folder: Path | None, rule: EngineRule) -> ExportVerification:
     gap, effect, prompts, tokens = logits_gap(run, spec, source, modules, peft_folder)
     method = ("PEFT loads the written folder" if modules is None
               else f"written files read under {rule.name}'s rule ({rule.scaling}), applied to the fp32 base")
@@ -480,7 +455,7 @@ def verify(run: AdapterRun, spec, source, modules: list[LoraModule] | None, peft
     return ExportVerification(method=method, prompts=prompts, tokens=tokens, max_abs_diff=gap, tolerance=FP32_TOLERANCE, adapter_effect=effect)
 
 
-def logits_gap(run: AdapterRun, spec, source, modules: list[LoraModule] | None, peft_folder: Path | None = None) -> tuple[float, float, int, int]:
+def logits_gap(run: AdapterRun, spec, source, modules: list[ModuleFactors] | None, peft_folder: Path | None = None) -> tuple[float, float, int, int]:
     """(max |engine view - PEFT base+adapter|, max |base - base+adapter|, prompts, tokens), all fp32.
 
     `modules` is what an engine adds to each layer (scale * B @ A x); with None, PEFT loads `peft_folder`."""
@@ -513,7 +488,7 @@ def logits_gap(run: AdapterRun, spec, source, modules: list[LoraModule] | None, 
     return gap, effect, len(prompts), sum(int(ids.shape[1]) for ids in prompts)
 
 
-def _add_lora(model, m: LoraModule):
+def _add_lora(model, m: ModuleFactors):
     try:
         layer = model.get_submodule(m.module)
     except AttributeError:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from lora_ft.errors import LoraftError
-from lora_ft.artifacts.run_dir import AdapterRun, read_json
+from lora_ft.artifacts.adapter import AdapterRun
+from lora_ft.artifacts.run_dir import read_json
 
 BASE = "base"
 # End-of-turn tokens of common chat templates; each one present in the vocabulary is a stop id.

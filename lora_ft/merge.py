@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -36,7 +35,8 @@ from lora_ft.artifacts.manifests import (
     MergeManifest, MergedAdapterRecord, MergedBaseRecord, ModuleCheckRecord, VerificationRecord, write_manifest,
 )
 from lora_ft.merge_check import check_module, full_check_unfits, verify_logits
-from lora_ft.artifacts.run_dir import AdapterRun, atomic_dir, atomic_write_json, file_sha256
+from lora_ft.artifacts.adapter import AdapterRun, AdapterWeights, ModuleFactors
+from lora_ft.artifacts.run_dir import atomic_dir, atomic_write_json
 from lora_ft.artifacts.shards import INDEX, ShardWriter, base_shards, read_tensor, shard_index
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -151,126 +151,17 @@ def _default_console():
 
 
 # ---------------------------------------------------------------------------------------------
-# The adapter: PEFT's saved tensors, grouped per module
-
-
-@dataclass(frozen=True)
-class ModuleDelta:
-    """One adapted module: W' = W + scaling * B @ A (transposed for embeddings / fan_in_fan_out)."""
-
-    module: str  # the module path in the base model, e.g. model.layers.0.self_attn.q_proj
-    A: torch.Tensor
-    B: torch.Tensor
-    scaling: float
-    transpose: bool  # embeddings and Conv1D (fan_in_fan_out) store the delta as (B @ A).T
-    magnitude: torch.Tensor | None = None  # DoRA
-    bias: torch.Tensor | None = None  # lora_bias: added to the base bias, scaled
-
-    def delta(self) -> torch.Tensor:
-        d = self.B.float() @ self.A.float()
-        return (d.T if self.transpose else d) * self.scaling
-
-
-@dataclass(frozen=True)
-class AdapterWeights:
-    deltas: dict[str, ModuleDelta]  # by base tensor name (<module>.weight)
-    bias_deltas: dict[str, torch.Tensor]  # by base tensor name (<module>.bias), already scaled
-    replacements: dict[str, torch.Tensor]  # modules_to_save and trained biases: replace the base tensor
-    config: dict
-    sha256: str
-    parameters: dict[str, "ParameterDelta"] = field(default_factory=dict)  # LoRA on expert/router parameters
-    # trained token rows (lora.train_tokens, PEFT trainable_token_indices): base tensor -> (row ids, the rows)
-    token_rows: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)
-
-
-UNSUPPORTED = {
-    "use_qalora": "QA-LoRA",
-    "alora_invocation_tokens": "aLoRA",
-    "layer_replication": "layer replication",
-    "use_bdlora": "BD-LoRA",
-}
-
-
-@dataclass(frozen=True)
-class ParameterDelta:
-    """LoRA on an nn.Parameter (PEFT's ParamWrapper): a fused (experts, out, in) expert tensor or a 2-D router weight."""
-
-    parameter: str  # the model's parameter name, e.g. model.layers.0.mlp.experts.gate_up_proj
-    A: torch.Tensor  # (r*E, in)
-    B: torch.Tensor  # (out, r*E)
-    experts: int
-    scaling: float
-    out_first: bool
-
-    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B_e, A_e): expert e's update is scaling * B_e @ A_e, (out, in)."""
-        from lora_ft.model.coverage import expert_factors
-
-        return expert_factors(self.A, self.B, self.experts)[e]
+# The adapter: read by artifacts/adapter.py; here only what merge cannot fold exactly is refused
 
 
 def load_adapter(run: AdapterRun, base_dir: Path | None = None) -> AdapterWeights:
-    """Read adapter_model.safetensors and group its tensors by base tensor; refuse what we cannot merge exactly.
+    """The run's adapter (artifacts/adapter.py's one reader), refusing what cannot be merged exactly.
     LoRA on expert/router parameters (target_parameters) needs the base's config (`base_dir`) for its layout."""
-    from peft.utils.other import get_pattern_key
-    from safetensors.torch import load_file
-
-    cfg = run.adapter_config
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise LoraftError(f"--adapter: {run.path} is a {cfg.get('peft_type')} adapter; merge handles LoRA only")
-    for key, what in UNSUPPORTED.items():
-        if cfg.get(key):
-            raise LoraftError(f"--adapter: {what} adapters ({key} in adapter_config.json) cannot be merged by loraft")
-    path = run.path / "adapter_model.safetensors"
-    if not path.is_file():
-        raise LoraftError(f"--adapter: {run.path} has no adapter_model.safetensors (pickled .bin adapters are not read)")
-    tensors = load_file(str(path))
-    from lora_ft.model.stop_tokens import TOKEN_DELTA, saved_token_rows
-
-    token_rows = {f"{module}.weight": rows for module, rows in saved_token_rows(tensors, cfg).items()}
-    tensors = {k: v for k, v in tensors.items() if not TOKEN_DELTA.match(k)}
-    wrappers = _parameter_wrappers(run, base_dir)
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    replacements: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        match = re.match(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)$", name)
-        if match:
-            grouped.setdefault(match.group(1), {})[match.group(2)] = value
-        elif ".base_layer." in name:  # PEFT saves a resized/trained embedding under its LoRA wrapper
-            replacements[name.replace(".base_layer.", ".")] = value
-        elif "lora_" in name or "token_adapter" in name:
-            raise LoraftError(f"--adapter: tensor {key} is of a LoRA variant loraft cannot merge")
-        else:  # modules_to_save and trained biases: the adapter's copy replaces the base tensor
-            replacements[name] = value
-
-    rslora = bool(cfg.get("use_rslora"))
-    deltas, bias_deltas, parameters = {}, {}, {}
-    for module, parts in sorted(grouped.items()):
-        if module in wrappers:
-            parameters[wrappers[module].parameter] = _parameter_delta(wrappers[module], parts, cfg, rslora)
-            continue
-        embedding = "lora_embedding_A" in parts
-        A = parts.get("lora_embedding_A" if embedding else "lora_A.weight")
-        B = parts.get("lora_embedding_B" if embedding else "lora_B.weight")
-        if A is None or B is None or A.dim() != 2:
-            raise LoraftError(f"--adapter: {module} lacks a 2-D lora_A/lora_B pair (conv LoRA is not supported)")
-        r = A.shape[0]
-        expected_r = cfg.get("rank_pattern", {}).get(get_pattern_key(cfg.get("rank_pattern", {}).keys(), module), cfg["r"])
-        if r != expected_r:
-            raise LoraftError(f"--adapter: {module} has rank {r} but adapter_config.json says {expected_r}")
-        alpha = cfg.get("alpha_pattern", {}).get(get_pattern_key(cfg.get("alpha_pattern", {}).keys(), module), cfg["lora_alpha"])
-        scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        magnitude = parts.get("lora_magnitude_vector")
-        if magnitude is not None and embedding:
-            raise LoraftError(f"--adapter: {module} is a DoRA embedding, which loraft cannot merge")
-        transpose = embedding or bool(cfg.get("fan_in_fan_out"))
-        deltas[f"{module}.weight"] = ModuleDelta(module, A, B, scaling, transpose, magnitude)
-        if "lora_B.bias" in parts:
-            bias_deltas[f"{module}.bias"] = parts["lora_B.bias"].float() * scaling
-    if not deltas and not parameters:
-        raise LoraftError(f"--adapter: {path} holds no LoRA weights")
-    return AdapterWeights(deltas, bias_deltas, replacements, cfg, file_sha256(path), parameters, token_rows)
+    weights = run.weights(_parameter_wrappers(run, base_dir))
+    for factors in weights.factors.values():
+        if factors.magnitude is not None and factors.transpose and not run.adapter.fan_in_fan_out:
+            raise LoraftError(f"--adapter: {factors.module} is a DoRA embedding, which loraft cannot merge")
+    return weights
 
 
 def _parameter_wrappers(run: AdapterRun, base_dir: Path | None) -> dict:
@@ -278,7 +169,7 @@ def _parameter_wrappers(run: AdapterRun, base_dir: Path | None) -> dict:
 
     from lora_ft.model.coverage import wrappers_for_adapter
 
-    if not run.adapter_config.get("target_parameters"):
+    if not run.adapter.target_parameters:
         return {}
     if base_dir is None:
         raise LoraftError(
@@ -287,18 +178,6 @@ def _parameter_wrappers(run: AdapterRun, base_dir: Path | None) -> dict:
         )
     trust = bool(run.config and run.config.model.trust_remote_code)
     return wrappers_for_adapter(AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust), run.adapter_config, trust)
-
-
-def _parameter_delta(wrapper, parts: dict, cfg: dict, rslora: bool) -> ParameterDelta:
-    from peft.utils.other import get_pattern_key
-
-    A, B = parts.get("lora_A.weight"), parts.get("lora_B.weight")
-    if A is None or B is None or "lora_B.bias" in parts:
-        raise LoraftError(f"--adapter: {wrapper.parameter} lacks a lora_A/lora_B pair (or has a LoRA bias)")
-    r = A.shape[0] // wrapper.experts
-    alpha = cfg.get("alpha_pattern", {}).get(get_pattern_key(cfg.get("alpha_pattern", {}).keys(), wrapper.parameter), cfg["lora_alpha"])
-    scaling = alpha / math.sqrt(r) if rslora else alpha / r
-    return ParameterDelta(wrapper.parameter, A, B, wrapper.experts, scaling, wrapper.out_first)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +221,7 @@ class TensorJob:
     source_name: str  # tensor to read (differs for an untied lm_head, read from the embedding)
     shape: tuple[int, ...]
     dtype: torch.dtype  # output dtype of this tensor
-    delta: ModuleDelta | None = None
+    delta: ModuleFactors | None = None
     bias_delta: torch.Tensor | None = None
     replacement: torch.Tensor | None = None
     roundtrip: "object | None" = None  # QLoRA 'dequantized': the 4-bit quantize->dequantize of training
@@ -375,7 +254,7 @@ def plan_merge(base_dir: Path, adapter: AdapterWeights, dtype: str, qlora: "Qlor
     adapter = checkpoint_deltas(adapter, located, base_dir)
 
     missing = [
-        n for n in list(adapter.deltas) + list(adapter.replacements) + list(adapter.bias_deltas) + list(adapter.token_rows)
+        n for n in list(adapter.factors) + list(adapter.replacements) + list(adapter.bias) + list(adapter.token_rows)
         if n not in located and not (tied and n == head)
     ]
     if missing:
@@ -383,7 +262,7 @@ def plan_merge(base_dir: Path, adapter: AdapterWeights, dtype: str, qlora: "Qlor
             f"--base: the adapter changes {missing[0]} (and {len(missing) - 1} more), which this base does not have; "
             "it was trained on another architecture"
         )
-    touched = set(adapter.deltas) | set(adapter.replacements)
+    touched = set(adapter.factors) | set(adapter.replacements)
     untie = tied and head not in located and bool({embed, head} & touched)
 
     shards: list[tuple[str, list[TensorJob]]] = []
@@ -399,7 +278,7 @@ def plan_merge(base_dir: Path, adapter: AdapterWeights, dtype: str, qlora: "Qlor
     n_params = sum(math.prod(j.shape) for _, jobs in shards for j in jobs)
     return MergePlan(
         shards, out_dtype, base_dir, adapter, untie, qlora.mode if qlora else None,
-        max(p.stat().st_size for p in files), n_params, set(adapter.deltas),
+        max(p.stat().st_size for p in files), n_params, set(adapter.factors),
     )
 
 
@@ -411,7 +290,7 @@ def checkpoint_deltas(adapter: AdapterWeights, located: dict, base_dir: Path) ->
     `up_proj` rows concatenated into `experts.gate_up_proj`, Mixtral's `block_sparse_moe` renamed `mlp`).
     Merging writes the checkpoint's layout, so each expert's update s*B_e@A_e goes to its own per-expert
     tensor (the rows of the fused one it came from): every adapted tensor stays 2-D and checked as before."""
-    if not adapter.parameters:
+    if not adapter.fused:
         return adapter
     from dataclasses import replace
 
@@ -420,16 +299,16 @@ def checkpoint_deltas(adapter: AdapterWeights, located: dict, base_dir: Path) ->
 
     model_type = AutoConfig.from_pretrained(str(base_dir)).model_type
     names = _checkpoint_names(located, get_checkpoint_conversion_mapping(model_type) or [])
-    deltas = dict(adapter.deltas)
+    deltas = dict(adapter.factors)
     done = set()
     for name, (model_name, expert, rows) in names.items():
-        update = adapter.parameters.get(model_name)
+        update = adapter.fused.get(model_name)
         if update is None:
             continue
         done.add(model_name)
         module = name.removesuffix(".weight")
         if update.experts == 1 and expert is None:
-            deltas[name] = ModuleDelta(module, update.A, update.B, update.scaling, False)
+            deltas[name] = ModuleFactors(module, update.A, update.B, update.scale, update.alpha)
             continue
         if expert is None or not update.out_first:
             raise LoraftError(
@@ -437,13 +316,13 @@ def checkpoint_deltas(adapter: AdapterWeights, located: dict, base_dir: Path) ->
                 "expert updates into per-expert tensors (the layout transformers saves) only"
             )
         b_e, a_e = update.expert(expert)
-        deltas[name] = ModuleDelta(module, a_e, b_e[rows[0] : rows[1]], update.scaling, False)
-    missing = sorted(set(adapter.parameters) - done)
+        deltas[name] = ModuleFactors(module, a_e, b_e[rows[0] : rows[1]], update.scale, update.alpha)
+    missing = sorted(set(adapter.fused) - done)
     if missing:
         raise LoraftError(
             f"--base: the adapter changes {missing[0]} (and {len(missing) - 1} more), which this base checkpoint does not hold"
         )
-    return replace(adapter, deltas=deltas, parameters={})
+    return replace(adapter, factors=deltas, fused={})
 
 
 def _checkpoint_names(located: dict, conversions: list) -> dict[str, tuple[str, int | None, tuple[int, int] | None]]:
@@ -482,7 +361,7 @@ def _checkpoint_names(located: dict, conversions: list) -> dict[str, tuple[str, 
 
 
 def _job(name, src, source_name, shape, src_dtype, out_dtype, adapter: AdapterWeights, qlora, token_rows=None) -> TensorJob:
-    delta = adapter.deltas.get(name)
+    delta = adapter.factors.get(name)
     replacement = adapter.replacements.get(name)
     # Under PEFT an output layer tied to the embedding reads the same trained rows.
     token_rows = token_rows or adapter.token_rows.get(name)
@@ -500,7 +379,7 @@ def _job(name, src, source_name, shape, src_dtype, out_dtype, adapter: AdapterWe
         raise LoraftError(f"--base: {name} has shape {list(shape)} but the adapter's copy is {list(replacement.shape)}")
     dtype = out_dtype if src_dtype.is_floating_point else src_dtype
     roundtrip = qlora.roundtrip if qlora and qlora.mode == "dequantized" and name in qlora.quantized else None
-    return TensorJob(name, src, source_name, tuple(shape), dtype, delta, adapter.bias_deltas.get(name), replacement, roundtrip, token_rows)
+    return TensorJob(name, src, source_name, tuple(shape), dtype, delta, adapter.bias.get(name), replacement, roundtrip, token_rows)
 
 
 def _output_dtype(dtype: str, located: dict) -> torch.dtype:
@@ -570,9 +449,9 @@ def write_merged(plan: MergePlan, out_dir: Path, console) -> Written:
                     weight_map[job.name] = file_name
                     progress.advance(task, job.nbytes)
     atomic_write_json(out_dir / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    if checked != len(plan.adapter.deltas) or not checked:
-        raise VerificationError(f"merge: {checked} of {len(plan.adapter.deltas)} adapted tensors were written and checked")
-    scalings = [d.scaling for d in plan.adapter.deltas.values()]
+    if checked != len(plan.adapter.factors) or not checked:
+        raise VerificationError(f"merge: {checked} of {len(plan.adapter.factors)} adapted tensors were written and checked")
+    scalings = [d.scale for d in plan.adapter.factors.values()]
     return Written(weight_map, total, time.time() - started, worst_abs, worst_ratio, checked, scalings)
 
 
@@ -746,10 +625,10 @@ def _manifest(run, spec, source, matches, force, plan: MergePlan, written: Writt
         adapter=MergedAdapterRecord(
             path=str(run.path),
             sha256=plan.adapter.sha256,
-            rank=adapter["r"],
-            alpha=adapter["lora_alpha"],
-            use_rslora=bool(adapter.get("use_rslora")),
-            use_dora=bool(adapter.get("use_dora")),
+            rank=adapter.rank,
+            alpha=adapter.alpha,
+            use_rslora=adapter.use_rslora,
+            use_dora=adapter.use_dora,
             trained_quantization=run.trained_quantization,
         ),
         qlora_base=plan.qlora_base,

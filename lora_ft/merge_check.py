@@ -18,7 +18,7 @@ from lora_ft.errors import LoraftError, VerificationError
 
 if TYPE_CHECKING:
     from lora_ft.merge import MergePlan, TensorJob
-    from lora_ft.artifacts.run_dir import AdapterRun
+    from lora_ft.artifacts.adapter import AdapterRun
 
 FP32_TOLERANCE = 1e-4
 # Half-precision output is checked in fp32 arithmetic (weights upcast exactly), so only the rounding of
@@ -52,9 +52,9 @@ def check_module(job: TensorJob, base: torch.Tensor, out: torch.Tensor, factor: 
     M, Wf = (out.T, base.T) if d.transpose else (out, base)
     x = torch.randn(M.shape[1], 4, generator=gen)
     A, B = d.A.float(), d.B.float()  # M = W + s*B@A in this orientation, transposed or not
-    lora = d.scaling * (B @ (A @ x))
+    lora = d.scale * (B @ (A @ x))
     ref = Wf @ x + lora
-    scale = Wf.abs() @ x.abs() + d.scaling * (B.abs() @ (A.abs() @ x.abs()))
+    scale = Wf.abs() @ x.abs() + d.scale * (B.abs() @ (A.abs() @ x.abs()))
     if factor is not None:
         ref = factor.view(-1, 1) * ref
         scale = factor.abs().view(-1, 1) * scale

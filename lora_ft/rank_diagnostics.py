@@ -21,8 +21,9 @@ from typing import Mapping
 
 import torch
 
-from lora_ft.model.speed import one_torch_thread
+from lora_ft.artifacts.adapter import AdapterConfig, AdapterRun, ModuleFactors, group_state, read_state
 from lora_ft.errors import LoraftError
+from lora_ft.model.speed import one_torch_thread
 
 DEFAULT_ENERGY = 0.9
 # Verdict thresholds on effective rank / r. With an energy threshold e the effective rank can be at
@@ -53,7 +54,6 @@ HEURISTIC = (
     f"Non-finite, growing, 2+ spikes or mean ||dW||/||W|| above {HUGE_UPDATE:g} -> learning rate or alpha too high; "
     f"mean ||dW||/||W|| under {TINY_UPDATE:g} with finite gradients -> scaling (alpha/r) or learning rate too low."
 )
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer|decoder_layers)\.(\d+)\.")
 
 
@@ -138,7 +138,7 @@ def inspect_adapter(
     return InspectResult(
         adapter_dir=run.path,
         energy=energy,
-        lora={k: run.adapter_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")},
+        lora=run.adapter.summary(),
         base_note=base_note,
         modules=tuple(modules),
         by_type=tuple(group(modules, lambda m: m.module_type)),
@@ -156,7 +156,7 @@ def _trained_token_rows(run, base: str | None) -> list:
     """Rows of stop/turn tokens the adapter trained, beside what they were in the base (when it can be read)."""
     from lora_ft.model.stop_tokens import trained_rows
 
-    if not run.adapter_config.get("trainable_token_indices"):
+    if not run.adapter.trainable_token_indices:
         return []
     source = None
     name = base or run.base_name
@@ -165,7 +165,7 @@ def _trained_token_rows(run, base: str | None) -> list:
             _, source, _ = run.resolve_base(base)
         except LoraftError:
             pass
-    return trained_rows(run, load_adapter_state(run.path), source)
+    return trained_rows(run, read_state(run.path, "ADAPTER_DIR")[1], source)
 
 
 def _default_console():
@@ -175,21 +175,19 @@ def _default_console():
 
 
 def _read_adapter(path: str | Path, what: str):
-    from lora_ft.artifacts.run_dir import AdapterRun
-
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise LoraftError(f"{what}: {folder} is not a folder; pass a run folder written by loraft train")
     if not (folder / "adapter_config.json").is_file():
         raise LoraftError(f"{what}: {folder} holds no adapter (no adapter_config.json); pass a run folder written by loraft train")
-    run = AdapterRun.load(folder)
-    factors = read_factors(load_adapter_state(run.path), run.adapter_config, adapter_wrappers(run))
+    run = AdapterRun.load(folder, what)
+    factors = run.weights(adapter_wrappers(run), what).modules(embeddings=False)
     if not factors:
         raise LoraftError(f"{what}: {folder}/adapter_model.safetensors holds no lora_A/lora_B weights; is it a LoRA adapter?")
     return run, factors, spectra_of(factors)
 
 
-def _notes(run, factors: dict[str, Factors], stats: list[ModuleStats]) -> list[str]:
+def _notes(run, factors: dict[str, ModuleFactors], stats: list[ModuleStats]) -> list[str]:
     notes = []
     converted = run.manifest.lora.converted if run.manifest is not None else None
     if converted:
@@ -198,7 +196,7 @@ def _notes(run, factors: dict[str, Factors], stats: list[ModuleStats]) -> list[s
             "the trained update minus the initial one, on the original base; verdicts use r = "
             f"{converted['saved_rank']} and the scaling alpha/r is unchanged"
         )
-    if run.adapter_config.get("use_dora"):
+    if run.adapter.use_dora:
         notes.append("DoRA adapter: figures describe the direction update s*B*A; the learned magnitude vector is not included")
     relative = mean_relative_norm(stats)
     if relative is not None and relative < TINY_UPDATE:
@@ -248,7 +246,7 @@ class ModuleStats:
         }
 
 
-def module_stats(factors: Factors, spectrum: Spectrum, base_norm: float | None, energy: float) -> ModuleStats:
+def module_stats(factors: ModuleFactors, spectrum: Spectrum, base_norm: float | None, energy: float) -> ModuleStats:
     effective = effective_rank(spectrum.values, energy)
     cap = min(factors.rank, *factors.shape)  # r cannot exceed min(out, in)
     return ModuleStats(
@@ -258,7 +256,7 @@ def module_stats(factors: Factors, spectrum: Spectrum, base_norm: float | None, 
         shape=factors.shape,
         rank=factors.rank,
         alpha=factors.alpha,
-        scaling=factors.scaling,
+        scaling=factors.scale,
         singular_values=tuple(float(v) for v in spectrum.values),
         update_norm=spectrum.norm,
         base_norm=base_norm,
@@ -361,24 +359,22 @@ def compute_module_stats(adapter_dir_or_state, adapter_config=None, base_weight_
                          wrappers=None):
     if isinstance(adapter_dir_or_state, (str, Path)):
         folder = Path(adapter_dir_or_state)
-        state = load_adapter_state(folder)
-        if adapter_config is None:
-            from lora_ft.artifacts.run_dir import read_json
-
-            adapter_config = read_json(folder / "adapter_config.json")
+        _, state = read_state(folder)
+        config = AdapterConfig.read(folder) if adapter_config is None else AdapterConfig.parse(adapter_config)
     else:
         state = adapter_dir_or_state
-    if adapter_config is None:
-        raise LoraftError("adapter_statistics: pass adapter_config with a state dict")
+        if adapter_config is None:
+            raise LoraftError("adapter_statistics: pass adapter_config with a state dict")
+        config = AdapterConfig.parse(adapter_config)
     norms = base_weight_norms or {}
-    factors = read_factors(state, adapter_config, wrappers)
+    factors = read_factors(state, config, wrappers)
     spectra = spectra_of(factors)
     return [module_stats(f, spectra[name], norms.get(name), energy) for name, f in factors.items()]
 
 
 def model_weight_norms(peft_model) -> dict[str, float]:
     """||W||_F of each LoRA-wrapped layer's frozen weight, from a model in memory (4-/8-bit dequantized);
-    for fused expert parameters (PEFT's ParamWrapper) one norm per expert, named as read_factors names them."""
+    for fused expert parameters (PEFT's ParamWrapper) one norm per expert, named as FusedFactors.per_expert names them."""
     from peft.utils.integrations import dequantize_module_weight
 
     from lora_ft.model.coverage import parameter_wrappers
@@ -407,21 +403,6 @@ def model_weight_norms(peft_model) -> dict[str, float]:
 # Reading factors
 
 
-@dataclass(frozen=True)
-class Factors:
-    module: str
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    rank: int
-    alpha: float
-    scaling: float
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(out, in) of the adapted layer."""
-        return int(self.lora_b.shape[0]), int(self.lora_a.shape[1])
-
-
 def original_weight_norms(model) -> dict[str, float]:
     """||W||_F of every nn.Linear of a model not yet wrapped: PiSSA/OLoRA replace W by a residual when the
     adapter is attached, and ||dW||/||W|| must compare with the weights the user gave."""
@@ -442,7 +423,7 @@ def adapter_wrappers(run) -> dict:
     from lora_ft.model.coverage import WrappedParameter, wrappers_for_adapter
     from lora_ft.model.loading import load_model_config
 
-    if not run.adapter_config.get("target_parameters"):
+    if not run.adapter.target_parameters:
         return {}
     recorded = run.manifest.lora.parameter_wrappers if run.manifest is not None else None
     if recorded:
@@ -454,59 +435,14 @@ def adapter_wrappers(run) -> dict:
         raise LoraftError(f"adapter: its LoRA on expert parameters needs the base model's config to be read ({exc})") from None
 
 
-def read_factors(state: Mapping[str, torch.Tensor], adapter_config: dict, wrappers: Mapping | None = None) -> dict[str, Factors]:
-    """PEFT keys -> per-module factors with their own r/alpha (rank_pattern, alpha_pattern, rsLoRA).
-    A fused expert parameter (in `wrappers`) becomes one module per expert, `...experts.<e>.<name>`."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        match = _KEY.match(key)
-        if match:
-            pairs.setdefault(match["module"], {})[match["ab"]] = tensor
-    broken = sorted(m for m, ab in pairs.items() if len(ab) != 2)
-    if broken:
-        raise LoraftError(f"adapter: {broken[0]} has lora_A without lora_B (or the reverse); the adapter file is damaged")
-    rslora = bool(adapter_config.get("use_rslora"))
-    base_alpha = float(adapter_config.get("lora_alpha") or adapter_config.get("r") or 1)
-    alpha_pattern = adapter_config.get("alpha_pattern") or {}
-    if adapter_config.get("target_parameters") and wrappers is None:
+def read_factors(state: Mapping[str, torch.Tensor], adapter_config: AdapterConfig | Mapping, wrappers: Mapping | None = None) -> dict[str, ModuleFactors]:
+    """PEFT keys -> per-module factors with their own r/alpha (rank_pattern, alpha_pattern, rsLoRA), through the one
+    adapter reader (artifacts/adapter.py). A fused expert parameter (in `wrappers`) becomes one module per expert,
+    `...experts.<e>.<name>`. Embedding LoRA is left out (its update is transposed and not a layer's rank question)."""
+    config = adapter_config if isinstance(adapter_config, AdapterConfig) else AdapterConfig.parse(adapter_config)
+    if config.target_parameters and wrappers is None:
         raise LoraftError("adapter: LoRA on expert parameters (target_parameters) needs their layout; pass wrappers")
-    factors = {}
-    for module in sorted(pairs, key=_natural):
-        a, b = pairs[module]["A"], pairs[module]["B"]
-        wrapper = (wrappers or {}).get(module)
-        if wrapper is not None:
-            factors.update(_expert_factors(wrapper, a, b, adapter_config, rslora, base_alpha, alpha_pattern))
-            continue
-        rank = a.shape[0]  # the stored shape is the truth; rank_pattern only explains it
-        alpha = float(alpha_pattern.get(_pattern_key(alpha_pattern, module), base_alpha))
-        scaling = alpha / (math.sqrt(rank) if rslora else rank)
-        factors[module] = Factors(module, a, b, rank, alpha, scaling)
-    return factors
-
-
-def _expert_factors(wrapper, a, b, adapter_config, rslora, base_alpha, alpha_pattern) -> dict[str, Factors]:
-    from lora_ft.model.coverage import expert_factors
-
-    alpha = float(alpha_pattern.get(_pattern_key(alpha_pattern, wrapper.parameter), base_alpha))
-    if wrapper.experts == 1:
-        module = wrapper.parameter.removesuffix(".weight")
-        rank = a.shape[0]
-        return {module: Factors(module, a, b, rank, alpha, alpha / (math.sqrt(rank) if rslora else rank))}
-    container, _, leaf = wrapper.parameter.rpartition(".")
-    found = {}
-    for e, (b_e, a_e) in enumerate(expert_factors(a, b, wrapper.experts)):
-        rank = a_e.shape[0]
-        module = f"{container}.{e}.{leaf}"
-        found[module] = Factors(module, a_e, b_e, rank, alpha, alpha / (math.sqrt(rank) if rslora else rank))
-    return found
-
-
-def _pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
-    """PEFT's rule (peft.utils.other.get_pattern_key): a pattern matches the module name's tail."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+    return group_state(state, config, wrappers).modules(embeddings=False)
 
 
 def _natural(name: str):
@@ -520,15 +456,6 @@ def module_type(module: str) -> str:
 def layer_index(module: str) -> int | None:
     match = _LAYER.search(f".{module}.")
     return int(match.group(1)) if match else None
-
-
-def load_adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = Path(adapter_dir) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise LoraftError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters are read)")
-    return load_file(str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,9 +477,9 @@ class Spectrum:
 
 
 
-def spectra_of(factors: Mapping[str, "Factors"]) -> dict[str, Spectrum]:
+def spectra_of(factors: Mapping[str, ModuleFactors]) -> dict[str, Spectrum]:
     with one_torch_thread():
-        return {m: spectrum_from_factors(f.lora_b, f.lora_a, f.scaling) for m, f in factors.items()}
+        return {m: spectrum_from_factors(f.B, f.A, f.scale) for m, f in factors.items()}
 
 
 def spectrum_from_factors(lora_b: torch.Tensor, lora_a: torch.Tensor, scaling: float) -> Spectrum:

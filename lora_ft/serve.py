@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from lora_ft.errors import LoraftError
-from lora_ft.artifacts.run_dir import AdapterRun
+from lora_ft.artifacts.adapter import AdapterRun
 from lora_ft.serving.batching import Job, ModelPool, QueueFull, Sampling, Scheduler, ServedModel
 
 

@@ -27,7 +27,7 @@ from lora_ft.export import (
     unpermute_rows,
     write_gguf,
 )
-from lora_ft.artifacts.run_dir import AdapterRun
+from lora_ft.artifacts.adapter import AdapterRun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,12 +143,12 @@ def test_unpermuted_qk_rows_or_an_unfolded_rslora_scale_fail_llamacpps_reading(t
     rslora = variant(tiny_run, tmp_path, use_rslora=True)
     run, spec, source, model_config = base_view(rslora)
     modules = trained_modules(run)
-    naive = [export_module.LoraModule(m.module, m.A, m.B, 0.0) for m in modules]
+    naive = [m.with_b(m.B, 0.0) for m in modules]
     # convert_lora_to_gguf.py: alpha as given, rsLoRA ignored
     write_gguf(tmp_path / "naive.gguf", naive, 8.0, "llama", (4, 2))
     assert logits_gap(run, spec, source, read_gguf(tmp_path / "naive.gguf", model_config, source))[0] > 0.01
     # B rows left in HF's order
-    folded, alpha, *_ = export_module.normalise(RULES["llamacpp"], run.adapter_config, modules)
+    folded, alpha, *_ = export_module.normalise(RULES["llamacpp"], run.adapter, modules)
     write_gguf(tmp_path / "unpermuted.gguf", folded, alpha, "llama", None)
     assert logits_gap(run, spec, source, read_gguf(tmp_path / "unpermuted.gguf", model_config, source))[0] > 0.01
 
@@ -242,7 +242,7 @@ def test_a_verification_mismatch_exits_1_and_leaves_nothing(tiny_run, tmp_path, 
 
     def off_by_a_tenth(*args):
         modules, *rest = real(*args)
-        return [export_module.LoraModule(m.module, m.A, m.B * 1.1, m.scale) for m in modules], *rest
+        return [m.with_b(m.B * 1.1, m.scale) for m in modules], *rest
 
     monkeypatch.setattr(export_module, "normalise", off_by_a_tenth)
     code, _, stderr = run_cli("export", tiny_run, "--to", "sglang", "--out", tmp_path / "out")

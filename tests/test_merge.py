@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import copy_rows, make_run_manifest, save_tiny_model, write_jsonl
 from lora_ft import merge as merge_module
+from lora_ft.artifacts.adapter import ModuleFactors
 from lora_ft.artifacts.fingerprint import fingerprint_model_path
 from lora_ft.artifacts.manifests import write_manifest
 from lora_ft.artifacts.run_dir import file_sha256
@@ -398,8 +399,8 @@ def test_failure_mid_merge_leaves_nothing_at_out(tmp_path, run_cli, trained_adap
 
 
 def test_wrong_merged_weight_is_caught_by_the_per_module_check(tmp_path, run_cli, trained_adapter, monkeypatch):
-    original = merge_module.ModuleDelta.delta
-    monkeypatch.setattr(merge_module.ModuleDelta, "delta", lambda self: original(self) * 1.01)
+    original = ModuleFactors.delta
+    monkeypatch.setattr(ModuleFactors, "delta", lambda self: original(self) * 1.01)
     out = tmp_path / "merged"
     code, _, stderr = run_cli("merge", "--adapter", trained_adapter, "--out", out)
     assert code == 1 and "rounding bound" in stderr and "proj.weight" in stderr
@@ -408,8 +409,8 @@ def test_wrong_merged_weight_is_caught_by_the_per_module_check(tmp_path, run_cli
 
 def test_logits_check_failure_exits_1_and_leaves_nothing(tmp_path, run_cli, trained_adapter, monkeypatch):
     # A merge that gets every module 'right' by its own check but is wrong as a whole: the logits check catches it.
-    original = merge_module.ModuleDelta.delta
-    monkeypatch.setattr(merge_module.ModuleDelta, "delta", lambda self: original(self) * 2)
+    original = ModuleFactors.delta
+    monkeypatch.setattr(ModuleFactors, "delta", lambda self: original(self) * 2)
     monkeypatch.setattr(merge_module, "check_module", lambda *args: (0.0, 0.0))
     out = tmp_path / "merged"
     code, _, stderr = run_cli("merge", "--adapter", trained_adapter, "--out", out)

@@ -20,12 +20,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from lora_ft.errors import LoraftError
-
-if TYPE_CHECKING:
-    from lora_ft.artifacts.manifests import RunManifest
 
 MANIFEST = "manifest.json"
 STATE = "run_state.json"
@@ -189,85 +186,3 @@ class RunDir:
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True)
         return stage
-
-
-class AdapterRun:
-    """What a finished run folder (or any PEFT adapter folder) tells later stages: config, manifest, adapter config.
-
-    Used by merge, eval, inspect, chat and generate, so they all read a run the same way.
-    """
-
-    def __init__(self, path: Path, adapter_config: dict, manifest: "RunManifest | None", config):
-        self.path = path
-        self.adapter_config = adapter_config
-        self.manifest = manifest
-        self.config = config  # RunConfig or None for a foreign adapter
-
-    @classmethod
-    def load(cls, adapter_dir: str | Path) -> "AdapterRun":
-        from lora_ft.config import validate_dict
-
-        path = Path(adapter_dir).expanduser()
-        if not path.is_dir():
-            raise LoraftError(f"--adapter: {path} is not a folder")
-        if not (path / "adapter_config.json").is_file():
-            hint = " (the run has not finished; resume it with loraft train CONFIG --resume)" if (path / STATE).exists() else ""
-            raise LoraftError(f"--adapter: {path} holds no adapter_config.json{hint}")
-        from lora_ft.artifacts.manifests import RunManifest, read_manifest
-
-        adapter_config = read_json(path / "adapter_config.json")
-        manifest = read_manifest(path, RunManifest) if (path / MANIFEST).is_file() else None
-        config = None
-        if (path / CONFIG).is_file():
-            from lora_ft.yaml_io import load_yaml
-
-            raw = load_yaml((path / CONFIG).read_text(encoding="utf-8"), path / CONFIG)
-            config = validate_dict(raw, source=str(path / CONFIG))
-        return cls(path.resolve(), adapter_config, manifest, config)
-
-    @property
-    def base_name(self) -> str:
-        """The base model the adapter was trained on, as the user named it."""
-        if self.manifest is not None:
-            return self.manifest.base_model.name
-        return self.adapter_config.get("base_model_name_or_path") or ""
-
-    @property
-    def base_fingerprint(self) -> str | None:
-        """None for a foreign adapter (no manifest): nothing to compare the base with."""
-        return self.manifest.base_model.fingerprint if self.manifest is not None else None
-
-    @property
-    def trained_quantization(self):
-        """The QuantizationSpec training loaded the base with; None for a full-precision or foreign adapter."""
-        return self.manifest.base_model.quantization if self.manifest is not None else None
-
-    def resolve_base(self, base: str | None, *, force: bool = False):
-        """Find the base model (default: the recorded one) and refuse one whose weights differ from training's.
-
-        Returns (ModelSpec, ModelSource, fingerprint_matches: bool | None).
-        """
-        from lora_ft.config import ModelSpec
-        from lora_ft.artifacts.fingerprint import fingerprint_model_path
-        from lora_ft.model.loading import resolve_model_source
-
-        name = base or self.base_name
-        if not name:
-            raise LoraftError("--base: the adapter records no base model; pass --base MODEL")
-        if self.config is not None and name == self.config.model.name:
-            spec = self.config.model.model_copy(update={"quantization": None})
-        else:
-            spec = ModelSpec(name=name)
-        source = resolve_model_source(spec)
-        recorded = self.base_fingerprint
-        if recorded is None:
-            return spec, source, None
-        actual = fingerprint_model_path(source.path, source.gguf_file)
-        if actual != recorded:
-            if not force:
-                raise LoraftError(
-                    f"--base: {name} is not the model this adapter was trained on (fingerprint {actual} != recorded "
-                    f"{recorded}); an adapter on another base gives garbage. Pass the right base, or --force to proceed anyway"
-                )
-            return spec, source, False
-        return spec, source, True

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from lora_ft.errors import LoraftError
-from lora_ft.artifacts.run_dir import AdapterRun
+from lora_ft.artifacts.adapter import AdapterRun
 
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 TOKENIZER_LOCK = threading.Lock()

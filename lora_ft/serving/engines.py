@@ -9,10 +9,10 @@ per-module alpha under vLLM), or refuses it at deployment time, after hours of t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from lora_ft.artifacts.adapter import UNSUPPORTED, AdapterConfig, lora_scale
 from lora_ft.errors import LoraftError
 
 Target = Literal["vllm", "sglang", "llamacpp", "ollama", "merged", "transformers"]
@@ -43,12 +43,11 @@ class EngineRule:
         return self.layout in ("peft", "gguf")
 
     def scale(self, alpha: float, r_config: int, r_module: int, use_rslora: bool) -> float:
-        """The factor this engine multiplies B @ A by for one module."""
-        if self.scaling == "alpha/rank":
-            return alpha / r_module
-        if self.scaling == "alpha/r|rslora" and use_rslora:
-            return alpha / math.sqrt(r_config)
-        return alpha / r_config
+        """The factor this engine multiplies B @ A by for one module: PEFT's rule (artifacts/adapter.py) with
+        the rank and rsLoRA switch the engine actually reads."""
+        if self.scaling == "alpha/rank":  # llama.cpp build_lora_mm: alpha 0 means scale 1
+            return lora_scale(alpha, r_module, False) if alpha else 1.0
+        return lora_scale(alpha, r_config, use_rslora and self.scaling != "alpha/r")
 
 
 # What export cannot turn into something an adapter engine computes the same way. `loraft merge` folds
@@ -176,22 +175,22 @@ class AdapterFeatures:
         return cls(lora.rank, lora.resolved_alpha, lora.use_rslora, False, frozenset(used))
 
     @classmethod
-    def from_adapter_config(cls, cfg: dict, tensor_names: list[str] = ()) -> "AdapterFeatures":
+    def from_adapter_config(cls, cfg: AdapterConfig, tensor_names: list[str] = ()) -> "AdapterFeatures":
+        raw = cfg.raw
         used = set()
-        if cfg.get("use_dora"):
+        if cfg.use_dora:
             used.add("dora")
-        if cfg.get("bias", "none") != "none" or cfg.get("lora_bias") or any(n.endswith("lora_B.bias") for n in tensor_names):
+        if raw.get("bias", "none") != "none" or raw.get("lora_bias") or any(n.endswith("lora_B.bias") for n in tensor_names):
             used.add("bias")
-        if cfg.get("modules_to_save") or any(".modules_to_save." in n for n in tensor_names):
+        if raw.get("modules_to_save") or any(".modules_to_save." in n for n in tensor_names):
             used.add("modules_to_save")
-        if cfg.get("trainable_token_indices") or any("token_adapter" in n for n in tensor_names):
+        if cfg.trainable_token_indices or any("token_adapter" in n for n in tensor_names):
             used.add("trainable_tokens")
-        if str(cfg.get("init_lora_weights")).lower().startswith(("pissa", "olora", "corda", "eva", "loftq")):
+        if str(raw.get("init_lora_weights")).lower().startswith(("pissa", "olora", "corda", "eva", "loftq")):
             used.add("weight_init")
         if any("lora_embedding_" in n for n in tensor_names):
             used.add("embedding_lora")
-        patterns = bool(cfg.get("rank_pattern") or cfg.get("alpha_pattern"))
-        return cls(int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora")), patterns, frozenset(used))
+        return cls(cfg.rank, cfg.alpha, cfg.use_rslora, cfg.has_patterns, frozenset(used))
 
 
 @dataclass(frozen=True)
@@ -226,8 +225,6 @@ def check_target(rule: EngineRule, adapter: AdapterFeatures) -> list[Finding]:
 
 def merge_takes_trainable_tokens() -> bool:
     """Whether `loraft merge` folds trainable-token rows into the embedding (then --to merged carries them)."""
-    from lora_ft.merge import UNSUPPORTED
-
     return "trainable_token_indices" not in UNSUPPORTED
 
 
