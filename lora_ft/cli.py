@@ -288,6 +288,7 @@ def eval_(
     min_json_fields: Optional[float] = _metric_option("json-fields"),
     min_rouge_l: Optional[float] = _metric_option("rouge-l"),
     min_stops: Optional[float] = _metric_option("stops"),
+    min_preference_accuracy: Optional[float] = _metric_option("preference-accuracy"),
     regex: Optional[str] = typer.Option(None, "--regex", help="Pattern every answer should match (re.search); rows may carry their own 'regex'."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Default: 16 + twice the longest reference."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward/generate batch."),
@@ -305,6 +306,7 @@ def eval_(
     minimums = {
         "exact_match": min_exact_match, "contains": min_contains, "regex": min_regex, "json_valid": min_json_valid,
         "json_fields": min_json_fields, "rouge_l": min_rouge_l, "stops": min_stops,
+        "preference_accuracy": min_preference_accuracy,
     }
     gates = Gates(
         {k: v for k, v in minimums.items() if v is not None},

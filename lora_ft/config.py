@@ -437,12 +437,14 @@ class RunConfig(Spec):
 
     def _preference_combinations(self) -> None:
         method = self.training.method
+        # Compared with the defaults, not with what was written: the run folder's config.yaml lists every key.
+        defaults = PreferenceSpec()
         for name in ("dpo", "kto"):
-            if name in self.preference.model_fields_set and name != method:
+            if getattr(self.preference, name) != getattr(defaults, name) and name != method:
                 raise ValueError(f"preference.{name} is set but training.method is {method}; "
                                  f"remove preference.{name} or set training.method: {name}")
         if method == "sft":
-            if self.preference.model_fields_set:
+            if self.preference != defaults:
                 raise ValueError("preference is set but training.method is sft; set training.method: dpo or kto")
             if self.model.adapter is not None:
                 raise ValueError("model.adapter (start from a finished run's adapter) needs training.method: dpo or kto")

@@ -25,8 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from lora_ft.data.pairs import pair_rows_for_eval
 from lora_ft.errors import EXIT_GATE, LoraftError
 from lora_ft.metrics import GENERATION_METRICS, score_generation
+from lora_ft.training.preference import pair_score
+
+PREFERENCE_METRICS = ("preference_accuracy", "preference_margin")  # on preference pairs (training/preference.py)
 
 DEFAULT_REGRESSION = Path(__file__).parent / "resources" / "regression_default.jsonl"
 # A per-example loss change within this many nats/token is a tie: LoRA always moves the loss a little.
@@ -150,9 +154,10 @@ class Gates:
     max_regression: float = DEFAULT_MAX_REGRESSION  # nats/token, mean per-example loss increase on the regression set
 
     def __post_init__(self):
-        unknown = set(self.minimums) - set(GENERATION_METRICS)
+        known = (*GENERATION_METRICS, *PREFERENCE_METRICS)
+        unknown = set(self.minimums) - set(known)
         if unknown:
-            raise LoraftError(f"--min-*: unknown metric {', '.join(sorted(unknown))}; known: {', '.join(GENERATION_METRICS)}")
+            raise LoraftError(f"--min-*: unknown metric {', '.join(sorted(unknown))}; known: {', '.join(known)}")
 
 
 @dataclass(frozen=True)
@@ -358,8 +363,14 @@ def evaluate(
     max_seq_length = run.config.training.max_seq_length if run.config else 2048
     task_sources, task_rows = _task_rows(run, data)
     task_spec = _data_spec(run, task_sources[0])
+    # Preference pairs: accuracy and margin on the pairs; loss and generations against the chosen answers.
+    pairs = pair_rows_for_eval(task_rows, task_spec, tokenizer, max_seq_length=max_seq_length)
+    if pairs is not None:
+        task_rows = pairs[0]
     items = build_items(task_rows, task_spec, tokenizer, max_seq_length=max_seq_length, regex=settings.regex)
     task = _compare(inference, label, items, settings, progress, "task")
+    if pairs is not None:
+        task["metrics"] = {**_preference_metrics(inference, label, pairs[1], settings), **task["metrics"]}
     task["sources"] = task_sources
 
     regression_report = None
@@ -481,6 +492,23 @@ def _compare(inference, label: str, items: list[EvalItem], settings: EvalSetting
             worst=sorted((e for e in examples if e.get("delta") is not None and e["delta"] > TIE_NATS), key=lambda e: -e["delta"])[:worst],
         )
     return report
+
+
+def _preference_metrics(inference, label: str, encoded, settings: EvalSettings) -> dict:
+    """Held-out preference accuracy (length-normalised log p of chosen above rejected) and mean margin, base and adapter."""
+    from lora_ft.generate import BASE
+
+    scores = {}
+    for who in (BASE, label):
+        with inference.use(who):
+            scores[who] = pair_score(inference.model, encoded, batch_size=settings.batch_size)
+    if scores[label] is None:
+        return {}
+    b, a = scores[BASE], scores[label]
+    return {
+        "preference_accuracy": {"base": b.accuracy, "adapter": a.accuracy, "delta": a.accuracy - b.accuracy, "n": a.pairs},
+        "preference_margin": {"base": b.mean_margin, "adapter": a.mean_margin, "delta": a.mean_margin - b.mean_margin, "n": a.pairs},
+    }
 
 
 def _stop_metrics(inference, label: str, scored: list[EvalItem], settings: EvalSettings) -> dict:

@@ -338,6 +338,7 @@ def _run_and_finish(cfg, check, model, data, run, console, speed, signals, comma
     if record is not None:  # preference: held-out pairs instead of held-out loss and stop tokens
         scores, stop = {}, {}
         record["heldout"] = preference.preference_scores(model, data, batch_size=cfg.training.batch_size)
+        preference.drop_reference(model)  # the SFT reference copy is not part of what the run folder holds
     else:
         scores = final_scores(model, data, check.tokenizer, cfg.training.batch_size)
         if scores and original:  # PiSSA/OLoRA: with the adapter disabled the model is the residual, not the base

@@ -179,24 +179,51 @@ def test_data_check_cli_and_train_stop_on_identical_pairs_before_weights_load(tm
 # Training
 
 
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, tiny_model_dir):
+    """A DPO run through `loraft train` on the repeat task (chosen repeats the word), held-out pairs included."""
+    from typer.testing import CliRunner
+
+    from lora_ft.cli import app
+
+    root = tmp_path_factory.mktemp("dpo")
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(pref_config(root, tiny_model_dir, repeat_pairs(32), repeat_pairs(8, 1, shift=5))))
+    result = CliRunner().invoke(app, ["train", str(config)], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return root, result
+
+
 @pytest.mark.slow
-def test_dpo_train_moves_heldout_preference_accuracy_and_logs_the_preference_figures(tmp_path, tiny_model_dir, write_yaml,
-                                                                                    run_cli):
-    cfg = pref_config(tmp_path, tiny_model_dir, repeat_pairs(32), repeat_pairs(8, 1, shift=5))
-    code, out, err = run_cli("train", write_yaml(cfg))
-    assert code == 0, err
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+def test_dpo_train_moves_heldout_preference_accuracy_and_logs_the_preference_figures(dpo_run):
+    root, result = dpo_run
+    manifest = json.loads((root / "run" / "manifest.json").read_text())
     pref = manifest["preference"]
     assert pref["method"] == "dpo" and pref["reference"] == "the base model (adapter disabled)"
     assert pref["heldout"]["adapter"]["accuracy"] >= 0.9 > pref["heldout"]["base"]["accuracy"]
     assert pref["heldout"]["adapter"]["mean_margin"] > pref["heldout"]["base"]["mean_margin"]
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "rewards/margins" in r]
     assert logged and {"rewards/accuracies", "logps/chosen", "logps/rejected"} <= set(logged[-1])
     assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]
-    assert "margin " in err and "pref_acc " in err and "logp_chosen " in err
-    assert not (tmp_path / "run" / "ref").exists()  # the reference is the base with the adapter disabled, never saved
-    assert "held-out accuracy base" in out + err
+    assert "margin " in result.stderr and "pref_acc " in result.stderr and "logp_chosen " in result.stderr
+    assert not (root / "run" / "ref").exists()  # the reference is the base with the adapter disabled, never saved
+    assert "held-out accuracy base" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_eval_reports_preference_accuracy_base_vs_adapter_and_gates_on_it(dpo_run, run_cli):
+    root, _ = dpo_run
+    code, out, err = run_cli("eval", "--adapter", root / "run", "--no-regression", "--min-preference-accuracy", "0.9",
+                             "--out", root / "report")
+    assert code == 0, err
+    metrics = json.loads((root / "report" / "report.json").read_text())["task"]["metrics"]
+    accuracy = metrics["preference_accuracy"]
+    assert accuracy["n"] == 8 and accuracy["adapter"] >= 0.9 > accuracy["base"]
+    assert metrics["preference_margin"]["adapter"] > metrics["preference_margin"]["base"]
+    assert "exact_match" in metrics  # generations against the chosen answers, as for SFT rows
+    code, out, err = run_cli("eval", "--adapter", root / "run", "--no-regression", "--min-preference-accuracy", "1.01")
+    assert code == 3 and "preference_accuracy" in out + err
 
 
 @pytest.mark.slow
@@ -217,3 +244,44 @@ def test_kto_rows_with_a_dpo_method_are_refused_before_weights_load(tmp_path, ti
     rows = [{"prompt": "p", "completion": "c", "label": True}] * 4
     code, out, err = run_cli("validate", write_yaml(pref_config(tmp_path, tiny_model_dir, rows)))
     assert code == 2 and "training.method dpo needs prompt/chosen/rejected rows" in err
+
+
+@pytest.mark.slow
+def test_dpo_from_a_finished_sft_run_starts_from_its_adapter_and_records_the_chain(tmp_path, tiny_model_dir, tiny_run,
+                                                                                   write_yaml, run_cli):
+    from safetensors.torch import load_file
+
+    cfg = pref_config(tmp_path, tiny_model_dir, repeat_pairs(16), repeat_pairs(8, 1, shift=5), max_steps=4)
+    cfg["model"]["adapter"] = str(tiny_run)
+    code, out, err = run_cli("train", write_yaml(cfg))
+    assert code == 0, err
+    pref = json.loads((tmp_path / "run" / "manifest.json").read_text())["preference"]
+    sft = json.loads((tiny_run / "manifest.json").read_text())
+    assert pref["chain"] == [{"adapter": str(tiny_run), "config_hash": sft["config_hash"], "created": sft["created"],
+                              "method": "sft", "base_fingerprint": sft["base_model"]["fingerprint"]}]
+    assert pref["reference"].startswith("the SFT model")
+    # the first logged step compares the policy with the reference at the same weights: both are the SFT model
+    first = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                 if "rewards/margins" in line)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5) and first["rewards/rejected"] == pytest.approx(0.0, abs=1e-5)
+    assert first["logps/chosen"] > -5  # the SFT model already repeats the word: a fresh adapter would be far lower
+    start, end = load_file(str(tiny_run / "adapter_model.safetensors")), load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    assert start.keys() == end.keys() and any(not (start[k] == end[k]).all() for k in start)
+    assert not (tmp_path / "run" / "ref").exists()  # the reference copy is not part of the run folder
+
+
+def test_start_adapter_trained_on_another_base_is_refused(tmp_path, other_tiny_model_dir, tiny_run, write_yaml, run_cli):
+    cfg = pref_config(tmp_path, other_tiny_model_dir, repeat_pairs(8))
+    cfg["model"]["adapter"] = str(tiny_run)
+    code, out, err = run_cli("train", write_yaml(cfg))
+    assert code == 2 and "model.adapter" in err and "another base" in err
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_the_run_folders_resolved_config_loads_back(tmp_path, tiny_model_dir, write_yaml):
+    from lora_ft.config import config_to_yaml, load_config
+
+    cfg = validate_dict(pref_config(tmp_path, tiny_model_dir, repeat_pairs(4)))
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config_to_yaml(cfg))
+    assert load_config(path) == cfg

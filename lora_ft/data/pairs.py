@@ -298,6 +298,28 @@ def load_preference_data(spec: DataSpec, tokenizer, *, max_seq_length: int, max_
     return PreferenceData(fmt, train, evaluation, describe_sources(spec, train, evaluation))
 
 
+def pair_rows_for_eval(rows: list[Row], spec: DataSpec, tokenizer, *, max_seq_length: int):
+    """`loraft eval` on pairs: (the rows as SFT rows with the chosen answer as reference, the encoded pairs); None
+    when the rows are not preference pairs."""
+    try:
+        fmt = detect_preference_format(rows, spec)
+    except DataError:
+        return None
+    if fmt != "pairs":
+        return None
+    pairs = read_pairs(rows, spec, tokenizer, fmt)
+    encoded = [encode_pair(p, tokenizer, max_seq_length=max_seq_length, max_prompt_length=None) for p in pairs]
+    sft = []
+    for pair in pairs:
+        messages = pair.chosen.example.messages
+        if messages[0]["role"] == "prompt":
+            data = {"prompt": messages[0]["content"], "completion": messages[1]["content"]}
+        else:
+            data = {"messages": [m for m in messages if not (m["role"] == "system" and m["content"] == spec.system_prompt)]}
+        sft.append(Row(data, pair.where))
+    return sft, encoded
+
+
 def validate_preference_rows(spec: DataSpec, tokenizer, seed: int, method: str) -> dict:
     """What `validate` and `train` check before a model loads: files parse, rows fit a preference format that
     matches the method."""

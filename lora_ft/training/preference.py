@@ -78,9 +78,7 @@ def settle_reference(trainer, cfg: RunConfig) -> str:
             raise ConfigError("model.adapter: TRL did not keep a reference copy of the SFT adapter; this TRL/PEFT "
                               "version is not supported for preference tuning from an adapter")
         return f"the SFT model (base + {cfg.model.adapter}, a frozen copy of its adapter)"
-    if "ref" in model.peft_config:
-        model.delete_adapter("ref")
-        model.set_adapter("default")
+    drop_reference(model)
     return "the base model (adapter disabled)"
 
 
@@ -96,6 +94,13 @@ def _trl_version() -> str:
     import trl
 
     return trl.__version__
+
+
+def drop_reference(model) -> None:
+    """Remove TRL's frozen reference adapter (kept only while training from an SFT adapter)."""
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+        model.set_adapter("default")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,21 +219,17 @@ def answer_logps(model, prompt_ids: list[int], answers: list[list[int]], *, batc
     return out
 
 
-def preference_score(model, encoded, *, batch_size: int = 8, disable_adapter: bool = False) -> PreferenceScore | None:
-    """Preference accuracy and mean margin of the model (or the base: disable_adapter) on encoded pairs."""
-    import contextlib
-
+def pair_score(model, encoded, *, batch_size: int = 8) -> PreferenceScore | None:
+    """Preference accuracy and mean margin of the model as it is (adapter on or off is the caller's) on encoded pairs."""
     pairs = [e for e in encoded if e.rejected_ids is not None and e.chosen_ids and e.rejected_ids]
     if not pairs:
         return None
-    context = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     margins = []
-    with context:
-        for e in pairs:
-            chosen, rejected = answer_logps(model, e.prompt_ids, [e.chosen_ids, e.rejected_ids], batch_size=batch_size)
-            margins.append(chosen - rejected)
+    for e in pairs:
+        chosen, rejected = answer_logps(model, e.prompt_ids, [e.chosen_ids, e.rejected_ids], batch_size=batch_size)
+        margins.append(chosen - rejected)
     model.train(was_training)
     finite = [m for m in margins if math.isfinite(m)]
     return PreferenceScore(len(pairs), sum(1 for m in finite if m > 0) / len(pairs), sum(finite) / max(len(finite), 1))
@@ -238,8 +239,9 @@ def preference_scores(model, data, *, batch_size: int) -> dict:
     """Base (adapter disabled) and adapter on the held-out pairs; {} without eval pairs."""
     if data.eval is None:
         return {}
-    base = preference_score(model, data.eval.encoded, batch_size=batch_size, disable_adapter=True)
-    adapter = preference_score(model, data.eval.encoded, batch_size=batch_size)
+    with model.disable_adapter():
+        base = pair_score(model, data.eval.encoded, batch_size=batch_size)
+    adapter = pair_score(model, data.eval.encoded, batch_size=batch_size)
     if base is None or adapter is None:
         return {}
     return {"base": base.to_json(), "adapter": adapter.to_json()}
