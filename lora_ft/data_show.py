@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rich.markup import escape
+
 from lora_ft.config import RunConfig
+from lora_ft.data.pairs import detect_preference_format, encode_pair, read_pairs
 from lora_ft.data.rows import IGNORE, encode, examples_from_rows, load_rows
 
 
@@ -26,11 +29,31 @@ class ShownRow:
         return text
 
 
-def show_rows(cfg: RunConfig, tokenizer, rows: int = 3, split: str = "train") -> list[ShownRow]:
+@dataclass(frozen=True)
+class ShownPair:
+    """A preference row: the prompt once, then each answer as trained (only answer tokens are in the loss)."""
+
+    where: str
+    prompt: str  # the rendered prompt, as the model sees it before either answer
+    prompt_tokens: int
+    answers: tuple[tuple[str, str, int, int], ...]  # (side, text in the loss after the limits, tokens kept, tokens full)
+    label: bool | None = None  # KTO
+
+    def plain(self) -> str:
+        lines = [self.prompt]
+        for side, text, kept, full in self.answers:
+            cut = f", cut from {full}" if kept < full else ""
+            lines.append(f"{side} ({kept} tokens in the loss{cut}): [[{text}]]")
+        return "\n".join(lines)
+
+
+def show_rows(cfg: RunConfig, tokenizer, rows: int = 3, split: str = "train") -> list:
     train_rows, eval_rows = load_rows(cfg.data, cfg.training.seed)
     chosen = (train_rows if split == "train" else eval_rows or [])[:rows]
     if not chosen:
         return []
+    if cfg.training.method != "sft":
+        return show_pairs(cfg, tokenizer, chosen)
     _, examples = examples_from_rows(chosen, cfg.data, tokenizer)
     shown = []
     for example in examples:
@@ -59,12 +82,45 @@ def show_rows(cfg: RunConfig, tokenizer, rows: int = 3, split: str = "train") ->
     return shown
 
 
-def print_rows(shown: list[ShownRow], *, color: bool) -> None:
+def show_pairs(cfg: RunConfig, tokenizer, rows) -> list[ShownPair]:
+    """Preference rows encoded as training encodes them (data/pairs.py), with the length limits applied."""
+    fmt = detect_preference_format(rows, cfg.data)
+    shown = []
+    for pair in read_pairs(rows, cfg.data, tokenizer, fmt):
+        item = encode_pair(pair, tokenizer, max_seq_length=cfg.training.max_seq_length,
+                           max_prompt_length=cfg.preference.max_prompt_length)
+        answers = tuple((side, tokenizer.decode(ids), len(ids), full) for side, ids, full in item.answers)
+        shown.append(ShownPair(item.where, tokenizer.decode(item.prompt_ids), len(item.prompt_ids), answers, item.label))
+    return shown
+
+
+def _print_pair(console, row: ShownPair, color: bool) -> None:
+    from rich.table import Table
+
+    label = "" if row.label is None else f" (label: {'desirable' if row.label else 'undesirable'})"
+    console.print(f"── {row.where}: prompt {row.prompt_tokens} tokens (masked){label}", style="bold")
+    if not color:
+        console.print(row.plain(), markup=False)
+        return
+    console.print(row.prompt, style="dim", markup=False)
+    table = Table(show_lines=False, expand=True)
+    cells = []
+    for side, text, kept, full in row.answers:
+        table.add_column(f"{side}: {kept} tokens in the loss" + (f" (cut from {full})" if kept < full else ""))
+        cells.append(f"[bold green]{escape(text)}[/]")
+    table.add_row(*cells)
+    console.print(table)
+
+
+def print_rows(shown: list, *, color: bool) -> None:
     from rich.console import Console
     from rich.text import Text
 
     console = Console(force_terminal=color, no_color=not color, highlight=False, soft_wrap=True)
     for row in shown:
+        if isinstance(row, ShownPair):
+            _print_pair(console, row, color)
+            continue
         cut = f", cut at token {row.cut_at}" if row.cut_at is not None else ""
         console.print(f"── {row.where}: {row.tokens} tokens, {row.trained} trained{cut}", style="bold")
         if color:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import yaml
@@ -285,3 +286,13 @@ def test_the_run_folders_resolved_config_loads_back(tmp_path, tiny_model_dir, wr
     path = tmp_path / "resolved.yaml"
     path.write_text(config_to_yaml(cfg))
     assert load_config(path) == cfg
+
+
+def test_data_show_puts_chosen_and_rejected_side_by_side_with_what_is_in_the_loss(tmp_path, tiny_model_dir, write_yaml,
+                                                                                   run_cli):
+    rows = [{"prompt": "Repeat after me: fox", "chosen": "fox", "rejected": "dog " * 80}]
+    code, out, err = run_cli("data", "show", write_yaml(pref_config(tmp_path, tiny_model_dir, rows)), "--rows", "1")
+    assert code == 0, err
+    assert "<|im_start|>user\nRepeat after me: fox<|im_end|>\n<|im_start|>assistant\n" in out
+    assert re.search(r"chosen \(\d tokens in the loss\): \[\[fox<\|im_end\|>\]\]", out)
+    assert re.search(r"rejected \(\d+ tokens in the loss, cut from 8\d\): \[\[dog dog", out)
