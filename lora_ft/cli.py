@@ -177,17 +177,35 @@ def train(
 
 @app.command()
 @handled
-def validate(config: Path = ConfigArg, set_: Optional[List[str]] = SetOption):
-    """Check CONFIG as train would, without loading weights; print the resolved config and estimates.
+def validate(
+    config: Path = ConfigArg,
+    set_: Optional[List[str]] = SetOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON: the config, advice findings with their suggested values, ok."),
+):
+    """Check CONFIG as train would, without loading weights; print the resolved config, estimates and advice.
 
     Example: loraft validate configs/llama8b.yaml
     """
-    from lora_ft.config import config_to_yaml
+    import json
+
+    from lora_ft.config import config_to_yaml, redact
     from lora_ft.errors import DataError
     from lora_ft.train import preflight
 
     cfg = _load(config, set_)
     check = preflight(cfg, need_data=False)
+    if as_json:
+        failed = check.data_check is not None and check.data_check.failed
+        typer.echo(json.dumps({
+            "ok": not failed,
+            "config": redact(cfg.model_dump(mode="json")),
+            "trainable_params": check.trainable,
+            "advice": check.advice.to_json() if check.advice is not None else None,
+            "data_check": check.data_check.to_json() if check.data_check is not None else None,
+        }, indent=2))
+        if failed:
+            raise DataError(check.data_check.failure_line(str(config)))
+        return
     typer.echo(config_to_yaml(cfg).rstrip())
     typer.echo("---")
     typer.echo(check.summary())

@@ -411,6 +411,19 @@ class DistributedSpec(Spec):
     )
 
 
+# The advice rules (lora_ft/training/advice.py), by the name a user turns one off with.
+AdviceRule = Literal["learning_rate", "rank", "targets", "batch", "alpha", "epochs"]
+
+
+class AdviceSpec(Spec):
+    off: list[AdviceRule] = Field(
+        default_factory=list,
+        description="Advice lines to silence, by name: learning_rate (vs LoRA Without Regret's formula), rank (LoRA "
+        "parameters vs supervised tokens), targets (attention-only, frozen experts), batch (effective batch > 32), "
+        "alpha (scale vs the 32/r the formula assumes), epochs (likely overfit). Advice never blocks a run.",
+    )
+
+
 class RunConfig(Spec):
     model: ModelSpec
     lora: LoraSpec = Field(default_factory=LoraSpec)
@@ -421,6 +434,9 @@ class RunConfig(Spec):
     )
     serving: ServingSpec = Field(default_factory=ServingSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    advice: AdviceSpec = Field(
+        default_factory=AdviceSpec, description="What validate and train advise before the run, and train and inspect after it."
+    )
     output_dir: str | None = Field(None, description="Run folder; default runs/<config file name>.")
 
     @model_validator(mode="after")

@@ -65,7 +65,7 @@ class SplitReport:
     name: str
     rows: int
     bad_rows: int
-    tokens: dict | None  # min/median/p95/max of rendered length, None when the lengths check is off
+    tokens: dict | None  # min/median/p95/max/total rendered length and trained (in the loss); None when lengths is off
     answers: dict | None  # answer -> count, for short-answer tasks
 
     def to_json(self) -> dict:
@@ -448,6 +448,7 @@ def _render_checks(split: _Split, tokenizer, train_on: str, max_len: int, add, c
         "p95": float(np.percentile(lengths, 95)),
         "max": int(lengths.max()),
         "total": int(lengths.sum()),
+        "trained": int(after[ok].sum()),  # tokens in the loss after truncation (training.advice compares rank with it)
     }
 
 

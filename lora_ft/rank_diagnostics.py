@@ -24,6 +24,7 @@ import torch
 from lora_ft.artifacts.adapter import AdapterConfig, AdapterRun, ModuleFactors, group_state, read_state
 from lora_ft.errors import LoraftError
 from lora_ft.model.speed import one_torch_thread
+from lora_ft.training.advice import Finding, RunOutcome, after_run
 
 DEFAULT_ENERGY = 0.9
 # Verdict thresholds on effective rank / r. With an energy threshold e the effective rank can be at
@@ -76,6 +77,7 @@ class InspectResult:
     comparison: Comparison | None
     notes: tuple[str, ...] = field(default_factory=tuple)
     trained_tokens: tuple = ()  # stop_tokens.TrainedRow: embedding rows trained with the adapter (lora.train_tokens)
+    advice: tuple[Finding, ...] = ()  # what the run did, read against the advice recorded before it (training.advice)
 
     @property
     def mean_relative_norm(self) -> float | None:
@@ -99,6 +101,7 @@ class InspectResult:
             "comparison": self.comparison.to_json() if self.comparison else None,
             "notes": list(self.notes),
             "trained_tokens": [t.to_json() for t in self.trained_tokens],
+            "advice_after_run": [f.model_dump(mode="json") for f in self.advice],
             "modules": [m.to_json() for m in self.modules],
         }
 
@@ -135,6 +138,8 @@ def inspect_adapter(
         other, other_factors, other_spectra = _read_adapter(against, "--against")
         theirs = {m: (other_spectra[m], module_stats(f, other_spectra[m], None, energy)) for m, f in other_factors.items()}
         comparison = compare({m: (spectra[m], stats[m]) for m in stats}, theirs, str(other.path))
+    history = read_metrics(run.path / METRICS)
+    gradients = gradient_report(history, mean_relative_norm(modules))
     return InspectResult(
         adapter_dir=run.path,
         energy=energy,
@@ -145,10 +150,40 @@ def inspect_adapter(
         by_layer=tuple(group(modules, lambda m: m.layer)),
         verdict=verdict,
         median_rank_used=median,
-        gradients=gradient_report(read_metrics(run.path / METRICS), mean_relative_norm(modules)),
+        gradients=gradients,
         comparison=comparison,
         notes=tuple(_notes(run, factors, modules)),
         trained_tokens=tuple(_trained_token_rows(run, base)),
+        advice=advice_after(run, modules, gradients, history),
+    )
+
+
+def advice_after(run, modules: list[ModuleStats], gradients: GradientReport | None, history: list[dict]) -> tuple[Finding, ...]:
+    """inspect's reading of the run against the advice its manifest recorded (none for a foreign adapter: then
+    the outcome alone, against no prior advice)."""
+    recorded = run.manifest.advice if run.manifest is not None else None
+    verdict, median = overall_verdict(modules)
+    rank = run.adapter.rank
+    outcome = run_outcome(rank, verdict, median, mean_relative_norm(modules), gradients, history)
+    return after_run(outcome, recorded.before if recorded else (), recorded.off if recorded else ())
+
+
+def run_outcome(rank: int, verdict: str, median: float | None, relative: float | None, gradients: GradientReport | None,
+                history: list[dict]) -> RunOutcome:
+    """What the run did, in the terms training.advice reads (its thresholds are this module's)."""
+    update = None if relative is None else "tiny" if relative < TINY_UPDATE else "huge" if relative > HUGE_UPDATE else "fine"
+    high = gradients is not None and (gradients.nonfinite_step is not None or gradients.trend == "growing" or len(gradients.spikes) >= 2)
+    return RunOutcome(
+        rank=rank,
+        rank_verdict=verdict,
+        saturated=verdict == SATURATED,
+        unused=verdict == UNUSED,
+        median_rank_used=median,
+        update=update,
+        relative_norm=relative,
+        gradients_too_high=gradients.hint if high else None,
+        losses=tuple(float(h["loss"]) for h in history if h.get("loss") is not None),
+        evals=tuple((float(h.get("epoch") or 0), float(h["eval_loss"])) for h in history if h.get("eval_loss") is not None),
     )
 
 

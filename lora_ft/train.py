@@ -47,6 +47,7 @@ class Preflight:
     data_check: "object" = None  # data_check.DataCheckResult: findings `train` prints, and a failing one stops it
     stop_tokens: "object" = None  # stop_tokens.StopTokenCheck
     token_training: "object" = None  # stop_tokens.TokenTraining
+    advice: "object" = None  # training.advice.Advice: learning rate, rank, targets, batch, alpha, epochs vs what is known
 
     def summary(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
@@ -76,6 +77,8 @@ class Preflight:
             from lora_ft.model.stop_tokens import check_lines
 
             lines += check_lines(self.stop_tokens, self.token_training)
+        if self.advice is not None:
+            lines.append(self.advice.summary())
         return "\n".join(lines)
 
 
@@ -94,6 +97,7 @@ def preflight(cfg: RunConfig, *, need_data: bool = True, console=None) -> Prefli
     )
     from lora_ft.model.speed import check_speed_choices
     from lora_ft.model.stop_tokens import check_stop_tokens, plan_token_training
+    from lora_ft.training.advice import advise, data_size_from, shapes_from
 
     precision = resolve_precision(cfg.training.precision)
     check_device_support(cfg.model, precision)
@@ -123,8 +127,9 @@ def preflight(cfg: RunConfig, *, need_data: bool = True, console=None) -> Prefli
             data = validate_preference_rows(cfg.data, tokenizer, cfg.training.seed, cfg.training.method)
         data_check = check_data(cfg, tokenizer, console=console)
     memory = estimate_memory_gib(cfg, model_config, counts.total, counts.trainable, precision)
+    advice = advise(cfg, shapes_from(model_config, reach), data_size_from(data_check, data))
     return Preflight(cfg, source, tokenizer, model_config, counts.trainable, counts.total, linear, precision, data, memory,
-                     tuple(notes), reach, data_check, stop_tokens=stop_tokens, token_training=token_training)
+                     tuple(notes), reach, data_check, stop_tokens=stop_tokens, token_training=token_training, advice=advice)
 
 
 def estimate_memory_gib(cfg: RunConfig, model_config, total: int, trainable: int, precision: str) -> dict:
@@ -198,6 +203,8 @@ class TrainResult:
             )
         if self.stop.get("warning"):
             lines.append(f"warning         {self.stop['warning']}")
+        if m is not None and m.advice is not None:
+            lines += [f"advice          {line}" for f in m.advice.after for line in f.lines()]
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -247,6 +254,9 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, console, command: s
     check = preflight(cfg, console=console)
     for note in check.deployment_notes:
         console.print(f"deploy: {note}")
+    for finding in check.advice.findings if check.advice is not None else ():
+        if finding.level != "ok":  # advice never blocks a run
+            console.print(f"[yellow]advice[/]: {finding.line()}" if finding.level == "warn" else f"advice: {finding.line()}")
     gate = enforce_data_check(check.data_check, console)  # a data check at fail stops every rank here, before weights load or files are written
     main = is_main_process()
     check_output_path(Path(cfg.output_dir), _input_paths(cfg, check.source))  # before --overwrite deletes anything
@@ -609,6 +619,8 @@ def finalize(
     plot_loss_curve(history, stage / "loss_curve.png")
     state = trainer.state
     train_losses = [h["loss"] for h in history if "loss" in h]
+    # what `loraft inspect` reports per module (spectrum, effective rank, ||dW||/||W||), kept with the run
+    stats = adapter_statistics(stage, None, (original or {}).get("norms") or model_weight_norms(model), wrappers=wrappers)
     manifest = RunManifest(
         loraft_version=__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -674,8 +686,8 @@ def finalize(
         environment=environment(),
         serving=cfg.serving,
         preference=preference,
-        # what `loraft inspect` reports per module (spectrum, effective rank, ||dW||/||W||), kept with the run
-        adapter_stats=adapter_statistics(stage, None, (original or {}).get("norms") or model_weight_norms(model), wrappers=wrappers),
+        adapter_stats=stats,
+        advice=advice_record(cfg, check.advice, stats, history),
     )
     (stage / "README.md").write_text(model_card(cfg, manifest), encoding="utf-8")
     run.install(stage)
@@ -684,6 +696,19 @@ def finalize(
     write_manifest(run.path, manifest)  # "finished" from here on; then the unfinished marker goes
     (run.path / "run_state.json").unlink(missing_ok=True)
     return manifest
+
+
+def advice_record(cfg: RunConfig, advice, stats: dict, history: list[dict]):
+    """The pre-flight advice and what the run did against it (rank verdict, update size, losses), for the manifest."""
+    from lora_ft.artifacts.manifests import AdviceRecord
+    from lora_ft.rank_diagnostics import gradient_report, run_outcome
+    from lora_ft.training.advice import after_run
+
+    before = advice.findings if advice is not None else ()
+    relative = stats["mean_relative_norm"]
+    outcome = run_outcome(cfg.lora.rank, stats["verdict"], stats["median_rank_used"], relative,
+                          gradient_report(history, relative), history)
+    return AdviceRecord(before=list(before), after=list(after_run(outcome, before, cfg.advice.off)), off=list(cfg.advice.off))
 
 
 # PiSSA/OLoRA train against W minus the initial low-rank part; the adapter as it was before the first step

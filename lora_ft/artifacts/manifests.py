@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lora_ft.config import QuantizationSpec, ServingSpec
 from lora_ft.errors import LoraftError
+from lora_ft.training.advice import Finding
 
 RUN_MANIFEST = "manifest.json"
 MERGE_MANIFEST = "merge_manifest.json"
@@ -99,6 +100,12 @@ class EnvironmentRecord(Record):
     device: str
 
 
+class AdviceRecord(Record):
+    before: list[Finding] = Field([], description="training.advice: what the pre-flight advised (validate prints the same).")
+    after: list[Finding] = Field([], description="What the run did, read against that advice (train's summary, inspect).")
+    off: list[str] = Field([], description="advice.off: the rules the config silenced.")
+
+
 class RunManifest(Record):
     """What a finished run folder promises; its presence means 'finished'."""
 
@@ -130,6 +137,7 @@ class RunManifest(Record):
         None, description="Preference runs (training/preference.py): method, its keys, the reference, the chain of runs "
         "it started from (model.adapter), held-out preference accuracy base and adapter."
     )
+    advice: AdviceRecord | None = Field(None, description="Advice before the run and what the run did against it.")
 
 
 # ---------------------------------------------------------------------------------------------
