@@ -24,7 +24,8 @@ import torch
 from lora_ft.artifacts.adapter import AdapterConfig, AdapterRun, ModuleFactors, group_state, read_state
 from lora_ft.errors import LoraftError
 from lora_ft.model.speed import one_torch_thread
-from lora_ft.training.advice import Finding, RunOutcome, after_run
+from lora_ft.training.advice import RunOutcome, after_run
+from lora_ft.training.findings import Finding
 
 DEFAULT_ENERGY = 0.9
 # Verdict thresholds on effective rank / r. With an energy threshold e the effective rank can be at

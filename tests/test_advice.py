@@ -16,13 +16,13 @@ from lora_ft.model.loading import count_lora_params
 from lora_ft.training.advice import (
     RULES,
     DataSize,
-    Finding,
     RunOutcome,
     advise,
     after_run,
     formula_lr,
     shapes_from,
 )
+from lora_ft.training.findings import Finding
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence, get_args
-
-from pydantic import BaseModel, ConfigDict, Field
+from collections.abc import Sequence
+from typing import Literal, get_args
 
 from lora_ft.config import AdviceRule, RunConfig
 from lora_ft.model.coverage import ATTENTION, DENSE_MLP, ROUTED, SHARED
 from lora_ft.training.distributed import effective_batch, world_size
+from lora_ft.training.findings import Finding
 
 RULES: tuple[str, ...] = get_args(AdviceRule)
-Level = Literal["ok", "info", "warn"]
 
 LWR = "Schulman et al., 'LoRA Without Regret', Thinking Machines Lab, 2025 (thinkingmachines.ai/blog/lora)"
 LORA_PAPER = "Hu et al. 2021, 'LoRA', arXiv 2106.09685, sec. 4.1"
@@ -53,29 +52,6 @@ PREFERENCE_LR = {
     "orpo": (1e-6, "TRL ORPOConfig default learning_rate 1e-6 (Hong et al. 2024, 'ORPO', arXiv 2403.07691)"),
     "simpo": (1e-6, "Meng et al. 2024, 'SimPO', arXiv 2405.14734: 3e-7..1e-6 full; TRL CPOConfig default 1e-6"),
 }
-
-
-class Finding(BaseModel):
-    """One advice line: what was found, why (with its source), and the value and `--set` that would apply it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: AdviceRule = Field(description="The rule; `advice.off: [name]` silences it.")
-    level: Level
-    when: Literal["before", "after"] = "before"
-    what: str
-    why: str
-    source: str
-    value: float | int | str | None = Field(None, description="The configured value the rule read.")
-    suggested: float | int | str | None = Field(None, description="What the rule suggests instead (None: keep).")
-    set: tuple[str, ...] = Field((), description="key=value overrides that apply the suggestion (--set each).")
-
-    def line(self) -> str:
-        fix = "  ->  " + " ".join(f"--set {s}" for s in self.set) if self.set else ""
-        return f"{self.level.upper():<4} {self.name}: {self.what}{fix}"
-
-    def lines(self) -> list[str]:
-        """The line, and for a warning or a note its reason and source."""
-        return [self.line()] + ([f"     why: {self.why} [{self.source}]"] if self.level != "ok" else [])
 
 
 # ---------------------------------------------------------------------------------------------
