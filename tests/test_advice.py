@@ -11,7 +11,7 @@ import pytest
 import yaml
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3MoeConfig
 
-from lora_ft.config import AdviceRule, ConfigError, validate_dict
+from lora_ft.config import AdviceRule, ConfigError, PreferenceMethod, validate_dict
 from lora_ft.model.loading import count_lora_params
 from lora_ft.training.advice import (
     RULES,
@@ -19,6 +19,7 @@ from lora_ft.training.advice import (
     RunOutcome,
     advise,
     after_run,
+    PREFERENCE_LR,
     formula_lr,
     shapes_from,
 )
@@ -91,6 +92,18 @@ def test_another_alpha_scale_moves_the_target_and_the_alpha_line_says_why():
     assert alpha.level == "info" and alpha.set == ("lora.alpha=32",) and "0.25x the formula's" in alpha.what
     fixed = advice_for(llama(**SMOLLM2_135M), config({"rank": 64, "alpha": 32}, {"learning_rate": 1.3e-3}))
     assert finding(fixed, "learning_rate").level == "ok" and all(f.name != "alpha" for f in fixed.findings)
+
+
+@pytest.mark.parametrize("method", get_args(PreferenceMethod))
+def test_preference_methods_take_ten_times_their_published_full_fine_tuning_rate(method):
+    full, source = PREFERENCE_LR[method]
+    sft_rate = finding(advice_for(llama(**SMOLLM2_135M), config({"alpha": 32}, {"method": method, "learning_rate": 1.3e-3})),
+                       "learning_rate")
+    assert sft_rate.level == "warn" and sft_rate.what.startswith("too high")
+    assert sft_rate.suggested == pytest.approx(10 * full) and source in sft_rate.source
+    ok = finding(advice_for(llama(**SMOLLM2_135M), config({"alpha": 32}, {"method": method, "learning_rate": 10 * full})),
+                 "learning_rate")
+    assert ok.level == "ok"
 
 
 # ---------------------------------------------------------------------------------------------

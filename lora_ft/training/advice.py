@@ -44,7 +44,7 @@ SUGGESTED_EPOCHS = 3
 
 # Preference methods start from a model that already answers well; their published learning rates are for
 # full fine-tuning, ~20-100x below SFT's. LoRA takes LWR's factor 10 on top (the Zephyr recipes: DPO at 5e-7
-# full, 5e-6 QLoRA). training.method (when present) picks the row.
+# full, 5e-6 QLoRA). training.method picks the row; orpo and simpo are ready for when loraft trains them.
 PREFERENCE_LR = {
     "dpo": (5e-7, "Tunstall et al. 2023, 'Zephyr', arXiv 2310.16944; alignment-handbook recipes/zephyr-7b-beta/dpo: "
                   "5e-7 full, 5e-6 QLoRA"),
@@ -176,12 +176,8 @@ def scale_factor(cfg: RunConfig) -> float:
     return cfg.lora.scaling / (REFERENCE_ALPHA / cfg.lora.rank)
 
 
-def method_of(cfg: RunConfig) -> str:
-    return str(getattr(cfg.training, "method", "sft"))
-
-
 def learning_rate_rule(cfg: RunConfig, shapes: ModelShapes) -> Finding:
-    lr, method = cfg.training.learning_rate, method_of(cfg)
+    lr, method = cfg.training.learning_rate, cfg.training.method
     if method in PREFERENCE_LR:
         full, source = PREFERENCE_LR[method]
         target = full * LORA_FACTOR
