@@ -7,7 +7,7 @@ differ only in training.learning_rate (2e-5, then the advice's suggestion), each
 stories260K also: rank 2 (flagged: fewer LoRA parameters than supervised tokens) and the suggested rank, with the
 inspect verdict and the after-run advice of each.
 
-    python scripts/measure_advice.py                 # -> scripts/results/advice.json (~10 min on 2 shared cores)
+    python scripts/measure_advice.py                 # -> scripts/results/advice.json (~25 min on one busy core)
 """
 
 from __future__ import annotations
@@ -104,10 +104,15 @@ def main() -> None:
     parser.add_argument("--quickstart-steps", type=int, default=20)
     parser.add_argument("--stories-steps", type=int, default=40)
     parser.add_argument("--skip-quickstart", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+
+    import torch
 
     from lora_ft.config import load_config, validate_dict
     from lora_ft.train import preflight
+
+    torch.set_num_threads(args.threads)  # on a shared 2-core machine one thread each avoids spinning against the others
 
     results = {"command": "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
     with tempfile.TemporaryDirectory(prefix="advice-") as work:
@@ -128,7 +133,7 @@ def main() -> None:
             # Templated rows are near one another by construction; leakage here means exact copies only.
             "data": {"train": str(work / "train.jsonl"), "eval": str(work / "eval.jsonl"),
                      "checks": {"leakage": "warn", "duplicates": "off", "near_leakage": "off"}},
-            "training": {"epochs": 1, "batch_size": 16, "max_seq_length": 128, "precision": "fp32", "seed": 0,
+            "training": {"epochs": 1, "batch_size": 16, "max_seq_length": 160, "precision": "fp32", "seed": 0,
                          "logging_steps": 5, "gradient_checkpointing": False, "warmup_ratio": 0.0},
             "output_dir": str(work / "stories"),
         }
