@@ -298,3 +298,14 @@ def test_train_records_the_advice_and_inspect_reads_the_run_against_it(tiny_run,
     result = inspect_adapter(tiny_run)
     assert [f.model_dump() for f in result.advice] == [f.model_dump() for f in manifest.advice.after]
     assert "advice          " in run_cli("inspect", str(tiny_run))[1]
+
+
+def test_turning_advice_off_or_a_run_from_before_advice_existed_still_resumes(tmp_path):
+    from lora_ft.artifacts.checkpoints import config_changes
+    from lora_ft.config import config_to_yaml
+
+    saved = yaml.safe_load(config_to_yaml(config()))
+    del saved["advice"]  # config.yaml of a run started before this key existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert config_changes(tmp_path / "config.yaml", config(advice={"off": ["rank"]})) == []
+    assert config_changes(tmp_path / "config.yaml", config({"rank": 8})) == ["lora.rank"]

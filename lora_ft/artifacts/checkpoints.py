@@ -248,6 +248,7 @@ SAFE_KEYS = (
     "training.save_steps",
     "training.nan_policy",
     "training.max_skipped_steps",
+    "advice.off",  # what is advised, not what is trained
 )
 
 
