@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Literal, get_args
 
 from lora_ft.config import AdviceRule, RunConfig
-from lora_ft.model.coverage import ATTENTION, DENSE_MLP, ROUTED, SHARED
+from lora_ft.model.coverage import ATTENTION, DENSE_MLP, EMBEDDINGS, ROUTED, SHARED
 from lora_ft.training.distributed import effective_batch, world_size
 from lora_ft.training.findings import Finding
 
@@ -81,21 +81,21 @@ class DataSize:
 
 def shapes_from(model_config, coverage) -> ModelShapes:
     """Read hidden size and model type from a transformers config, the rest from coverage.Coverage."""
-    def block(name):
-        b = coverage.block(name)
-        return (b.weights > 0, b.reached > 0, b.trainable) if b is not None else (False, False, 0)
+    def present(name) -> bool:
+        return coverage.block(name) is not None and coverage.block(name).weights > 0
 
-    attn, mlp, routed, shared = block(ATTENTION), block(DENSE_MLP), block(ROUTED), block(SHARED)
-    lora = sum(b.trainable for b in coverage.blocks if b.block != "embeddings")
+    def reached(name) -> bool:
+        return coverage.block(name) is not None and coverage.block(name).reached > 0
+
     return ModelShapes(
         model_type=str(getattr(model_config, "model_type", "") or ""),
         hidden_size=int(_text_config(model_config).hidden_size),
-        lora_params=int(lora),
-        attention_reached=attn[1],
-        mlp_present=mlp[0] or shared[0],
-        mlp_reached=mlp[1] or shared[1],
-        experts_present=routed[0],
-        experts_reached=routed[1],
+        lora_params=sum(b.trainable for b in coverage.blocks if b.block != EMBEDDINGS),  # not trainable token rows
+        attention_reached=reached(ATTENTION),
+        mlp_present=present(DENSE_MLP) or present(SHARED),
+        mlp_reached=reached(DENSE_MLP) or reached(SHARED),
+        experts_present=present(ROUTED),
+        experts_reached=reached(ROUTED),
     )
 
 
