@@ -252,6 +252,12 @@ def test_tiny_update_points_back_at_a_learning_rate_flagged_too_low():
     assert after.set == ("training.learning_rate=0.0013",)
 
 
+def test_a_rate_flagged_before_the_run_stays_flagged_when_the_run_shows_no_sign():
+    after = by_name(after_run(outcome(), [before("learning_rate", "warn", "too low: 2e-05", 1.3e-3)]))["learning_rate"]
+    assert after.level == "info" and "the pre-run warning stands" in after.what and after.suggested == 1.3e-3
+    assert by_name(after_run(outcome(), [before("learning_rate", "ok")]))["learning_rate"].level == "ok"
+
+
 @pytest.mark.parametrize("losses", [(2.0, 1.0, float("nan"), 1.0), (2.0, 1.0, 0.8, 2.5), (2.0, 1.0, 0.5, 1.4, 0.6)])
 def test_divergence_or_loss_spikes_say_the_learning_rate_is_too_high(losses):
     after = by_name(after_run(outcome(losses=losses)))["learning_rate"]

@@ -384,10 +384,14 @@ def _lr_after(o: RunOutcome, prior: Finding | None) -> Finding | None:
                        set=(f"training.learning_rate={suggested:g}",) if suggested else ())
     if not finite:
         return None
-    return Finding(name="learning_rate", level="ok", when="after",
-                   what=f"no spike or divergence in {len(finite)} logged losses" + (
-                       f", update {o.relative_norm:.2g} of the weights" if o.relative_norm is not None else ""),
-                   why="loss spikes, divergence and update size are the signs of a wrong step size", source="loraft inspect")
+    seen = f"no spike or divergence in {len(finite)} logged losses" + (
+        f", update {o.relative_norm:.2g} of the weights" if o.relative_norm is not None else "")
+    # The run shows no sign either way; a rate flagged before the run stays flagged (the run cannot show what it missed).
+    return Finding(name="learning_rate", level="info" if flagged else "ok", when="after",
+                   what=f"{seen}; the pre-run warning stands ({_said(prior)})" if flagged else seen,
+                   why="loss spikes, divergence and update size are the signs of a wrong step size",
+                   source=f"loraft inspect; {LWR}" if flagged else "loraft inspect", suggested=prior.suggested if flagged else None,
+                   set=prior.set if flagged else ())
 
 
 def _epochs_after(o: RunOutcome, prior: Finding | None) -> Finding | None:
