@@ -551,6 +551,7 @@ def serve(
     max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens a request may generate (and the default when it does not say)."),
     max_batch_size: int = typer.Option(32, "--max-batch-size", help="Most requests generated together in one batch."),
     queue_size: int = typer.Option(256, "--queue-size", help="Most requests waiting; more get 503 until the queue drains."),
+    force: bool = typer.Option(False, "--force", help="Serve an adapter whose base cannot be checked (no manifest.json, its named base not found) or differs."),
 ):
     """Serve adapters behind an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions).
 
@@ -565,7 +566,8 @@ def serve(
         max_tokens=max_tokens, max_batch_size=max_batch_size, queue_size=queue_size, api_key=api_key,
         allow_runtime_lora=allow_runtime_lora,
     )
-    run_server(parse_adapters(adapter or []), base=base, host=host, port=port, settings=settings, announce=lambda line: typer.echo(line, err=True))
+    run_server(parse_adapters(adapter or []), base=base, host=host, port=port, settings=settings,
+               announce=lambda line: typer.echo(line, err=True), force=force)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,8 @@ from lora_ft.serving.engines import RULES, AdapterFeatures, EngineRule, check_ta
 from lora_ft.errors import LoraftError, VerificationError
 from lora_ft.artifacts.export_manifest import EXPORT_MANIFEST, EngineRuleRecord, ExportManifest, ExportVerification
 from lora_ft.artifacts.adapter import ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterConfig, AdapterRun, ModuleFactors, read_state
-from lora_ft.artifacts.run_dir import MANIFEST, STATE, atomic_dir, atomic_write_json, file_sha256
+from lora_ft.artifacts.run_dir import MANIFEST, STATE, atomic_dir, atomic_write_json, file_sha256, partial_dir
+from lora_ft.artifacts.locks import sweep_leftovers
 
 FP32_TOLERANCE = 1e-4  # as merge: fp32 arithmetic on both sides, only summation order differs
 ADAPTER_GGUF = "adapter.gguf"
@@ -73,6 +73,7 @@ def export(run_dir: str | Path, target: str, out: str | Path, *, console=None) -
     if out.exists():
         raise LoraftError(f"--out: {out} already exists; choose another folder or remove it")
     run = _finished_run(run_dir)
+    sweep_leftovers(out, lambda line: (console or _stderr()).print(f"note: {line}", markup=False, highlight=False))
     weights_path, state = read_state(run.path, "RUN_DIR")
     features = AdapterFeatures.from_adapter_config(run.adapter, list(state))
     errors = [f for f in check_target(rule, features) if f.level == "error"]
@@ -128,6 +129,12 @@ def export(run_dir: str | Path, target: str, out: str | Path, *, console=None) -
             (staging / "serve.sh").write_text(f"#!/bin/sh\n{manifest.command}\n", encoding="utf-8")
         _readable_by_all(staging)
     return ExportResult(out.resolve(), manifest)
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)
 
 
 def _finished_run(run_dir) -> AdapterRun:
@@ -509,7 +516,7 @@ def _export_merged(run: AdapterRun, rule: EngineRule, out: Path, spec, source, m
     from lora_ft.merge import merge
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    scratch = partial_dir(out)
     try:
         result = merge(run.path, scratch / "model")
         logits = result.manifest.verification.logits

@@ -12,6 +12,7 @@ the same stop tokens and the same loader. Pitfalls guarded here:
 from __future__ import annotations
 
 import json
+import re
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -203,7 +204,7 @@ def load_for_inference(
 
 
 def _labels(runs: list[AdapterRun]) -> list[str]:
-    names = [run.path.name or "adapter" for run in runs]
+    names = [re.sub(r"[^A-Za-z0-9_-]", "-", run.path.name) or "adapter" for run in runs]  # PEFT names sit in module paths
     if len(set(names)) < len(names) or BASE in names:
         names = [f"adapter{i + 1}" for i in range(len(runs))]
     return names

@@ -10,15 +10,14 @@ to rely on the per-module check alone.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from lora_ft.errors import LoraftError, VerificationError
 
-if TYPE_CHECKING:
-    from lora_ft.merge import MergePlan, TensorJob
-    from lora_ft.artifacts.adapter import AdapterRun
+from lora_ft.artifacts.adapter import AdapterRun
+
+# MergePlan and TensorJob (annotations only) are merge.py's; importing them here would make a cycle.
 
 FP32_TOLERANCE = 1e-4
 # Half-precision output is checked in fp32 arithmetic (weights upcast exactly), so only the rounding of

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import socket
 import threading
@@ -28,8 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from lora_ft.errors import LoraftError
-from lora_ft.artifacts.adapter import AdapterRun
+from lora_ft.artifacts.adapter import AdapterRun, check_adapter_name
 from lora_ft.serving.batching import Job, ModelPool, QueueFull, Sampling, Scheduler, ServedModel
+
+LOG = logging.getLogger("loraft.serve")
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,11 @@ class ServeSettings:
     queue_size: int = 256
     api_key: str | None = None
     allow_runtime_lora: bool = False
+    max_body_bytes: int = 1 << 20  # a request body above this is refused (413) before it is parsed
+    max_json_depth: int = 32  # JSON nested deeper is refused (400) before it is parsed
 
     def __post_init__(self):
-        for name in ("max_tokens", "max_batch_size", "queue_size"):
+        for name in ("max_tokens", "max_batch_size", "queue_size", "max_body_bytes", "max_json_depth"):
             if getattr(self, name) < 1:
                 raise LoraftError(f"--{name.replace('_', '-')}: must be at least 1")
 
@@ -60,6 +65,7 @@ def parse_adapters(values: Sequence[str]) -> dict[str, Path]:
             name, path = Path(value).name, value
         if not name or not path:
             raise LoraftError(f"--adapter: expected NAME=RUN_DIR, got {value!r}")
+        check_adapter_name(name, "--adapter")
         if name in adapters:
             raise LoraftError(f"--adapter: the name {name!r} is given twice; give each adapter its own name")
         adapters[name] = Path(path)
@@ -67,14 +73,14 @@ def parse_adapters(values: Sequence[str]) -> dict[str, Path]:
 
 
 def serve(adapters: dict[str, Path], *, base: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          settings: ServeSettings = ServeSettings(), announce=print) -> None:
+          settings: ServeSettings = ServeSettings(), announce=print, force: bool = False) -> None:
     """Load everything, then serve until Ctrl-C or SIGTERM; the requests in flight finish first."""
     import signal
 
     import uvicorn
 
     _check_port_free(host, port)
-    pool = ModelPool.load(adapters, base)
+    pool = ModelPool.load(adapters, base, force=force)
     scheduler = Scheduler(pool, max_batch_size=settings.max_batch_size, queue_size=settings.queue_size).start()
     server = uvicorn.Server(_uvicorn_config(build_app(pool, scheduler, settings), host, port))
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
@@ -234,13 +240,19 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
     async def api_error(request, exc: _APIError):
         return exc.response()
 
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request, exc):
+        return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
+
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
         return _APIError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):
-        return _APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+        trace = uuid.uuid4().hex[:16]  # our bug: the client gets the id, the log gets the traceback
+        LOG.error("internal error %s on %s %s", trace, request.method, request.url.path, exc_info=exc)
+        return _APIError(500, f"internal error (trace id {trace}); the server log has the details", code="internal_error").response()
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
@@ -261,28 +273,28 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request):
-        body = await _parse(request, ChatRequest)
+        body = await _parse(request, ChatRequest, settings)
         served = _served(pool, body.model)
         if not served.has_template:
             raise _APIError(400, f"model {served.name!r} has no chat template; use /v1/completions", param="model")
-        prompt = served.render_chat([m.as_dict() for m in body.messages])
+        prompt = await _tokenize(served.render_chat, [m.as_dict() for m in body.messages])
         limit = _max_new_tokens(pool, settings, body.max_completion_tokens or body.max_tokens, len(prompt))
         job, channel = _submit(scheduler, served, prompt, limit, body)
         if body.stream:
             return StreamingResponse(_chat_stream(job, channel, body), media_type="text/event-stream")
-        await _finished(job, channel)
+        await _finished(request, job, channel)
         return _json(_chat_completion(job, body.model))
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(request: Request):
-        body = await _parse(request, CompletionRequest)
+        body = await _parse(request, CompletionRequest, settings)
         served = _served(pool, body.model)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise _APIError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
         if body.stream and len(texts) > 1:
             raise _APIError(400, "prompt: streaming takes one prompt per request", param="prompt")
-        prompts = [served.render_text(text) for text in texts]
+        prompts = [await _tokenize(served.render_text, text) for text in texts]
         limits = [_max_new_tokens(pool, settings, body.max_tokens, len(ids)) for ids in prompts]
         submitted = []
         try:
@@ -295,18 +307,19 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
         if body.stream:
             job, channel = submitted[0]
             return StreamingResponse(_completion_stream(job, channel, body), media_type="text/event-stream")
+        jobs = [job for job, _ in submitted]
         for job, channel in submitted:
-            await _finished(job, channel)
+            await _finished(request, job, channel, jobs)
         return _json(_completion(submitted, body.model))
 
     @app.post("/v1/load_lora_adapter", dependencies=guarded)
     async def load_lora_adapter(request: Request):
         _runtime_lora_enabled(settings)
-        body = await _parse(request, LoadLoraRequest)
-        try:
-            run = AdapterRun.load(body.lora_path)
-            pool.check(body.lora_name, run)
-            await asyncio.wrap_future(scheduler.call(lambda: pool.attach(body.lora_name, run)))
+        body = await _parse(request, LoadLoraRequest, settings)
+        try:  # every check before the model is touched; the load itself is all or nothing (ModelPool.attach)
+            check_adapter_name(body.lora_name)
+            run = await asyncio.to_thread(AdapterRun.load, body.lora_path)
+            await asyncio.wrap_future(scheduler.call(lambda: (pool.check(body.lora_name, run), pool.attach(body.lora_name, run))))
         except LoraftError as exc:
             raise _APIError(400, str(exc).replace("--adapter: ", "lora_path: "), param="lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
@@ -314,7 +327,7 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
     @app.post("/v1/unload_lora_adapter", dependencies=guarded)
     async def unload_lora_adapter(request: Request):
         _runtime_lora_enabled(settings)
-        body = await _parse(request, UnloadLoraRequest)
+        body = await _parse(request, UnloadLoraRequest, settings)
         if pool.adapters.pop(body.lora_name, None) is None:  # new requests for it get 404 from now on
             raise _APIError(404, f"the LoRA adapter {body.lora_name!r} is not loaded", param="lora_name", code="model_not_found")
         await asyncio.wrap_future(scheduler.call(lambda: pool.detach(body.lora_name)))  # after the requests queued for it
@@ -328,12 +341,19 @@ def _runtime_lora_enabled(settings: ServeSettings) -> None:
         raise _APIError(404, "loading and unloading adapters at run time is off; start loraft serve with --allow-runtime-lora")
 
 
-async def _parse(request, schema: type[BaseModel]):
+async def _parse(request, schema: type[BaseModel], settings: ServeSettings):
+    """The body as `schema`, its cost bounded before any work: size (413), nesting depth, text that is not UTF-8."""
+    raw = await _body(request, settings.max_body_bytes)
+    depth = _json_depth(raw)
+    if depth > settings.max_json_depth:
+        raise _APIError(400, f"the body nests JSON {depth} levels deep; at most {settings.max_json_depth} are accepted")
     try:
-        raw = await request.body()
         data = json.loads(raw or b"null")
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\\ud800) is not text
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _APIError(400, f"the body is not valid JSON: {exc}") from None
+    except UnicodeEncodeError:
+        raise _APIError(400, "the body holds a lone UTF-16 surrogate (e.g. \\ud800), which is not text; send valid Unicode") from None
     if not isinstance(data, dict):
         raise _APIError(400, "the body must be a JSON object")
     try:
@@ -344,6 +364,54 @@ async def _parse(request, schema: type[BaseModel]):
         message = "unknown or unsupported field" if first["type"] == "extra_forbidden" else first["msg"]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise _APIError(400, f"{where}: {message}{more}", param=where) from None
+
+
+async def _body(request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _APIError(413, f"the body is {int(declared)} bytes; this server accepts at most {limit}", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _APIError(413, f"the body is over {limit} bytes; this server accepts at most {limit}", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_depth(raw: bytes) -> int:
+    """The deepest nesting of [ and { in a JSON text (outside strings), read without parsing it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+async def _tokenize(render, value) -> list[int]:
+    """Prompt ids, built on a worker thread (a long prompt never stalls the event loop); a conversation the chat
+    template refuses is the client's mistake (400)."""
+    from jinja2 import TemplateError
+
+    try:
+        return await asyncio.to_thread(render, value)
+    except TemplateError as exc:
+        raise _APIError(400, f"messages: the chat template refuses this conversation: {exc}", param="messages") from None
+    except UnicodeError as exc:
+        raise _APIError(400, f"the text cannot be encoded: {exc}") from None
 
 
 def _served(pool: ModelPool, name: str) -> ServedModel:
@@ -407,9 +475,31 @@ async def _events(job: Job, channel: _Channel):
             job.cancelled = True  # the client went away: stop generating for it
 
 
-async def _finished(job: Job, channel: _Channel) -> None:
+async def _finished(request, job: Job, channel: _Channel, jobs: Sequence[Job] = ()) -> None:
+    """Wait for `job` of a non-streamed answer; when the client hangs up first, cancel every job of its request."""
+    jobs = list(jobs) or [job]
+    waiting = asyncio.ensure_future(_drain(job, channel))
+    try:
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=0.25)
+            if not waiting.done() and await request.is_disconnected():
+                for job in jobs:
+                    job.cancelled = True
+                waiting.cancel()
+                raise _ClientGone()
+        waiting.result()
+    finally:
+        if not waiting.done():
+            waiting.cancel()
+
+
+async def _drain(job: Job, channel: _Channel) -> None:
     async for _ in _events(job, channel):
         pass
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its answer was ready; its generation was cancelled."""
 
 
 def _json(model: BaseModel):

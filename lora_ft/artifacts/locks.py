@@ -111,3 +111,13 @@ def _make_parents(folder: Path) -> list[Path]:
     for item in reversed(missing):
         item.mkdir(exist_ok=True)
     return missing
+
+
+def sweep_leftovers(final: str | Path, warn) -> None:
+    """Before writing `final`: remove the staging folders a killed earlier writer left beside it, and say so.
+    The holder of `final`'s lock removes every one; anyone else only those whose process is gone."""
+    from lora_ft.artifacts.run_dir import remove_leftovers
+
+    owner = (holder_of(final) or {}).get("pid") == os.getpid()
+    for item in remove_leftovers(Path(final), owner=owner):
+        warn(f"removed {item.name}, left beside {Path(final).name} by an earlier run that was killed")

@@ -13,6 +13,7 @@ Every file is written to a temporary name in the same folder and renamed into pl
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -57,7 +58,7 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     if final.exists() and not overwrite:
         raise LoraftError(f"{final} already exists; choose another path or remove it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp = partial_dir(final)
     try:
         yield tmp
         if final.exists():
@@ -66,6 +67,36 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def partial_dir(final: Path) -> Path:
+    """A private staging folder beside `final`, named after it and this process: `.NAME.PID-RANDOM.partial`."""
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".partial", dir=final.parent))
+
+
+def remove_leftovers(final: Path, *, owner: bool = False) -> list[Path]:
+    """Remove the staging folders a killed writer left beside `final`; return them. A folder is a leftover when
+    the process named in it is gone, or, for `owner` (this process holds the lock on `final`), always."""
+    final = Path(final).expanduser()
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for item in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        pid = item.name[len(final.name) + 2 :].split("-", 1)[0]
+        if item.is_dir() and (owner or (pid.isdigit() and not _alive(int(pid)))):
+            shutil.rmtree(item, ignore_errors=True)
+            removed.append(item)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

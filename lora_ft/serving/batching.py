@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from lora_ft.errors import LoraftError
-from lora_ft.artifacts.adapter import AdapterRun
+from lora_ft.artifacts.adapter import AdapterRun, check_adapter_name, fits_model, remove_adapter
 
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 TOKENIZER_LOCK = threading.Lock()
@@ -70,15 +70,17 @@ class ServedModel:
 class ModelPool:
     """The base model, loaded once, and the adapters on it, by the names requests use."""
 
-    def __init__(self, model, base: ServedModel, *, fingerprint: str | None, context_length: int):
+    def __init__(self, model, base: ServedModel, *, fingerprint: str | None, context_length: int, source=None):
         self.model = model
         self.base = base
         self.fingerprint = fingerprint
+        self.source = source  # the base's ModelSource (None for a model built in memory)
         self.context_length = context_length
         self.adapters: dict[str, ServedModel] = {}
 
     @classmethod
-    def load(cls, adapters: dict[str, str | Path], base: str | None = None, *, precision: str = "auto") -> "ModelPool":
+    def load(cls, adapters: dict[str, str | Path], base: str | None = None, *, precision: str = "auto",
+             force: bool = False) -> "ModelPool":
         """Load the base (default: the first adapter's recorded base) and every adapter, checked against it."""
         import torch
 
@@ -89,10 +91,12 @@ class ModelPool:
 
         if not adapters and not base:
             raise LoraftError("give --adapter NAME=RUN_DIR (or --base MODEL to serve a base model alone)")
+        for name in adapters:
+            check_adapter_name(name, "--adapter")
         runs = {name: AdapterRun.load(path) for name, path in adapters.items()}
         first = next(iter(runs.values()), None)
         if first is not None:
-            spec, source, _ = first.resolve_base(base)  # refuses a --base the first adapter was not trained on
+            spec, source, _ = first.resolve_base(base, force=force)  # refuses a --base the first adapter was not trained on
         else:
             spec = ModelSpec(name=base)
             source = resolve_model_source(spec)
@@ -107,8 +111,9 @@ class ModelPool:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         served_base = ServedModel(spec.name, tokenizer, frozenset(base_eos_ids(tokenizer, model)), BASE_ROW)
-        pool = cls(model, served_base, fingerprint=fingerprint, context_length=_context_length(model))
+        pool = cls(model, served_base, fingerprint=fingerprint, context_length=_context_length(model), source=source)
         for name, run in runs.items():
+            pool.check(name, run, force=force)
             pool.attach(name, run)
         return pool
 
@@ -119,36 +124,34 @@ class ModelPool:
     def get(self, name: str) -> ServedModel | None:
         return self.base if name == self.base.name else self.adapters.get(name)
 
-    def check(self, name: str, run: AdapterRun) -> None:
-        """Refuse a name that is taken or an adapter trained on another base, before anything loads."""
-        if not name or name == BASE_ROW or name == self.base.name or name in self.adapters:
-            taken = "is the base's name" if name == self.base.name else "is reserved" if name == BASE_ROW or not name else "is already loaded"
+    def check(self, name: str, run: AdapterRun, *, force: bool = False) -> None:
+        """Refuse a bad or taken name, or an adapter trained on another base, before anything loads."""
+        check_adapter_name(name)
+        if name == BASE_ROW or name == self.base.name or name in self.adapters:
+            taken = "is the base's name" if name == self.base.name else "is reserved" if name == BASE_ROW else "is already loaded"
             raise LoraftError(f"adapter name {name!r} {taken}; choose another")
-        if run.adapter_config.get("peft_type", "LORA") != "LORA":
-            raise LoraftError(f"adapter {name!r}: {run.path} is a {run.adapter_config['peft_type']} adapter; only LoRA adapters can be served")
-        recorded = run.base_fingerprint
-        if recorded is not None and self.fingerprint is not None and recorded != self.fingerprint:
-            raise LoraftError(
-                f"adapter {name!r}: {run.path} was trained on another base ({run.base_name}, fingerprint {recorded}); this "
-                f"server's base is {self.base.name} (fingerprint {self.fingerprint}). An adapter on another base gives garbage: "
-                "serve it with its own base"
-            )
+        run.check_base(self.base.name, self.fingerprint, force=force, what=f"adapter {name!r}")
+        fits_model(run, self.model, what=f"adapter {name!r}")
 
     def attach(self, name: str, run: AdapterRun) -> ServedModel:
-        """Load the run's adapter under `name` (on the worker thread once the scheduler runs)."""
+        """Load the run's adapter under `name` (on the worker thread once the scheduler runs). All or nothing:
+        when anything fails the model is left exactly as before (no half-loaded adapter keeps the name)."""
         from lora_ft.generate import run_eos_ids, run_tokenizer
 
-        self.check(name, run)
         tokenizer = run_tokenizer(run)  # the chat template exactly as trained
-        if self._is_peft():
-            self.model.load_adapter(str(run.path), adapter_name=name)
-        else:
-            from peft import PeftModel
+        try:
+            if self._is_peft():
+                self.model.load_adapter(str(run.path), adapter_name=name)
+            else:
+                from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(self.model, str(run.path), adapter_name=name)
-        self.model.eval()
-        system = run.config.data.system_prompt if run.config is not None and run.config.data is not None else None
-        served = ServedModel(name, tokenizer, frozenset(run_eos_ids(run, tokenizer, self.model)), name, system, run.path)
+                self.model = PeftModel.from_pretrained(self.model, str(run.path), adapter_name=name)
+            self.model.eval()
+            system = run.config.data.system_prompt if run.config is not None and run.config.data is not None else None
+            served = ServedModel(name, tokenizer, frozenset(run_eos_ids(run, tokenizer, self.model)), name, system, run.path)
+        except BaseException:
+            self.model = remove_adapter(self.model, name)
+            raise
         self.adapters[name] = served
         return served
 
@@ -161,8 +164,7 @@ class ModelPool:
     def detach(self, name: str) -> None:
         """Delete the adapter from the model (on the worker thread, after the requests queued before it)."""
         self.adapters.pop(name, None)
-        if self._is_peft() and name in self.model.peft_config:
-            self.model.delete_adapter(name)
+        self.model = remove_adapter(self.model, name)
 
     def _is_peft(self) -> bool:
         return hasattr(self.model, "peft_config")
