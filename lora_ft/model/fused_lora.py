@@ -81,27 +81,28 @@ def _use_kernels(allowed: bool, x2: torch.Tensor, p: float) -> bool:
 
 
 def _low_rank_forward(ctx, x2: torch.Tensor, a: torch.Tensor, p: float, triton: bool):
-    """(x2 possibly made contiguous, hidden = dropout(x2) @ a.T); records in ctx how to redo the dropout."""
-    ctx.stream = ctx.rng_state = None
+    """(x2 possibly made contiguous, hidden = dropout(x2) @ a.T, the Triton path's keep-mask bits or None);
+    records in ctx how to redo the dropout on the torch path."""
+    ctx.rng_state = None
     if _use_kernels(triton, x2, p):
         x2 = x2.contiguous()
-        ctx.stream = _kernels().DropoutStream(x2)
-        return x2, _kernels().lora_a(x2, a, ctx.stream, p)
+        hidden, bits = _kernels().lora_a(x2, a, _kernels().DropoutStream(x2), p)
+        return x2, hidden, bits
     dropped, ctx.rng_state = _drop(x2, p)
-    return x2, dropped @ a.t()
+    return x2, dropped @ a.t(), None
 
 
-def _low_rank_backward(ctx, g, x2, hidden, a, b, grad_x, want_x: bool):
+def _low_rank_backward(ctx, g, x2, hidden, a, b, bits, grad_x, want_x: bool):
     """Gradients of y = base + scaling * dropout(x2) A^T B^T: (grad A, grad B, grad_x plus the low-rank term;
     the term alone when grad_x is None)."""
     p = ctx.p
     grad_hidden = (g @ b).mul_(ctx.scaling)
     grad_b = (g.t() @ hidden).mul_(ctx.scaling)
-    if ctx.stream is not None:
+    if bits is not None:
         kernels = _kernels()
-        grad_a = kernels.lora_grad_a(grad_hidden, x2, ctx.stream, p)
+        grad_a = kernels.lora_grad_a(grad_hidden, x2, bits, p)
         if want_x:
-            grad_x = kernels.lora_grad_input(grad_x, grad_hidden, a, ctx.stream, p, x2.shape)
+            grad_x = kernels.lora_grad_input(grad_x, grad_hidden, a, bits, p, x2.shape)
         return grad_a, grad_b, grad_x
     dropped, mask = _redraw(x2, p, ctx.rng_state)
     grad_a = grad_hidden.t() @ dropped
@@ -127,52 +128,64 @@ class _FusedLoraLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             weight_c, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-            out = torch.nn.functional.linear(x2, weight_c, None if bias is None else bias.to(dtype))
-            x2, hidden = _low_rank_forward(ctx, x2, a, p, triton)
-            out.addmm_(hidden, b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, hidden, weight_c, a, b)
+            x2, hidden, bits = _low_rank_forward(ctx, x2, a, p, triton)
+            if bias is None and x2.is_cuda:
+                # The low-rank product first, then the base GEMM accumulates onto it (beta = scaling): cuBLAS's
+                # epilogue reads the term in fp32 while the matmul runs, instead of a separate read-modify-write
+                # pass over y. (On CPU a bf16 addmm rounds the product before adding: the plain order there.)
+                out = torch.mm(hidden, b.t()).addmm_(x2, weight_c.t(), beta=scaling)
+            else:
+                bias_c = None if bias is None else bias.to(dtype)
+                out = torch.nn.functional.linear(x2, weight_c, bias_c).addmm_(hidden, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, hidden, weight_c, a, b, bits)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, hidden, weight_c, a, b = ctx.saved_tensors
+        x2, hidden, weight_c, a, b, bits = ctx.saved_tensors
         want_x = ctx.needs_input_grad[0]
         with torch.autocast(grad_y.device.type, enabled=False):
             g = grad_y.reshape(-1, grad_y.shape[-1]).to(a.dtype)
             grad_x = g @ weight_c if want_x else None
-            grad_a, grad_b, grad_x = _low_rank_backward(ctx, g, x2, hidden, a, b, grad_x, want_x)
+            grad_a, grad_b, grad_x = _low_rank_backward(ctx, g, x2, hidden, a, b, bits, grad_x, want_x)
             if grad_x is not None:
                 grad_x = grad_x.view(ctx.in_shape).to(ctx.in_dtype)
         return grad_x, None, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None, None
 
 
 class _FusedLoraDelta(torch.autograd.Function):
-    """y = base_out + scaling * dropout(x) A^T B^T, for base layers with their own kernels (4-bit)."""
+    """y = base_out + scaling * dropout(x) A^T B^T, for base layers with their own kernels (4-bit). The term is
+    added into base_out in place where its dtype and layout allow (base_out is this node's own fresh input; it comes
+    first, as autograd's in-place handling of views expects of the tensor a function modifies)."""
 
     @staticmethod
-    def forward(ctx, x, base_out, lora_a, lora_b, scaling, p, dtype, triton):
+    def forward(ctx, base_out, x, lora_a, lora_b, scaling, p, dtype, triton):
         ctx.scaling, ctx.p, ctx.in_shape, ctx.in_dtype = scaling, p, x.shape, x.dtype
         ctx.base_dtype, ctx.param_dtypes = base_out.dtype, (lora_a.dtype, lora_b.dtype)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
-            x2, hidden = _low_rank_forward(ctx, x2, a, p, triton)
+            x2, hidden, bits = _low_rank_forward(ctx, x2, a, p, triton)
+            ctx.save_for_backward(x2, hidden, a, b, bits)
+            if base_out.dtype == dtype and base_out.is_contiguous():
+                base_out.view(-1, base_out.shape[-1]).addmm_(hidden, b.t(), alpha=scaling)
+                ctx.mark_dirty(base_out)
+                return base_out
             base2 = base_out.reshape(-1, base_out.shape[-1]).to(dtype)
             out = torch.addmm(base2, hidden, b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, hidden, a, b)
         return out.view(*base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, hidden, a, b = ctx.saved_tensors
-        want_x = ctx.needs_input_grad[0]
+        x2, hidden, a, b, bits = ctx.saved_tensors
+        want_x = ctx.needs_input_grad[1]
         with torch.autocast(grad_y.device.type, enabled=False):
             g = grad_y.reshape(-1, grad_y.shape[-1]).to(a.dtype)
-            grad_a, grad_b, grad_x = _low_rank_backward(ctx, g, x2, hidden, a, b, None, want_x)
+            grad_a, grad_b, grad_x = _low_rank_backward(ctx, g, x2, hidden, a, b, bits, None, want_x)
             if grad_x is not None:
                 grad_x = grad_x.view(ctx.in_shape).to(ctx.in_dtype)
-        grad_base = grad_y.to(ctx.base_dtype) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_base, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None, None
+        grad_base = grad_y.to(ctx.base_dtype) if ctx.needs_input_grad[0] else None
+        return grad_base, grad_x, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None, None
 
 
 def _fusable_adapter(layer, x: torch.Tensor, args, kwargs):
@@ -209,7 +222,7 @@ def _fused_forward(layer, x: torch.Tensor, *args, **kwargs):
     if layer._loraft_fused_kind == "linear" and not base.weight.requires_grad:
         return _FusedLoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling, p, dtype, layer._loraft_triton)
     if layer._loraft_fused_kind == "delta":
-        return _FusedLoraDelta.apply(x, base(x), lora_a, lora_b, scaling, p, dtype, layer._loraft_triton)
+        return _FusedLoraDelta.apply(base(x), x, lora_a, lora_b, scaling, p, dtype, layer._loraft_triton)
     return layer._loraft_peft_forward(x, *args, **kwargs)
 
 
