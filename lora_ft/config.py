@@ -217,7 +217,14 @@ class DataSpec(Spec):
         "assistant",
         description="Tokens in the loss: assistant turns / completions only, everything, or the last assistant turn.",
     )
-    packing: bool = Field(False, description="Pack several rows into each sequence (no cross-row attention).")
+    packing: bool = Field(
+        False, description="Pack several rows into each sequence of max_seq_length (no cross-row attention); batch_size then counts sequences."
+    )
+    padding_free: bool = Field(
+        True,
+        description="Unpacked batches without padding: a batch's rows run as one sequence with restarting positions (no "
+        "cross-row attention): the same rows and loss per step as padded batches, no compute on padding. false: pad.",
+    )
     system_prompt: str | None = Field(None, description="System message put in front of prompt/completion rows.")
     checks: DataChecksSpec = Field(
         default_factory=DataChecksSpec, description="Data checks run by `loraft data check` and before training."

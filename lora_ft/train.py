@@ -425,9 +425,11 @@ def to_sft_config(cfg: RunConfig, run: RunDir, precision: str, speed, *, has_eva
 
     return SFTConfig(
         **trainer_arguments(cfg, run, precision, speed, has_eval=has_eval),
-        max_length=cfg.training.max_seq_length,
+        # Rows arrive tokenized, labelled and truncated by data/rows.py; TRL only packs when asked. Padding-free
+        # without packing: TRL refuses a max_length it would not enforce; the rows are already cut to it.
+        max_length=None if speed.batching == "padding-free" else cfg.training.max_seq_length,
         packing=cfg.data.packing,
-        # Rows arrive tokenized, labelled and truncated by data/rows.py; TRL only packs when asked.
+        padding_free=speed.batching == "padding-free",
         dataset_kwargs={"skip_prepare_dataset": not cfg.data.packing},
         pad_token=pad_token,
     )

@@ -238,3 +238,39 @@ def test_the_default_plans_checkpointing_by_memory_and_shipped_configs_use_it():
     per_layer, boundary = activation_gib_per_layer(shape, 8192), 8192 * 4096 * 2 / 2**30
     planned = 5.5 + 42_000_000 * 16 / 2**30 + per_layer + 32 * boundary + kept * (per_layer - boundary)
     assert 16 <= recomputed < 32 and planned <= 0.9 * 24
+
+
+def test_padding_free_batches_train_the_same_rows_to_the_same_losses(tiny_config, monkeypatch):
+    """data.padding_free (the default) runs each batch's rows back to back in one sequence, no padding; the rows per
+    step and the per-token loss are those of padded batches, so the loss curve is the same."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from lora_ft.config import validate_dict
+    from lora_ft.train import train
+    from lora_ft.training.progress import read_metrics
+
+    shapes = []
+    collate = DataCollatorForLanguageModeling.torch_call
+
+    def recording(self, examples):
+        batch = collate(self, examples)
+        shapes.append((tuple(batch["input_ids"].shape), sum(len(e["input_ids"]) for e in examples), "position_ids" in batch))
+        return batch
+
+    monkeypatch.setattr(DataCollatorForLanguageModeling, "torch_call", recording)
+    losses = {}
+    for flag in (True, False):
+        raw = {**tiny_config, "output_dir": f"{tiny_config['output_dir']}-{flag}"}
+        raw["data"] = {**raw["data"], "eval": None, "eval_fraction": 0.0, "padding_free": flag}
+        raw["training"] = {**raw["training"], "max_steps": 4, "logging_steps": 1, "batch_size": 4}
+        result = train(validate_dict(raw), overwrite=True)
+        assert result.manifest.speed["batching"] == ("padding-free" if flag else "padded")
+        losses[flag] = [r["loss"] for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
+        if flag:
+            # one sequence per batch, exactly as long as its rows together, with positions restarting per row
+            assert shapes and all(shape == (1, tokens) and has_positions for shape, tokens, has_positions in shapes)
+        else:
+            assert any(shape[0] == 4 and shape[0] * shape[1] > tokens for shape, tokens, _ in shapes)  # padding
+        shapes.clear()
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -42,6 +42,7 @@ class SpeedPlan:
     optimizer: str
     fused_lora: bool = True
     lora_kernels: str = "torch"  # how the fused LoRA ops run dropout: "triton" or "torch"
+    batching: str = "padded"  # SFT rows per step: "padding-free", "packed" (BFD, also padding-free) or "padded"
 
     def to_json(self) -> dict:
         return {
@@ -51,12 +52,33 @@ class SpeedPlan:
             "checkpoint_layers": self.checkpoint_layers,
             "total_layers": self.total_layers,
             "optimizer": self.optimizer,
+            "batching": self.batching,
         }
 
     def summary(self) -> str:
         gc = "off" if self.checkpoint_layers == 0 else f"{self.checkpoint_layers}/{self.total_layers} layers"
         fused = f"fused LoRA ({self.lora_kernels}), " if self.fused_lora else ""
-        return f"{fused}liger {'on' if self.liger else 'off'}, checkpointing {gc}, optimizer {self.optimizer}"
+        return (f"{fused}liger {'on' if self.liger else 'off'}, checkpointing {gc}, optimizer {self.optimizer}, "
+                f"{BATCHING[self.batching]}")
+
+
+BATCHING = {
+    "padding-free": "padding-free batches (rows back to back, no cross-row attention)",
+    "packed": "packed rows (BFD into max_seq_length sequences, no cross-row attention)",
+    "padded": "padded batches",
+}
+
+
+def batching(cfg: RunConfig) -> str:
+    """How SFT rows fill a step. Padding-free is exact: TRL concatenates the batch's rows with position_ids
+    restarting at each row, transformers' attention masks then keep rows apart (tests/test_speed.py), and each
+    row's first label is dropped, a token padded batches never train either (no position predicts it); the
+    per-token loss is the same. Packing changes which rows share a step, so it stays a choice (data.packing)."""
+    if cfg.training.method != "sft":
+        return "padded"  # the preference trainers collate their own pairs
+    if cfg.data.packing:
+        return "packed"
+    return "padding-free" if cfg.data.padding_free else "padded"
 
 
 def liger_available() -> bool:
@@ -97,7 +119,8 @@ def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None
     optimizer = t.optimizer
     if optimizer == "auto":
         optimizer = "adamw_torch_fused" if cuda else "adamw_torch"
-    return SpeedPlan(liger, checkpoint, layers, optimizer, fused_lora=t.fused_lora, lora_kernels=_lora_kernels(t.lora_kernels, cuda))
+    return SpeedPlan(liger, checkpoint, layers, optimizer, fused_lora=t.fused_lora, lora_kernels=_lora_kernels(t.lora_kernels, cuda),
+                     batching=batching(cfg))
 
 
 def _lora_kernels(choice: str, cuda: bool) -> str:
