@@ -220,10 +220,11 @@ class DataSpec(Spec):
     packing: bool = Field(
         False, description="Pack several rows into each sequence of max_seq_length (no cross-row attention); batch_size then counts sequences."
     )
-    padding_free: bool = Field(
-        True,
+    padding_free: bool | Literal["auto"] = Field(
+        "auto",
         description="Unpacked batches without padding: a batch's rows run as one sequence with restarting positions (no "
-        "cross-row attention): the same rows and loss per step as padded batches, no compute on padding. false: pad.",
+        "cross-row attention): the same rows and loss per step as padded batches. auto: on where the attention kernel "
+        "takes such rows as variable-length sequences (model.attn_implementation flash_attention_2/3), else padded.",
     )
     system_prompt: str | None = Field(None, description="System message put in front of prompt/completion rows.")
     checks: DataChecksSpec = Field(

@@ -48,17 +48,30 @@ def useful_flops_per_token(seq: int) -> float:
     return 4 * N_LINEAR + 4 * HIDDEN * VOCAB + 8 * LAYERS * seq * HIDDEN
 
 
-def chat_length_rows(n_rows: int, max_len: int, seed: int = 0) -> list[dict]:
-    """Lengths like an instruction dataset's: log-normal, median ~250 tokens, long tail clipped at max_len."""
-    import torch
+def real_texts(n_rows: int, max_len: int, seed: int = 0) -> list[str]:
+    """Rows of text with lengths like an instruction dataset's (alpaca-like): log-normal, median ~250 tokens of the
+    checkpoint's tokenizer, long tail cut at max_len. Words from the quickstart data; the same texts go to the
+    recipe (tokenized here, real_token_rows) and to `loraft train` (as a .jsonl of text rows)."""
+    import random
 
+    import torch
+    from transformers import AutoTokenizer
+
+    words = Path(__file__).resolve().parents[1].joinpath("recipes/data/quickstart_train.jsonl").read_text().split()
+    tokenizer = AutoTokenizer.from_pretrained(CKPT)
+    sample = " ".join(words[:20000])
+    words_per_token = len(sample.split()) / len(tokenizer(sample, add_special_tokens=False)["input_ids"])
     g = torch.Generator().manual_seed(seed)
     lengths = torch.exp(torch.randn(n_rows, generator=g) * 0.8 + 5.52).clamp(16, max_len).long()  # e^5.52 ~ 250
-    rows = []
-    for n in lengths.tolist():
-        motif = torch.randint(*TOKEN_RANGE, (32,), generator=g)
-        rows.append({"input_ids": motif.repeat(n // 32 + 1)[:n].tolist()})
-    return rows
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(max(1, int(n * words_per_token)))) for n in lengths.tolist()]
+
+
+def real_token_rows(n_rows: int, max_len: int, seed: int = 0) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(CKPT)
+    return [{"input_ids": tokenizer(t)["input_ids"][:max_len]} for t in real_texts(n_rows, max_len, seed)]
 
 
 def motif_rows(n_rows: int, seq: int, seed: int = 0) -> list[dict]:
@@ -105,7 +118,7 @@ def run_one(tool: str, mode: str, batch: int, seq: int, steps: int, gc: str, lig
 
     clock = Clock()
     real = mode == "real"
-    raw_rows = chat_length_rows(batch * (steps + 1) * (8 if real else 1), seq) if real else motif_rows(batch * (steps + 1), seq)
+    raw_rows = real_token_rows(batch * (steps + 1) * (8 if real else 1), seq) if real else motif_rows(batch * (steps + 1), seq)
     rows = Dataset.from_list(raw_rows)
     mean_len = sum(len(r["input_ids"]) for r in raw_rows) / len(raw_rows)
     torch.manual_seed(0)
@@ -356,12 +369,24 @@ CASES = [
     {"id": "cli-llama8b-qlora", "tool": "cli", "mode": "qlora", "config": "llama8b-qlora"},
     {"id": "anchor-real", "tool": "anchor", "mode": "real"},
     {"id": "real-auto", "tool": "loraft", "mode": "real", "gc": "auto"},
+    # `loraft train` on the anchor-real texts: the shipped config as it is (padded batches: padding_free auto is
+    # off under sdpa), with data.packing, and with data.padding_free; and full-length rows padding-free
+    {"id": "cli-llama8b-real", "tool": "cli", "mode": "real", "config": "llama8b", "rows": "real"},
+    {"id": "cli-llama8b-real-packed", "tool": "cli", "mode": "real", "config": "llama8b", "rows": "real",
+     "set": ["data.packing=true"]},
+    {"id": "cli-llama8b-real-padfree", "tool": "cli", "mode": "real", "config": "llama8b", "rows": "real",
+     "set": ["data.padding_free=true"]},
+    {"id": "cli-llama8b-padfree", "tool": "cli", "mode": "lora", "config": "llama8b", "set": ["data.padding_free=true"]},
 ]
 
 
 def case_command(case: dict, batch: int, seq: int, steps: int) -> list[str]:
     if case["tool"] == "cli":
-        return [sys.executable, __file__, "cli", case["config"], "--steps", str(steps + 10), "--batch", str(batch), "--seq", str(seq)]
+        cmd = [sys.executable, __file__, "cli", case["config"], "--steps", str(steps + 10), "--batch", str(batch), "--seq", str(seq)]
+        cmd += ["--rows", case["rows"]] if case.get("rows") else []
+        for item in case.get("set", []):
+            cmd += ["--set", item]
+        return cmd
     cmd = [sys.executable, __file__, "one", case["tool"], case["mode"], str(batch), str(seq), str(steps),
            "--gc", case.get("gc", "true"), "--liger", case.get("liger", "auto")]
     cmd += ["--offload"] if case.get("offload") else []
@@ -393,9 +418,10 @@ def drive(steps: int, batch: int, seq: int, out: Path | None, only: str | None =
     _write(out, results)
 
 
-def run_cli(config: str, steps: int, batch: int, seq: int, extra: list[str]) -> dict:
-    """`loraft train configs/CONFIG.yaml` as a user runs it, on the shared random checkpoint and rows of text long
-    enough that every row is truncated to `seq` tokens (so each step is batch x seq tokens, as for the anchor).
+def run_cli(config: str, steps: int, batch: int, seq: int, extra: list[str], rows: str = "long") -> dict:
+    """`loraft train configs/CONFIG.yaml` as a user runs it, on the shared random checkpoint. rows "long": text
+    long enough that every row is truncated to `seq` tokens (so each step is batch x seq tokens, as for the anchor);
+    "real": real_texts (alpaca-like lengths), the very texts the anchor's real mode trains on.
     Overrides: the model and data paths, no held-out split, max_steps, logging every 5 steps, no mid-run
     checkpoint, and gradient_accumulation_steps 1 (the anchor's optimizer-step share). tokens/s: steps 6 to the
     end, from metrics.jsonl (non-padding tokens over wall time between those log lines)."""
@@ -404,13 +430,18 @@ def run_cli(config: str, steps: int, batch: int, seq: int, extra: list[str]) -> 
     _ensure_checkpoint()
     work = Path("/tmp/bench-cli")
     work.mkdir(parents=True, exist_ok=True)
-    data = work / "train.jsonl"
+    data = work / f"train-{rows}.jsonl"
     words = Path(__file__).resolve().parents[1].joinpath("recipes/data/quickstart_train.jsonl").read_text().split()
     rng = random.Random(0)
     with data.open("w") as handle:
-        for _ in range(batch * steps + batch):
-            handle.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(seq * 2))}) + "\n")
-    run_dir = work / config
+        if rows == "real":  # enough rows for `steps` packed steps of batch x seq tokens
+            for text in real_texts(batch * (steps + 1) * 16, seq):
+                handle.write(json.dumps({"text": text}) + "\n")
+        else:
+            for _ in range(batch * steps + batch):
+                handle.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(seq * 2))}) + "\n")
+    name = config + ("-real" if rows == "real" else "")
+    run_dir = work / name
     overrides = [f"model.name={CKPT}", f"data.train={data}", "data.eval_fraction=0", f"training.max_steps={steps}",
                  "training.logging_steps=5", "training.save_steps=100000", "training.gradient_accumulation_steps=1",
                  f"training.batch_size={batch}", f"training.max_seq_length={seq}", f"output_dir={run_dir}", *extra]
@@ -431,7 +462,8 @@ def run_cli(config: str, steps: int, batch: int, seq: int, extra: list[str]) -> 
     tok_s = (last["num_input_tokens_seen"] - first["num_input_tokens_seen"]) / (last["elapsed_s"] - first["elapsed_s"])
     manifest = json.loads((run_dir / "manifest.json").read_text())
     lines = [l for l in proc.stderr.splitlines() if "tok/s" in l or l.startswith("speed:")]
-    return {"tool": "cli", "config": config, "mode": "qlora" if "qlora" in config else "lora", "batch": batch, "seq": seq,
+    mode = "real" if rows == "real" else "qlora" if "qlora" in config else "lora"
+    return {"tool": "cli", "config": config, "mode": mode, "rows": rows, "extra": extra, "batch": batch, "seq": seq,
             "steps": steps, "plan": manifest["speed"], "step_s": round(batch * seq / tok_s, 4), "tokens_per_s": round(tok_s, 1),
             "peak_gib": manifest["metrics"]["peak_gpu_memory_gib"] or 0.0,
             "lora_mfu": round(tok_s * useful_flops_per_token(seq) / PEAK_TFLOPS, 4),
@@ -494,6 +526,7 @@ def _compare(results: list[dict]) -> None:
         unfused = " unfused" if r["plan"].get("fused_lora") is False else ""
         unfused += " torch-kernels" if r["plan"].get("lora_kernels") == "torch" else ""
         unfused += " stock-trainer" if r["plan"].get("trainer") == "stock" else ""
+        unfused += f" {r['plan']['batching']}" if r["plan"].get("batching") and r["mode"] == "real" else ""
         name = f"{r.get('config', r['tool'])} {r['mode']} {r['plan'].get('checkpoint_layers', r['plan'].get('gradient_checkpointing'))}{offloaded}{unfused}"
         speed = r["tokens_per_s"] / a["tokens_per_s"] if a else float("nan")
         mem = r["peak_gib"] / a["peak_gib"] if a and a["peak_gib"] else float("nan")
@@ -526,6 +559,7 @@ def main():
     cli.add_argument("--batch", type=int, default=4)
     cli.add_argument("--seq", type=int, default=2048)
     cli.add_argument("--set", dest="extra", action="append", default=[], help="more loraft --set overrides")
+    cli.add_argument("--rows", choices=["long", "real"], default="long", help="real: alpaca-like lengths (real_texts)")
     every = sub.add_parser("all")
     every.add_argument("--steps", type=int, default=20)
     every.add_argument("--batch", type=int, default=4)
@@ -557,7 +591,7 @@ def main():
                                  not args.unfused, args.profile, "torch" if args.torch_lora_kernels else "auto",
                                  args.stock_trainer)), flush=True)
     elif args.cmd == "cli":
-        print(json.dumps(run_cli(args.config, args.steps, args.batch, args.seq, args.extra)), flush=True)
+        print(json.dumps(run_cli(args.config, args.steps, args.batch, args.seq, args.extra, args.rows)), flush=True)
     elif args.cmd == "probe-one":
         print(json.dumps(probe_longest(args.tool, args.mode, args.lengths, args.search, args.ceiling)), flush=True)
     elif args.cmd == "probe":

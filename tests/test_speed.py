@@ -274,3 +274,17 @@ def test_padding_free_batches_train_the_same_rows_to_the_same_losses(tiny_config
         shapes.clear()
     assert len(losses[True]) == 4
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_padding_free_is_on_by_default_only_with_a_varlen_attention_kernel():
+    from lora_ft.model.speed import batching
+
+    def plan(**data_and_model):
+        model = {"name": "x", **data_and_model.pop("model", {})}
+        return batching(validate_dict({"model": model, "data": {"train": "t.jsonl", **data_and_model}}))
+
+    assert plan() == "padded"  # sdpa (transformers' default): rows would share one masked sequence
+    assert plan(model={"attn_implementation": "flash_attention_2"}) == "padding-free"
+    assert plan(padding_free=True) == "padding-free"
+    assert plan(model={"attn_implementation": "flash_attention_2"}, padding_free=False) == "padded"
+    assert plan(packing=True) == "packed"
