@@ -486,7 +486,7 @@ def chat(
     base: Optional[str] = BaseOption,
     base_only: bool = typer.Option(False, "--base-only", help="Chat with the base model alone."),
     with_base: bool = typer.Option(False, "--with-base", help="Each message also goes to the base; answers shown one after the other."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt where training used it: prompt/completion rows, not chat rows)."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
     sample: bool = SampleOption,
     temperature: float = TemperatureOption,
@@ -498,11 +498,9 @@ def chat(
 
     Example: loraft chat --adapter runs/quickstart --with-base
     """
-    from lora_ft.generate import run_system_prompt
-
     settings = _generation_settings(max_new_tokens, 1, sample, temperature, top_p, seed)
     inference, labels = _models(adapter, base, base_only, with_base, force)
-    system = system if system is not None else run_system_prompt(inference)
+    # Without --system, each model's conversation puts in the system prompt its training used (or none).
     start = [{"role": "system", "content": system}] if system else []
     history = {label: list(start) for label in labels}
     typer.echo(f"chatting with {', '.join(labels)}; /reset clears the history, /exit quits", err=True)
@@ -526,7 +524,7 @@ def chat(
             history[label].append({"role": "user", "content": text})
             typer.echo(f"{label}> ", nl=False)
             reply = ""
-            for piece in inference.stream(history[label], settings, label):
+            for piece in inference.stream(history[label], settings, label, system=system is None):
                 reply += piece
                 typer.echo(piece, nl=False)
             typer.echo("")

@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from lora_ft.data.conversation import Example
 from lora_ft.data.pairs import pair_rows_for_eval
 from lora_ft.errors import EXIT_GATE, LoraftError
 from lora_ft.metrics import GENERATION_METRICS, score_generation
@@ -110,32 +111,31 @@ class EvalItem:
     answer: str | None = None  # the row's optional "answer" field: what `contains` looks for
 
 
-def build_items(rows, spec, tokenizer, *, max_seq_length: int, regex: str | None = None) -> list[EvalItem]:
-    """Rows -> items, rendered exactly as training renders them (same format detection, template, masking)."""
-    from lora_ft.data.rows import Example, detect_format, encode, to_example
-    from lora_ft.generate import render_prompt
+def build_items(rows, spec, conversation, *, max_seq_length: int, regex: str | None = None) -> list[EvalItem]:
+    """Rows -> items, rendered exactly as training renders them: the run's conversation (row rule, system prompt,
+    template, masking) with the data settings' field mapping, format and train_on."""
+    from lora_ft.data.rows import detect_format, map_fields
 
     if not rows:
         return []
     fmt = detect_format(rows, spec)
-    use_chat = bool(getattr(tokenizer, "chat_template", None))
     items = []
     for row in rows:
-        example = to_example(row, fmt, spec, use_chat=use_chat)
+        example = conversation.example(map_fields(row.data, spec.fields), row.where, fmt)
         row_regex = row.data.get("regex") if isinstance(row.data.get("regex"), str) else regex
         answer = row.data.get("answer") if isinstance(row.data.get("answer"), str) else None
         if example.text is not None:
-            encoded = encode(example, tokenizer, train_on=spec.train_on, max_seq_length=max_seq_length)
+            encoded = conversation.encode(example, train_on=spec.train_on, max_seq_length=max_seq_length)
             items.append(EvalItem(row.where, example.text[:200], None, None, encoded if encoded.trained_tokens else None))
             continue
         messages = list(example.messages)
         last = max(i for i, m in enumerate(messages) if m["role"] in ("assistant", "completion"))
         context, reference = messages[:last], messages[last]["content"]
-        through = Example(tuple(messages[: last + 1]), None, row.where)
-        encoded = encode(through, tokenizer, train_on=spec.train_on, max_seq_length=max_seq_length)
+        through = Example(tuple(messages[: last + 1]), None, row.where, example.tools)
+        encoded = conversation.encode(through, train_on=spec.train_on, max_seq_length=max_seq_length)
         items.append(
             EvalItem(
-                row.where, context[-1]["content"], render_prompt(tokenizer, context), reference,
+                row.where, context[-1]["content"], conversation.prompt_ids(context), reference,
                 encoded if encoded.trained_tokens else None, row_regex, answer,
             )
         )
@@ -359,15 +359,15 @@ def evaluate(
     wanted = Path(adapter).expanduser().resolve()
     label = next((name for name, run in inference.runs.items() if run.path == wanted), inference.labels[0])
     run = inference.runs[label]
-    tokenizer = inference.tokenizer(label)
+    conversation = inference.conversation(label)
     max_seq_length = run.config.training.max_seq_length if run.config else 2048
     task_sources, task_rows = _task_rows(run, data)
     task_spec = _data_spec(run, task_sources[0])
     # Preference pairs: accuracy and margin on the pairs; loss and generations against the chosen answers.
-    pairs = pair_rows_for_eval(task_rows, task_spec, tokenizer, max_seq_length=max_seq_length)
+    pairs = pair_rows_for_eval(task_rows, task_spec, conversation.tokenizer, max_seq_length=max_seq_length)
     if pairs is not None:
         task_rows = pairs[0]
-    items = build_items(task_rows, task_spec, tokenizer, max_seq_length=max_seq_length, regex=settings.regex)
+    items = build_items(task_rows, task_spec, conversation, max_seq_length=max_seq_length, regex=settings.regex)
     task = _compare(inference, label, items, settings, progress, "task")
     if pairs is not None:
         task["metrics"] = {**_preference_metrics(inference, label, pairs[1], settings), **task["metrics"]}
@@ -381,7 +381,7 @@ def evaluate(
 
         # General-capability prompts are asked as a user would, without the task's system prompt.
         spec = DataSpec(train={"path": str(regression_files[0])})
-        reg_items = build_items(rows, spec, tokenizer, max_seq_length=max_seq_length)
+        reg_items = build_items(rows, spec, replace(conversation, system_prompt=None), max_seq_length=max_seq_length)
         regression_report = _compare(inference, label, reg_items, settings, progress, "regression", worst=settings.worst)
         regression_report["sources"] = [str(p) for p in regression_files]
 
@@ -520,7 +520,7 @@ def _stop_metrics(inference, label: str, scored: list[EvalItem], settings: EvalS
     found = {}
     for who in (BASE, label):
         with inference.use(who):
-            found[who] = stop_score(inference.model, [i.encoded for i in scored], inference.eos_ids[label],
+            found[who] = stop_score(inference.model, [i.encoded for i in scored], inference.conversation(label).stop_ids,
                                     pad_token_id=tokenizer.pad_token_id, batch_size=settings.batch_size)
     if found[label] is None:
         return {}

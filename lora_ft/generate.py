@@ -19,13 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from lora_ft.errors import LoraftError
 from lora_ft.artifacts.adapter import AdapterRun
 from lora_ft.artifacts.run_dir import read_json
+from lora_ft.data.conversation import Conversation
+from lora_ft.errors import LoraftError
 
 BASE = "base"
-# End-of-turn tokens of common chat templates; each one present in the vocabulary is a stop id.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>", "<|end|>", "<|eom_id|>")
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,7 @@ class Inference:
     """A loaded base model with zero, one or two adapters, and what is needed to prompt it like in training."""
 
     model: object
-    tokenizers: dict[str, object]  # label -> tokenizer (each adapter's own saved tokenizer; base uses the first's)
-    eos_ids: dict[str, list[int]]
+    conversations: dict[str, Conversation]  # label -> the run's conversation (its saved tokenizer); base uses the first's
     labels: list[str]  # adapter labels in the order given (the base is always available as BASE)
     base_name: str
     base_matches: bool | None  # fingerprint check: True, False (forced), None (nothing recorded)
@@ -102,11 +100,20 @@ class Inference:
         self.model.set_adapter(label)
         yield
 
-    def tokenizer(self, label: str = BASE):
-        return self.tokenizers.get(label) or self.tokenizers[BASE]
+    def conversation(self, label: str = BASE) -> Conversation:
+        return self.conversations.get(label) or self.conversations[BASE]
 
-    def render(self, messages: Sequence[dict], label: str = BASE) -> list[int]:
-        return render_prompt(self.tokenizer(label), messages)
+    def tokenizer(self, label: str = BASE):
+        return self.conversation(label).tokenizer
+
+    @property
+    def eos_ids(self) -> dict[str, list[int]]:
+        return {label: list(conversation.stop_ids) for label, conversation in self.conversations.items()}
+
+    def render(self, messages: Sequence[dict], label: str = BASE, *, system: bool = True) -> list[int]:
+        """Prompt ids as training rendered them, the run's system-prompt rule included (`system=False`: the
+        caller chose the system message itself)."""
+        return self.conversation(label).prompt_ids(messages, system=system)
 
     def generate(self, prompts: Sequence[list[int]], settings: GenerationSettings, label: str = BASE, *, progress=None) -> list[Generation]:
         with self.use(label):
@@ -115,12 +122,12 @@ class Inference:
                 description=f"generating ({label})",
             )
 
-    def stream(self, messages: Sequence[dict], settings: GenerationSettings, label: str = BASE) -> Iterator[str]:
+    def stream(self, messages: Sequence[dict], settings: GenerationSettings, label: str = BASE, *, system: bool = True) -> Iterator[str]:
         """Yield the reply's text as it is generated (for `loraft chat`)."""
         from transformers import TextIteratorStreamer
 
         tokenizer = self.tokenizer(label)
-        ids = self.render(messages, label)
+        ids = self.render(messages, label, system=system)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         config = settings.to_hf(self.eos_ids[label], tokenizer.pad_token_id)
         failure: list[BaseException] = []
@@ -185,8 +192,7 @@ def load_for_inference(
     model = load_base_model(spec, source, precision)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    tokenizers = {BASE: load_tokenizer(spec, source)}
-    eos = {BASE: base_eos_ids(tokenizers[BASE], model)}
+    conversations = {BASE: base_conversation(load_tokenizer(spec, source), model)}
     if runs:
         from peft import PeftModel
 
@@ -194,13 +200,12 @@ def load_for_inference(
         for label, run in zip(labels[1:], runs[1:]):
             model.load_adapter(str(run.path), adapter_name=label)
         for label, run in zip(labels, runs):
-            tokenizers[label] = run_tokenizer(run)
-            eos[label] = run_eos_ids(run, tokenizers[label], model)
-        # The base is measured on exactly the adapter's prompts: same template, same stop ids.
-        tokenizers[BASE], eos[BASE] = tokenizers[labels[0]], eos[labels[0]]
+            conversations[label] = run_conversation(run, run_tokenizer(run), model)
+        # The base is measured on exactly the adapter's prompts: same template, same system prompt, same stop ids.
+        conversations[BASE] = conversations[labels[0]]
         model.set_adapter(labels[0])
     model.eval()
-    return Inference(model, tokenizers, eos, labels, spec.name, matches, dict(zip(labels, runs)))
+    return Inference(model, conversations, labels, spec.name, matches, dict(zip(labels, runs)))
 
 
 def _labels(runs: list[AdapterRun]) -> list[str]:
@@ -222,82 +227,40 @@ def run_tokenizer(run: AdapterRun):
     return tokenizer
 
 
-def run_eos_ids(run: AdapterRun, tokenizer, model) -> list[int]:
-    """Stop ids: the run's generation_config.json if it records them, else derived from the tokenizer."""
+def run_conversation(run: AdapterRun, tokenizer, model=None) -> Conversation:
+    """The run's saved conversation.json; for a run saved before it existed, rebuilt from what the run recorded:
+    the format it trained on (manifest), its data.system_prompt (config.yaml) and its stop ids
+    (generation_config.json)."""
+    saved = Conversation.read(run.path, tokenizer)
+    if saved is not None:
+        return _require_stop_ids(saved)
+    fmt = run.manifest.data.format if run.manifest is not None else None
+    data = run.config.data if run.config is not None else None
+    if fmt is None and data is not None and data.format != "auto":
+        fmt = data.format
+    recorded = None
     path = run.path / "generation_config.json"
     if path.is_file():
         recorded = read_json(path).get("eos_token_id")
-        if recorded is not None:
-            return sorted(set(recorded if isinstance(recorded, list) else [recorded]))
-    return base_eos_ids(tokenizer, model)
+        recorded = recorded if isinstance(recorded, list) else [recorded] if recorded is not None else None
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    conversation = Conversation.reconstruct(
+        tokenizer, fmt=fmt, system_prompt=data.system_prompt if data is not None else None, stop_ids=recorded, model_eos=model_eos,
+    )
+    return _require_stop_ids(conversation)
 
 
-def base_eos_ids(tokenizer, model=None) -> list[int]:
-    """Tokenizer EOS + every known end-of-turn token in the vocabulary + the model's own generation EOS ids."""
-    from lora_ft.data.chat_template import stop_token_ids
+def base_conversation(tokenizer, model=None) -> Conversation:
+    """A base prompted alone: its own template, no system prompt; stops on EOS, every known end-of-turn token in
+    its vocabulary and the model's own generation EOS ids."""
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return _require_stop_ids(Conversation.of_base(tokenizer, model_eos=model_eos))
 
-    ids = set(stop_token_ids(tokenizer))  # EOS and the template's own end-of-turn token (the rule training used)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ids.update(configured if isinstance(configured, list) else [configured])
-    if not ids:
+
+def _require_stop_ids(conversation: Conversation) -> Conversation:
+    if not conversation.stop_ids:
         raise LoraftError("the tokenizer has no EOS or end-of-turn token, so generation could never stop; fix its tokenizer_config.json")
-    return sorted(ids)
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts
-
-
-def render_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
-    """Token ids of a conversation up to the assistant's turn, rendered as in training (data.render_with_spans).
-
-    Messages with role "prompt" are plain text for tokenizers without a chat template: BOS + text.
-    """
-    if messages and messages[0]["role"] == "prompt":
-        ids = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
-        bos = tokenizer.bos_token_id
-        adds_bos = bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
-        return ([bos] if adds_bos else []) + list(ids)
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def prompt_messages(row: dict, *, system_prompt: str | None, has_template: bool, where: str) -> tuple[list[dict], str | None]:
-    """A JSONL row -> (messages to continue, reference answer or None).
-
-    Accepts {"messages": [...]} (a trailing assistant turn is the reference), {"prompt", "completion"?},
-    {"instruction", "input"?, "output"?}, as the training data formats do.
-    """
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise LoraftError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        messages = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
-        reference = None
-        if messages[-1]["role"] == "assistant":
-            reference = messages.pop()["content"]
-        if not messages or messages[-1]["role"] != "user":
-            raise LoraftError(f"{where}: the conversation must end with a user turn (or a user turn and its reference answer)")
-        if not has_template:
-            raise LoraftError(f"{where}: chat rows need a chat template, and this tokenizer has none")
-        return messages, reference
-    if isinstance(row.get("prompt"), str):
-        prompt, reference = row["prompt"], row.get("completion")
-    elif isinstance(row.get("instruction"), str):
-        extra = row.get("input") or ""
-        prompt = f"{row['instruction']}\n\n{extra}" if str(extra).strip() else row["instruction"]
-        reference = row.get("output")
-    else:
-        raise LoraftError(f"{where}: a prompt row needs 'prompt', 'instruction' or 'messages' (fields: {', '.join(sorted(row))})")
-    if reference is not None and not isinstance(reference, str):
-        raise LoraftError(f"{where}: the reference answer must be a string")
-    if not has_template:
-        return [{"role": "prompt", "content": prompt}], reference
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return system + [{"role": "user", "content": prompt}], reference
+    return conversation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,17 +376,15 @@ def generate_file(
     rows = read_rows(DataSource(path=str(prompts_file)))
     if not rows:
         raise LoraftError(f"--prompts: {prompts_file} holds no rows")
-    system_prompt = run_system_prompt(inference)
     results = []
     per_label: dict[str, list[Generation]] = {}
     prompts_shown = []
     for label in labels:
-        tokenizer = inference.tokenizer(label)
-        has_template = bool(getattr(tokenizer, "chat_template", None))
+        conversation = inference.conversation(label)
         ids = []
         for row in rows:
-            messages, _ = prompt_messages(row.data, system_prompt=system_prompt, has_template=has_template, where=row.where)
-            ids.append(render_prompt(tokenizer, messages))
+            messages, _ = conversation.prompt(row.data, row.where)
+            ids.append(conversation.prompt_ids(messages))
             if label == labels[0]:
                 prompts_shown.append(messages[-1]["content"])
         per_label[label] = inference.generate(ids, settings, label, progress=progress)
@@ -433,10 +394,3 @@ def generate_file(
     if out is not None:
         atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
     return GenerateResult(results, list(labels), out, settings)
-
-
-def run_system_prompt(inference: Inference) -> str | None:
-    run = next(iter(inference.runs.values()), None)
-    if run is not None and run.config is not None and run.config.data is not None:
-        return run.config.data.system_prompt
-    return None

@@ -268,10 +268,12 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, console, command: s
 
     with console.status("tokenizing data"):
         if cfg.training.method == "sft":
-            data = load_training_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length, seed=cfg.training.seed)
+            data = load_training_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length, seed=cfg.training.seed,
+                                      model_eos=check.model_config.eos_token_id)
         else:
             data = load_preference_data(cfg.data, check.tokenizer, max_seq_length=cfg.training.max_seq_length,
-                                        max_prompt_length=cfg.preference.max_prompt_length, seed=cfg.training.seed)
+                                        max_prompt_length=cfg.preference.max_prompt_length, seed=cfg.training.seed,
+                                        model_eos=check.model_config.eos_token_id)
     data.heldout_overlap = gate.overlap.to_json() if gate.overlap else None
     _report_data(console, data)
     if plan is not None and plan.checkpoint is not None:
@@ -580,12 +582,11 @@ def final_scores(model, data, tokenizer, batch_size: int) -> dict:
 def stop_after_training(model, data, check: Preflight, batch_size: int) -> dict:
     """How likely base and adapter are to stop where held-out answers end; a warning with cause and fix
     when the adapter would not stop on most of them."""
-    from lora_ft.data.chat_template import stop_token_ids
     from lora_ft.model.stop_tokens import stop_score, stop_warning
 
     if data.eval is None:
         return {}
-    ids, pad = stop_token_ids(check.tokenizer), check.tokenizer.pad_token_id
+    ids, pad = list(data.conversation.stop_ids), check.tokenizer.pad_token_id  # the ids eval, generate and serve stop on
     base = stop_score(model, data.eval.encoded, ids, pad_token_id=pad, batch_size=batch_size, disable_adapter=True)
     adapter = stop_score(model, data.eval.encoded, ids, pad_token_id=pad, batch_size=batch_size)
     if adapter is None:
@@ -602,7 +603,7 @@ def finalize(
     run: RunDir, trainer, cfg: RunConfig, check: Preflight, data, *, scores, speed, base_fingerprint, wall_seconds,
     original=None, stop: dict | None = None, preference: dict | None = None,
 ) -> RunManifest:
-    from lora_ft.data.chat_template import end_of_turn_token, generation_config
+    from lora_ft.data.chat_template import generation_config
     from lora_ft.model.coverage import parameter_wrappers
     from lora_ft.artifacts.manifests import (
         BaseModelRecord, ChatRecord, DataRecord, DistributedRecord, LoraRecord, MetricsRecord, write_manifest,
@@ -615,8 +616,9 @@ def finalize(
     conversion = save_adapter(model, stage, cfg.lora, run.path / INITIAL_ADAPTER)
     wrappers = parameter_wrappers(model)
     check.tokenizer.save_pretrained(str(stage))
-    generation = generation_config(check.model_config, check.tokenizer)
+    generation = generation_config(check.model_config, data.conversation)
     generation.save_pretrained(str(stage))
+    data.conversation.save(stage)  # how eval, generate, chat and serve prompt this run
     history = read_metrics(run.path / METRICS)
     plot_loss_curve(history, stage / "loss_curve.png")
     state = trainer.state
@@ -651,7 +653,7 @@ def finalize(
         ),
         chat=ChatRecord(
             template=cfg.model.chat_template or ("tokenizer" if check.tokenizer.chat_template else None),
-            end_of_turn=end_of_turn_token(check.tokenizer),
+            end_of_turn=data.conversation.end_of_turn,
             stop_token_ids=generation.eos_token_id,
             train_on=cfg.data.train_on,
         ),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import build_tokenizer, copy_rows, write_jsonl
-from lora_ft.data.chat_template import check_end_of_turn, end_of_turn_token, require_end_of_turn, stop_token_ids
+from lora_ft.data.chat_template import check_end_of_turn, require_end_of_turn
+from lora_ft.data.conversation import end_of_turn_token, stop_ids_for
 from lora_ft.config import DataSpec, validate_dict
 from lora_ft.data.rows import Example, encode
 from lora_ft.errors import DataError
@@ -75,7 +76,7 @@ def test_train_on_all_trains_every_token():
 def test_end_of_turn_token_is_found_from_the_template(template, token):
     tokenizer = _tokenizer(template)
     assert end_of_turn_token(tokenizer) == token
-    assert tokenizer.convert_tokens_to_ids(token) in stop_token_ids(tokenizer)
+    assert tokenizer.convert_tokens_to_ids(token) in stop_ids_for(tokenizer)
 
 
 def test_a_template_whose_turns_do_not_end_with_a_token_is_refused_before_training():

@@ -112,7 +112,7 @@ def test_per_example_losses_do_not_depend_on_batching(loaded, tiny_run):
     run = AdapterRun.load(tiny_run)
     from lora_ft.data.rows import read_rows
 
-    items = build_items(read_rows(run.config.data.eval), run.config.data, loaded.tokenizer("run"), max_seq_length=64)
+    items = build_items(read_rows(run.config.data.eval), run.config.data, loaded.conversation("run"), max_seq_length=64)
     encoded = [i.encoded for i in items]
     pad = loaded.tokenizer("run").pad_token_id
     one = example_losses(loaded.model, encoded, pad_token_id=pad, batch_size=1)

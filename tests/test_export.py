@@ -311,15 +311,16 @@ def test_llama_cpp_with_the_exported_gguf_decodes_what_loraft_generate_decodes(t
 
     from transformers import AutoTokenizer
 
-    from lora_ft.generate import render_prompt
+    from lora_ft.data.conversation import Conversation
 
     tokenizer = AutoTokenizer.from_pretrained(run)
+    conversation = Conversation.read(run, tokenizer)
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     llm = llama_cpp.Llama(model_path=str(quickstart_gguf), lora_path=str(out / "adapter.gguf"), n_ctx=512,
                           n_threads=2, seed=0, verbose=False)
     same, differ, changed = 0, [], 0
     for row, answer in zip(held_out, answers):
-        ids = render_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])  # as loraft generate renders it
+        ids = conversation.prompt_ids([{"role": "user", "content": row["prompt"]}])  # as loraft generate renders it
         llm.reset()
         new = []
         for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):

@@ -9,16 +9,9 @@ import torch
 
 from conftest import write_jsonl
 from lora_ft.config import validate_dict
+from lora_ft.data.conversation import Conversation, stop_ids_for
 from lora_ft.errors import LoraftError
-from lora_ft.generate import (
-    BASE,
-    GenerationSettings,
-    base_eos_ids,
-    generate_batched,
-    load_for_inference,
-    prompt_messages,
-    render_prompt,
-)
+from lora_ft.generate import BASE, GenerationSettings, base_conversation, generate_batched, load_for_inference
 from lora_ft.train import train
 
 PROMPTS = [
@@ -89,40 +82,55 @@ def test_stop_ids_are_eos_plus_end_of_turn_tokens(tiny_model_dir):
     from conftest import build_tokenizer
 
     tokenizer = build_tokenizer()
-    assert base_eos_ids(tokenizer) == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")})
+    im_end, eos = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("</s>")
+    assert tokenizer.eos_token_id == im_end and stop_ids_for(tokenizer) == (im_end,)
     tokenizer.eos_token = "</s>"  # a base whose EOS is not the template's end-of-turn token
-    assert base_eos_ids(tokenizer) == sorted({tokenizer.convert_tokens_to_ids("</s>"), tokenizer.convert_tokens_to_ids("<|im_end|>")})
+    assert stop_ids_for(tokenizer) == tuple(sorted({eos, im_end}))
+    assert base_conversation(tokenizer).stop_ids == tuple(sorted({eos, im_end}))
+    assert stop_ids_for(tokenizer, model_eos=[7, im_end]) == tuple(sorted({eos, im_end, 7})), "and the base's own EOS ids"
 
 
-def test_run_generation_config_eos_ids_are_used_when_present(tiny_run, tmp_path):
+def test_the_runs_saved_stop_ids_are_used_and_an_older_run_falls_back_to_its_generation_config(tiny_run, tmp_path):
     import shutil
 
     copy = tmp_path / "run_copy"
     shutil.copytree(tiny_run, copy)
-    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 4]}))
+    saved = json.loads((copy / "conversation.json").read_text())
+    (copy / "conversation.json").write_text(json.dumps({**saved, "stop_ids": [3, 5]}))
     loaded = load_for_inference(copy)
-    assert loaded.eos_ids[loaded.labels[0]] == [3, 4]
-    assert loaded.eos_ids[BASE] == [3, 4], "the base is prompted and stopped like the adapter"
+    assert loaded.eos_ids[loaded.labels[0]] == [3, 5]
+    assert loaded.eos_ids[BASE] == [3, 5], "the base is prompted and stopped like the adapter"
+    (copy / "conversation.json").unlink()  # a run saved before conversation.json existed
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 4]}))
+    assert load_for_inference(copy).eos_ids[BASE] == [3, 4]
 
 
 def test_prompts_render_with_the_runs_saved_template(inference, tiny_run):
-    tokenizer = inference.tokenizer(inference.labels[0])
-    assert tokenizer.chat_template == (tiny_run / "chat_template.jinja").read_text()
-    messages, reference = prompt_messages({"prompt": "Repeat after me: fox", "completion": "fox"}, system_prompt=None, has_template=True, where="t:1")
+    conversation = inference.conversation(inference.labels[0])
+    assert conversation.tokenizer.chat_template == (tiny_run / "chat_template.jinja").read_text()
+    messages, reference = conversation.prompt({"prompt": "Repeat after me: fox", "completion": "fox"}, "t:1")
     assert reference == "fox"
-    assert tokenizer.decode(render_prompt(tokenizer, messages)) == "<|im_start|>user\nRepeat after me: fox<|im_end|>\n<|im_start|>assistant\n"
+    assert conversation.tokenizer.decode(conversation.prompt_ids(messages)) == (
+        "<|im_start|>user\nRepeat after me: fox<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_prompt_rows_accept_messages_with_reference_and_reject_bad_rows():
-    messages, reference = prompt_messages(
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-        system_prompt="be brief", has_template=True, where="f:1",
-    )
-    assert messages == [{"role": "user", "content": "hi"}] and reference == "hello"
-    messages, _ = prompt_messages({"instruction": "Add", "input": "1 2"}, system_prompt="be brief", has_template=True, where="f:2")
-    assert messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Add\n\n1 2"}]
+    from conftest import build_tokenizer
+
+    chat_row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    trained_on_prompts = Conversation.for_training(build_tokenizer(), fmt="prompt_completion", system_prompt="be brief")
+    system = {"role": "system", "content": "be brief"}
+    assert trained_on_prompts.prompt(chat_row, "f:1") == ([system, {"role": "user", "content": "hi"}], "hello")
+    messages, reference = trained_on_prompts.prompt({"instruction": "Add", "input": "1 2"}, "f:2")
+    assert messages == [system, {"role": "user", "content": "Add\n\n1 2"}] and reference is None
+    trained_on_chat = Conversation.for_training(build_tokenizer(), fmt="chat", system_prompt="be brief")
+    assert trained_on_chat.system_prompt is None, "training never put it in front of a chat row"
+    assert trained_on_chat.prompt(chat_row, "f:1") == ([{"role": "user", "content": "hi"}], "hello")
     with pytest.raises(LoraftError, match="f:3: a prompt row needs"):
-        prompt_messages({"question": "x"}, system_prompt=None, has_template=True, where="f:3")
+        trained_on_chat.prompt({"question": "x"}, "f:3")
+    with pytest.raises(LoraftError, match="f:4: the conversation must end with a user turn"):
+        trained_on_chat.prompt({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}, "f:4")
 
 
 def test_loader_refuses_an_adapter_on_another_base(tiny_run, other_tiny_model_dir):
@@ -171,10 +179,10 @@ def test_chat_streams_replies_keeps_history_per_model_and_resets(tiny_run, infer
     calls = []
     original = gen.Inference.stream
 
-    def spy(self, messages, settings, label=BASE):
+    def spy(self, messages, settings, label=BASE, **options):
         call = {"label": label, "history": [m["content"] for m in messages], "reply": ""}
         calls.append(call)
-        for piece in original(self, messages, settings, label):
+        for piece in original(self, messages, settings, label, **options):
             call["reply"] += piece
             yield piece
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from lora_ft.errors import LoraftError
-from lora_ft.generate import GenerationSettings, load_for_inference, render_prompt
+from lora_ft.generate import GenerationSettings, load_for_inference
 from lora_ft.serve import BackgroundServer, ServeSettings, parse_adapters
 from lora_ft.serving.batching import ModelPool
 
@@ -148,7 +148,7 @@ def test_completions_continue_the_raw_prompt_as_generate_does_without_a_template
     served = pool.get("blue")
     prompts = ["the quick brown", "a b c d"]
     answer = client.completions.create(model="blue", prompt=prompts, max_tokens=MAX_TOKENS, temperature=0)
-    ids = [render_prompt(served.tokenizer, [{"role": "prompt", "content": p}]) for p in prompts]
+    ids = [served.conversation.prompt_ids([{"role": "prompt", "content": p}]) for p in prompts]
     inference = load_for_inference(served.path)
     with inference.use(inference.labels[0]):
         expected = generate_batched(inference.model, served.tokenizer, ids, GenerationSettings(max_new_tokens=MAX_TOKENS),

@@ -33,7 +33,7 @@ def test_run_folder_holds_exactly_the_promised_files(finished_run):
     expected = {
         "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
         "chat_template.jinja", "config.yaml", "manifest.json", "metrics.jsonl", "loss_curve.png", "README.md",
-        "checkpoints",
+        "checkpoints", "conversation.json",
     }
     assert expected <= names
     assert not [n for n in names if n.startswith(".")], "no staging or temp files left behind"

@@ -2,63 +2,26 @@
 
 A template ends each assistant turn with a token (ChatML `<|im_end|>`, Llama 3 `<|eot_id|>`, Mistral
 `</s>`). If that token is not in the labels, or not among the EOS ids at inference, the model runs on
-to max_new_tokens. We find the token by rendering a probe conversation, check that every trained
-assistant turn ends with it, and write it into the run's generation_config.json as an EOS id.
+to max_new_tokens. The run's conversation (conversation.py) finds the token; here we check that every
+trained assistant turn ends with it, and write the run's stop ids into its generation_config.json.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lora_ft.data.conversation import Conversation, end_of_turn_token
 from lora_ft.errors import DataError
 
-PROBE = "\u2063loraft-probe\u2063"  # invisible separators: no template rewrites them
 
-
-def end_of_turn_token(tokenizer) -> str | None:
-    """The special token the template puts right after an assistant message, if any."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:
-        return None
-    after = text[text.find(PROBE) + len(PROBE) :] if PROBE in text else ""
-    specials = sorted(set(tokenizer.all_special_tokens) | set(_added_tokens(tokenizer)), key=len, reverse=True)
-    stripped = after.lstrip(" ")
-    for token in specials:
-        if token and stripped.startswith(token):
-            return token
-    return None
-
-
-def _added_tokens(tokenizer) -> list[str]:
-    try:
-        return [t.content if hasattr(t, "content") else str(t) for t in tokenizer.added_tokens_decoder.values()]
-    except AttributeError:
-        return []
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS ids for generation: the tokenizer's EOS and the template's end-of-turn token."""
-    ids = []
-    for token in (tokenizer.eos_token, end_of_turn_token(tokenizer)):
-        if token is not None:
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is not None and token_id not in ids:
-                ids.append(token_id)
-    return ids
-
-
-def generation_config(model_config, tokenizer):
-    """The GenerationConfig saved with the adapter (and the merged model): stops at end of turn, greedy."""
+def generation_config(model_config, conversation: Conversation):
+    """The GenerationConfig saved with the adapter (and the merged model): stops on the run's stop ids, greedy."""
     from transformers import GenerationConfig
 
     base = GenerationConfig.from_model_config(model_config)
-    base.eos_token_id = stop_token_ids(tokenizer) or base.eos_token_id
-    base.pad_token_id = tokenizer.pad_token_id
-    base.bos_token_id = tokenizer.bos_token_id
+    base.eos_token_id = list(conversation.stop_ids) or base.eos_token_id
+    base.pad_token_id = conversation.tokenizer.pad_token_id
+    base.bos_token_id = conversation.tokenizer.bos_token_id
     base.do_sample = False
     base.max_new_tokens = 256
     for sampling_only in ("temperature", "top_p", "top_k"):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_ft.config import DataSpec
+from lora_ft.data.conversation import Conversation
 from lora_ft.data.rows import IGNORE, Example, Row, describe_sources, encode, load_rows, to_example
 from lora_ft.errors import DataError
 
@@ -126,6 +127,7 @@ class PreferenceData:
     eval: PairSplit | None
     sources: list[dict]
     heldout_overlap: dict | None = None
+    conversation: Conversation | None = None  # the run's conversation format, saved with the run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +289,7 @@ def encode_split(split: PairSplit, tokenizer, *, max_seq_length: int, max_prompt
 
 
 def load_preference_data(spec: DataSpec, tokenizer, *, max_seq_length: int, max_prompt_length: int | None,
-                         seed: int) -> PreferenceData:
+                         seed: int, model_eos=None) -> PreferenceData:
     train_rows, eval_rows = load_rows(spec, seed)
     fmt = detect_preference_format(train_rows, spec)
     limits = {"max_seq_length": max_seq_length, "max_prompt_length": max_prompt_length}
@@ -295,7 +297,9 @@ def load_preference_data(spec: DataSpec, tokenizer, *, max_seq_length: int, max_
     evaluation = None
     if eval_rows:
         evaluation = encode_split(read_split("eval", eval_rows, spec, tokenizer, fmt), tokenizer, **limits)
-    return PreferenceData(fmt, train, evaluation, describe_sources(spec, train, evaluation))
+    # Saved with the run: pairs put data.system_prompt in front of every prompt, as prompt/completion rows do.
+    conversation = Conversation.for_training(tokenizer, fmt=fmt, system_prompt=spec.system_prompt, model_eos=model_eos)
+    return PreferenceData(fmt, train, evaluation, describe_sources(spec, train, evaluation), conversation=conversation)
 
 
 def pair_rows_for_eval(rows: list[Row], spec: DataSpec, tokenizer, *, max_seq_length: int):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lora_ft.data.conversation import PROBE, Example, end_of_turn_token, render_with_spans
 from lora_ft.errors import ConfigError, DataError, LoraftError
 
 # A row whose norm is below this share of the median norm of ordinary rows was never trained. Llama 3 base
@@ -59,9 +60,6 @@ class ReliedToken:
 def relied_tokens(tokenizer) -> list[ReliedToken]:
     """EOS, the template's end-of-turn token, and every special token a rendered row contains (BOS, role
     headers such as <|im_start|> or <|start_header_id|>), rendered exactly as training renders rows."""
-    from lora_ft.data.chat_template import PROBE, end_of_turn_token
-    from lora_ft.data.rows import Example, render_with_spans
-
     roles: dict[int, list[str]] = {}
 
     def add(token_id, role):

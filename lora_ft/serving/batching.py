@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lora_ft.errors import LoraftError
 from lora_ft.artifacts.adapter import AdapterRun, check_adapter_name, fits_model, remove_adapter
+from lora_ft.data.conversation import Conversation
+from lora_ft.errors import LoraftError
 
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 TOKENIZER_LOCK = threading.Lock()
@@ -37,34 +38,34 @@ TOKENIZER_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One name a request can ask for: the base, or the base with one adapter."""
+    """One name a request can ask for: the base, or the base with one adapter, prompted through its run's conversation."""
 
     name: str
-    tokenizer: object
-    stop_ids: frozenset[int]
+    conversation: Conversation  # the run's template, system-prompt rule, stop ids and tokenizer
     adapter: str  # PEFT adapter name, or BASE_ROW
-    system_prompt: str | None = None
     path: Path | None = None
 
     @property
+    def tokenizer(self):
+        return self.conversation.tokenizer
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset(self.conversation.stop_ids)
+
+    @property
     def has_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+        return self.conversation.chat
 
     def render_chat(self, messages: Sequence[dict]) -> list[int]:
-        """Token ids of a conversation up to the assistant's turn, with the run's template (as `loraft chat`)."""
-        from lora_ft.generate import render_prompt
-
-        if self.system_prompt and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        """Token ids of a conversation up to the assistant's turn, as `loraft chat` and `loraft generate` build them."""
         with TOKENIZER_LOCK:
-            return render_prompt(self.tokenizer, messages)
+            return self.conversation.prompt_ids(messages)
 
     def render_text(self, text: str) -> list[int]:
         """A raw completion prompt: BOS (if the tokenizer adds one) + text, as `loraft generate` does without a template."""
-        from lora_ft.generate import render_prompt
-
         with TOKENIZER_LOCK:
-            return render_prompt(self.tokenizer, [{"role": "prompt", "content": text}])
+            return self.conversation.text_ids(text)
 
 
 class ModelPool:
@@ -86,7 +87,7 @@ class ModelPool:
 
         from lora_ft.config import ModelSpec
         from lora_ft.artifacts.fingerprint import fingerprint_model_path
-        from lora_ft.generate import base_eos_ids
+        from lora_ft.generate import base_conversation
         from lora_ft.model.loading import load_base_model, load_tokenizer, resolve_model_source, resolve_precision
 
         if not adapters and not base:
@@ -110,7 +111,7 @@ class ModelPool:
         tokenizer = load_tokenizer(spec, source)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        served_base = ServedModel(spec.name, tokenizer, frozenset(base_eos_ids(tokenizer, model)), BASE_ROW)
+        served_base = ServedModel(spec.name, base_conversation(tokenizer, model), BASE_ROW)
         pool = cls(model, served_base, fingerprint=fingerprint, context_length=_context_length(model), source=source)
         for name, run in runs.items():
             pool.check(name, run, force=force)
@@ -136,7 +137,7 @@ class ModelPool:
     def attach(self, name: str, run: AdapterRun) -> ServedModel:
         """Load the run's adapter under `name` (on the worker thread once the scheduler runs). All or nothing:
         when anything fails the model is left exactly as before (no half-loaded adapter keeps the name)."""
-        from lora_ft.generate import run_eos_ids, run_tokenizer
+        from lora_ft.generate import run_conversation, run_tokenizer
 
         tokenizer = run_tokenizer(run)  # the chat template exactly as trained
         try:
@@ -147,17 +148,16 @@ class ModelPool:
 
                 self.model = PeftModel.from_pretrained(self.model, str(run.path), adapter_name=name)
             self.model.eval()
-            system = run.config.data.system_prompt if run.config is not None and run.config.data is not None else None
-            served = ServedModel(name, tokenizer, frozenset(run_eos_ids(run, tokenizer, self.model)), name, system, run.path)
+            served = ServedModel(name, run_conversation(run, tokenizer, self.model), name, run.path)
         except BaseException:
             self.model = remove_adapter(self.model, name)
             raise
         self.adapters[name] = served
         return served
 
-    def add_loaded(self, name: str, tokenizer, stop_ids: Sequence[int]) -> ServedModel:
+    def add_loaded(self, name: str, conversation: Conversation) -> ServedModel:
         """Serve an adapter already on the PeftModel (benchmarks build random ones in memory)."""
-        served = ServedModel(name, tokenizer, frozenset(stop_ids), name)
+        served = ServedModel(name, conversation, name)
         self.adapters[name] = served
         return served
 
