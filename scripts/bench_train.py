@@ -210,7 +210,7 @@ def _anchor_model(mode):
 def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=False, fused=True, kernels="auto", stock=False):
     """loraft's own path: load_base_model, attach_lora, plan_speed, apply_speed_plan, its SFTConfig choices.
     stock: the Trainer as it was before speed.SyncFreeSteps (host syncs inside every step), for the A/B."""
-    model, plan = _loraft_model(mode, batch, seq, gc, liger, fused, kernels)
+    model, plan = _loraft_model(mode, batch, seq, gc, liger, fused, kernels, offload)
     extra = {"packing": True, "packing_strategy": "bfd"} if mode == "real" else {}
     extra["activation_offloading"] = offload
     extra["logging_nan_inf_filter"] = stock  # as lora_ft.train.to_sft_config sets it (False) unless stock
@@ -220,7 +220,7 @@ def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=Fal
     return trainer, {**plan.to_json(), "activation_offloading": offload, **({"trainer": "stock"} if stock else {})}
 
 
-def _loraft_model(mode, batch, seq, gc, liger, fused, kernels="auto"):
+def _loraft_model(mode, batch, seq, gc, liger, fused, kernels="auto", offload=False):
     from lora_ft.config import validate_dict
     from lora_ft.model.loading import attach_lora, load_base_model, resolve_model_source
     from lora_ft.model.speed import apply_speed_plan, plan_speed
@@ -233,7 +233,7 @@ def _loraft_model(mode, batch, seq, gc, liger, fused, kernels="auto"):
         "data": {"train": "unused.jsonl"},
         "training": {"batch_size": batch, "max_seq_length": seq, "precision": "bf16", "gradient_checkpointing": gc_value,
                      "liger": {"true": True, "false": False}.get(liger, "auto"), "fused_lora": fused,
-                     "lora_kernels": kernels},
+                     "lora_kernels": kernels, "activation_offloading": offload},
     }
     if mode == "qlora":
         raw["model"]["quantization"] = {"bits": 4, "quant_type": "nf4", "double_quant": True}
@@ -319,7 +319,7 @@ def _probe_trainer(tool, mode, seq, rows, model):
         args = _sft_args(1, seq, 1, gradient_checkpointing=True, remove_unused_columns=True)
         return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer()), model
     if model is None:
-        model, plan = _loraft_model(mode, 1, seq, "true", "auto", fused=True)
+        model, plan = _loraft_model(mode, 1, seq, "true", "auto", fused=True, offload=not SMOKE)
         model.loraft_plan = plan
     plan = model.loraft_plan
     args = _sft_args(1, seq, 1, gradient_checkpointing=False, use_liger_kernel=plan.liger, optim=plan.optimizer,

@@ -288,3 +288,26 @@ def test_padding_free_is_on_by_default_only_with_a_varlen_attention_kernel():
     assert plan(padding_free=True) == "padding-free"
     assert plan(model={"attn_implementation": "flash_attention_2"}, padding_free=False) == "padded"
     assert plan(packing=True) == "packed"
+
+
+def test_a_sequence_that_cannot_fit_is_refused_up_front_with_the_longest_that_does():
+    from transformers import LlamaConfig
+
+    from lora_ft.errors import ConfigError
+    from lora_ft.model.speed import check_fits
+
+    shape = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=128256)
+
+    def cfg(seq, batch=1, **training):
+        return validate_dict({"model": {"name": "x", "quantization": {"bits": 4}}, "training": {
+            "batch_size": batch, "max_seq_length": seq, **training}})
+
+    qlora = dict(weights_gib=5.6, trainable=42_000_000, gpu_gib=139.0)  # Llama-3.1-8B in 4-bit on an H200
+    check_fits(cfg(262_144), shape, **qlora)  # measured to train on the card (issue 25)
+    check_fits(cfg(2048, batch=4), shape, weights_gib=15.0, trainable=42_000_000, gpu_gib=24.0)  # bf16 on a 24 GB card
+    with pytest.raises(ConfigError, match=r"max_seq_length 524288 at batch_size 1 needs at least \d+ GiB") as refused:
+        check_fits(cfg(524_288), shape, **qlora)
+    longest = int(str(refused.value).split("The longest that fits: max_seq_length ")[1].split()[0])
+    assert 262_144 <= longest < 524_288 and longest % 1024 == 0
+    check_fits(cfg(longest), shape, **qlora)  # the length it names does pass
+    check_fits(cfg(524_288, activation_offloading=True), shape, **qlora)  # layer inputs on the host: not modelled

@@ -120,6 +120,10 @@ def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None
     check_speed_choices(cfg)
     liger = liger_available() if t.liger == "auto" else bool(t.liger)
     layers = int(getattr(model_config, "num_hidden_layers", 0) or 0)
+    if cuda:
+        gpu_gib = t.memory_budget_gib or torch.cuda.get_device_properties(0).total_memory / 2**30
+        check_fits(cfg, model_config, weights_gib if weights_gib is not None else torch.cuda.memory_allocated() / 2**30,
+                   trainable, gpu_gib)
     if t.gradient_checkpointing is True:
         checkpoint = layers
     elif t.gradient_checkpointing is False or not cuda:
@@ -148,6 +152,36 @@ def activation_gib_per_layer(model_config, tokens: int, *, fused_lora: bool = Tr
     hidden = model_config.hidden_size
     inter = getattr(model_config, "intermediate_size", 4 * hidden)
     return _layer_bytes_per_token(hidden, inter, fused_lora) * tokens / 2**30
+
+
+def check_fits(cfg: RunConfig, model_config, weights_gib: float, trainable: int, gpu_gib: float) -> None:
+    """Refuse before the first step a batch x sequence that cannot train on this GPU however it is planned: even
+    with every layer checkpointed it keeps the frozen weights, the trainable state (weight, gradient, Adam: 16
+    bytes each), every layer's input (hidden x 2 bytes a token) and one layer's recomputed activations. The
+    estimate is a floor (at 262k tokens an H200 run measured ~1.5x the one-layer figure), so this refuses only
+    what cannot fit, never a run that would. With activation_offloading the layer inputs go to host memory,
+    which is not modelled here: no refusal then."""
+    t = cfg.training
+    layers = int(getattr(model_config, "num_hidden_layers", 0) or 0)
+    if t.activation_offloading or layers == 0:
+        return
+    per_token = activation_gib_per_layer(model_config, 1, fused_lora=t.fused_lora)
+    if cfg.model.quantization is not None and not t.fused_lora:
+        per_token *= QUANTIZED_UNFUSED_ACTIVATION_SCALE
+    per_token += layers * model_config.hidden_size * 2 / 2**30
+    fixed = weights_gib + trainable * 16 / 2**30
+    need = fixed + t.batch_size * t.max_seq_length * per_token
+    if need <= gpu_gib:
+        return
+    from lora_ft.errors import ConfigError
+
+    longest = max(0, int((gpu_gib - fixed) / per_token / t.batch_size)) // 1024 * 1024
+    raise ConfigError(
+        f"training.max_seq_length {t.max_seq_length} at batch_size {t.batch_size} needs at least {need:.0f} GiB of GPU "
+        f"memory even with every layer checkpointed ({fixed:.1f} GiB of weights and trainable state, "
+        f"{per_token * 2**20:.0f} KiB a token); this GPU has {gpu_gib:.0f} GiB. The longest that fits: "
+        f"max_seq_length {longest} at batch_size {t.batch_size} (or set training.activation_offloading: true)"
+    )
 
 
 def _layers_to_checkpoint(cfg: RunConfig, model_config, layers: int, weights_gib, trainable: int) -> int:
