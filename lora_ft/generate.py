@@ -1,10 +1,11 @@
-"""Generation stage: load base+adapter once, render prompts with the run's saved chat template, generate in batches.
+"""Generation stage: load base+adapter once, prompt through the run's saved conversation, generate in batches.
 
-Shared by `loraft eval`, `loraft generate` and `loraft chat`, so all three see the same template,
-the same stop tokens and the same loader. Pitfalls guarded here:
-- the tokenizer (and its chat template) comes from the run folder, exactly as trained, never from the base;
-- generation stops on every end-of-turn id (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`, ...), not only on
-  the tokenizer's EOS: a model fine-tuned on ChatML that is only stopped at `</s>` never stops;
+Shared by `loraft eval`, `loraft generate` and `loraft chat` (`serve` prompts through the same `Conversation`), so all
+see the same template, system-prompt rule, stop tokens and loader. Pitfalls guarded here:
+- the tokenizer (and its chat template) comes from the run folder, exactly as trained, never from the base, and
+  prompts are built by the run's `Conversation` (conversation.json), exactly as training built rows;
+- generation stops on the run's stop ids (every end-of-turn id: ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`,
+  ...), not only on the tokenizer's EOS: a model fine-tuned on ChatML that is only stopped at `</s>` never stops;
 - batches are left-padded with an attention mask (transformers derives position ids from it), so a
   prompt's greedy output does not depend on the batch it lands in.
 """
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from lora_ft.artifacts.adapter import AdapterRun
-from lora_ft.artifacts.run_dir import read_json
 from lora_ft.data.conversation import Conversation
 from lora_ft.errors import LoraftError
 
@@ -192,7 +192,7 @@ def load_for_inference(
     model = load_base_model(spec, source, precision)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    conversations = {BASE: base_conversation(load_tokenizer(spec, source), model)}
+    conversations = {BASE: Conversation.of_base(load_tokenizer(spec, source), model=model)}
     if runs:
         from peft import PeftModel
 
@@ -200,7 +200,7 @@ def load_for_inference(
         for label, run in zip(labels[1:], runs[1:]):
             model.load_adapter(str(run.path), adapter_name=label)
         for label, run in zip(labels, runs):
-            conversations[label] = run_conversation(run, run_tokenizer(run), model)
+            conversations[label] = Conversation.of_run(run, run_tokenizer(run), model=model)
         # The base is measured on exactly the adapter's prompts: same template, same system prompt, same stop ids.
         conversations[BASE] = conversations[labels[0]]
         model.set_adapter(labels[0])
@@ -225,42 +225,6 @@ def run_tokenizer(run: AdapterRun):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def run_conversation(run: AdapterRun, tokenizer, model=None) -> Conversation:
-    """The run's saved conversation.json; for a run saved before it existed, rebuilt from what the run recorded:
-    the format it trained on (manifest), its data.system_prompt (config.yaml) and its stop ids
-    (generation_config.json)."""
-    saved = Conversation.read(run.path, tokenizer)
-    if saved is not None:
-        return _require_stop_ids(saved)
-    fmt = run.manifest.data.format if run.manifest is not None else None
-    data = run.config.data if run.config is not None else None
-    if fmt is None and data is not None and data.format != "auto":
-        fmt = data.format
-    recorded = None
-    path = run.path / "generation_config.json"
-    if path.is_file():
-        recorded = read_json(path).get("eos_token_id")
-        recorded = recorded if isinstance(recorded, list) else [recorded] if recorded is not None else None
-    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    conversation = Conversation.reconstruct(
-        tokenizer, fmt=fmt, system_prompt=data.system_prompt if data is not None else None, stop_ids=recorded, model_eos=model_eos,
-    )
-    return _require_stop_ids(conversation)
-
-
-def base_conversation(tokenizer, model=None) -> Conversation:
-    """A base prompted alone: its own template, no system prompt; stops on EOS, every known end-of-turn token in
-    its vocabulary and the model's own generation EOS ids."""
-    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return _require_stop_ids(Conversation.of_base(tokenizer, model_eos=model_eos))
-
-
-def _require_stop_ids(conversation: Conversation) -> Conversation:
-    if not conversation.stop_ids:
-        raise LoraftError("the tokenizer has no EOS or end-of-turn token, so generation could never stop; fix its tokenizer_config.json")
-    return conversation
 
 
 # ---------------------------------------------------------------------------------------------

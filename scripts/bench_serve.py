@@ -103,7 +103,7 @@ def build_pool(shape: str, device: str, rank: int):
     """(ModelPool with the base and 3 random adapters, prompts as chat messages)."""
     from peft import LoraConfig, get_peft_model
 
-    from lora_ft.generate import base_conversation
+    from lora_ft.data.conversation import Conversation
     from lora_ft.serving.batching import BASE_ROW, ModelPool, ServedModel
 
     if shape == "quickstart":
@@ -124,7 +124,7 @@ def build_pool(shape: str, device: str, rank: int):
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         with torch.device(device):
             model = LlamaForCausalLM(config).to(dtype).eval()
-        base = ServedModel(f"random-{shape}", base_conversation(tokenizer, model), BASE_ROW)
+        base = ServedModel(f"random-{shape}", Conversation.of_base(tokenizer, model=model), BASE_ROW)
         pool = ModelPool(model, base, fingerprint=None, context_length=8192)
         words = " ".join(corpus).split()
         longest = 64 if shape == "llama8b" else 8

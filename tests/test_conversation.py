@@ -210,3 +210,20 @@ def test_train_and_eval_measure_stopping_on_the_stop_ids_generation_stops_on(run
     assert sorted(ModelPool.load({"run": str(run)}).get("run").stop_ids) == sorted(trained)
     assert json.loads((run / "generation_config.json").read_text())["eos_token_id"] == sorted(trained)
     assert json.loads((run / FILE).read_text())["stop_ids"] == sorted(trained) == manifest["chat"]["stop_token_ids"]
+
+
+def test_a_run_saved_before_conversation_json_is_prompted_as_it_was_trained(runs, tmp_path):
+    import shutil
+
+    from lora_ft.generate import load_for_inference
+
+    for trained_on, expected_system in (("chat", None), ("prompt", SYSTEM)):
+        copy = tmp_path / trained_on
+        shutil.copytree(runs[trained_on], copy)
+        saved = load_for_inference(copy).conversation()
+        (copy / FILE).unlink()
+        rebuilt = load_for_inference(copy).conversation()
+        assert rebuilt.system_prompt == saved.system_prompt == expected_system
+        assert rebuilt.stop_ids == saved.stop_ids and rebuilt.trained_format == saved.trained_format
+        user = [{"role": "user", "content": PROMPT}]
+        assert rebuilt.prompt_ids(user) == saved.prompt_ids(user)

@@ -11,7 +11,7 @@ from conftest import write_jsonl
 from lora_ft.config import validate_dict
 from lora_ft.data.conversation import Conversation, stop_ids_for
 from lora_ft.errors import LoraftError
-from lora_ft.generate import BASE, GenerationSettings, base_conversation, generate_batched, load_for_inference
+from lora_ft.generate import BASE, GenerationSettings, generate_batched, load_for_inference
 from lora_ft.train import train
 
 PROMPTS = [
@@ -86,7 +86,7 @@ def test_stop_ids_are_eos_plus_end_of_turn_tokens(tiny_model_dir):
     assert tokenizer.eos_token_id == im_end and stop_ids_for(tokenizer) == (im_end,)
     tokenizer.eos_token = "</s>"  # a base whose EOS is not the template's end-of-turn token
     assert stop_ids_for(tokenizer) == tuple(sorted({eos, im_end}))
-    assert base_conversation(tokenizer).stop_ids == tuple(sorted({eos, im_end}))
+    assert Conversation.of_base(tokenizer).stop_ids == tuple(sorted({eos, im_end}))
     assert stop_ids_for(tokenizer, model_eos=[7, im_end]) == tuple(sorted({eos, im_end, 7})), "and the base's own EOS ids"
 
 

@@ -118,9 +118,41 @@ class Conversation:
         return replace(conversation, trained_format=fmt, stop_ids=tuple(sorted(set(stop_ids))) if stop_ids else conversation.stop_ids)
 
     @classmethod
-    def of_base(cls, tokenizer, *, model_eos: Any = None) -> "Conversation":
-        """A base model prompted alone: its own template, no system prompt."""
-        return replace(cls.for_training(tokenizer, fmt="chat", system_prompt=None, model_eos=model_eos), trained_format=None)
+    def of_base(cls, tokenizer, *, model=None) -> "Conversation":
+        """A base model prompted alone: its own template, no system prompt; it stops on EOS, every known end-of-turn
+        token in its vocabulary and the model's own generation EOS ids."""
+        conversation = cls.for_training(tokenizer, fmt="chat", system_prompt=None, model_eos=_generation_eos(model))
+        return replace(conversation, trained_format=None)._checked()
+
+    @classmethod
+    def of_run(cls, run, tokenizer, *, model=None) -> "Conversation":
+        """The conversation of a finished run folder (`run`: an artifacts.adapter.AdapterRun, `tokenizer` the one
+        saved there): its conversation.json; for a run saved before that file existed, rebuilt from what the run
+        recorded: the row format it trained on (manifest), its data.system_prompt (config.yaml) and its stop ids
+        (generation_config.json)."""
+        saved = cls.read(run.path, tokenizer)
+        if saved is not None:
+            return saved._checked()
+        fmt = run.manifest.data.format if run.manifest is not None else None
+        data = run.config.data if run.config is not None else None
+        if fmt is None and data is not None and data.format != "auto":
+            fmt = data.format
+        recorded = None
+        path = Path(run.path) / "generation_config.json"
+        if path.is_file():
+            try:
+                recorded = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+            except (OSError, ValueError, AttributeError):
+                raise LoraftError(f"{path}: not readable JSON; the run folder is damaged") from None
+            recorded = recorded if isinstance(recorded, list) else [recorded] if recorded is not None else None
+        system_prompt = data.system_prompt if data is not None else None
+        return cls.reconstruct(tokenizer, fmt=fmt, system_prompt=system_prompt, stop_ids=recorded,
+                               model_eos=_generation_eos(model))._checked()
+
+    def _checked(self) -> "Conversation":
+        if not self.stop_ids:
+            raise LoraftError("the tokenizer has no EOS or end-of-turn token, so generation could never stop; fix its tokenizer_config.json")
+        return self
 
     # --- saved with the run
 
@@ -300,6 +332,11 @@ def stop_ids_for(tokenizer, model_eos: Any = None) -> tuple[int, ...]:
     if model_eos is not None:
         ids.update(int(i) for i in (model_eos if isinstance(model_eos, (list, tuple)) else [model_eos]))
     return tuple(sorted(ids))
+
+
+def _generation_eos(model) -> Any:
+    """A loaded model's own generation EOS ids (an id, a list, or None)."""
+    return getattr(getattr(model, "generation_config", None), "eos_token_id", None)
 
 
 def _bos(tokenizer) -> str | None:

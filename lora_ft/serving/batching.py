@@ -87,7 +87,6 @@ class ModelPool:
 
         from lora_ft.config import ModelSpec
         from lora_ft.artifacts.fingerprint import fingerprint_model_path
-        from lora_ft.generate import base_conversation
         from lora_ft.model.loading import load_base_model, load_tokenizer, resolve_model_source, resolve_precision
 
         if not adapters and not base:
@@ -111,7 +110,7 @@ class ModelPool:
         tokenizer = load_tokenizer(spec, source)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        served_base = ServedModel(spec.name, base_conversation(tokenizer, model), BASE_ROW)
+        served_base = ServedModel(spec.name, Conversation.of_base(tokenizer, model=model), BASE_ROW)
         pool = cls(model, served_base, fingerprint=fingerprint, context_length=_context_length(model), source=source)
         for name, run in runs.items():
             pool.check(name, run, force=force)
@@ -137,7 +136,7 @@ class ModelPool:
     def attach(self, name: str, run: AdapterRun) -> ServedModel:
         """Load the run's adapter under `name` (on the worker thread once the scheduler runs). All or nothing:
         when anything fails the model is left exactly as before (no half-loaded adapter keeps the name)."""
-        from lora_ft.generate import run_conversation, run_tokenizer
+        from lora_ft.generate import run_tokenizer
 
         tokenizer = run_tokenizer(run)  # the chat template exactly as trained
         try:
@@ -148,7 +147,7 @@ class ModelPool:
 
                 self.model = PeftModel.from_pretrained(self.model, str(run.path), adapter_name=name)
             self.model.eval()
-            served = ServedModel(name, run_conversation(run, tokenizer, self.model), name, run.path)
+            served = ServedModel(name, Conversation.of_run(run, tokenizer, model=self.model), name, run.path)
         except BaseException:
             self.model = remove_adapter(self.model, name)
             raise
