@@ -30,6 +30,7 @@ from lora_ft.artifacts.export_manifest import EXPORT_MANIFEST, EngineRuleRecord,
 from lora_ft.artifacts.adapter import ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterConfig, AdapterRun, ModuleFactors, read_state
 from lora_ft.artifacts.run_dir import MANIFEST, STATE, atomic_dir, atomic_write_json, file_sha256, partial_dir
 from lora_ft.artifacts.locks import sweep_leftovers
+from lora_ft.data.conversation import Conversation
 
 FP32_TOLERANCE = 1e-4  # as merge: fp32 arithmetic on both sides, only summation order differs
 ADAPTER_GGUF = "adapter.gguf"
@@ -297,11 +298,16 @@ def write_gguf(path: Path, modules: list[ModuleFactors], alpha: float, arch: str
 
 
 def _write_modelfile(folder: Path, base_gguf: str, run: AdapterRun) -> None:
-    """Ollama: FROM the base GGUF, ADAPTER the adapter GGUF (relative to the Modelfile), and the run's stop token."""
+    """Ollama: FROM the base GGUF, ADAPTER the adapter GGUF (relative to the Modelfile), the run's stop tokens, and
+    the system prompt training used (Ollama's SYSTEM goes in front of a conversation without one: the run's rule)."""
     lines = [f"FROM {base_gguf}", f"ADAPTER ./{ADAPTER_GGUF}"]
-    end = run.manifest.chat.end_of_turn if run.manifest is not None else None
-    if end:
-        lines.append(f'PARAMETER stop "{end}"')
+    conversation = Conversation.read(run.path, None)
+    if conversation is not None:
+        lines += [f'PARAMETER stop "{token}"' for token in conversation.stop_tokens]
+        if conversation.system_prompt and '"""' not in conversation.system_prompt:  # Ollama's quotes cannot escape """
+            lines.append(f'SYSTEM """{conversation.system_prompt}"""')
+    elif run.manifest is not None and run.manifest.chat.end_of_turn:  # a run saved before conversation.json
+        lines.append(f'PARAMETER stop "{run.manifest.chat.end_of_turn}"')
     (folder / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

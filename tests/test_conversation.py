@@ -227,3 +227,14 @@ def test_a_run_saved_before_conversation_json_is_prompted_as_it_was_trained(runs
         assert rebuilt.stop_ids == saved.stop_ids and rebuilt.trained_format == saved.trained_format
         user = [{"role": "user", "content": PROMPT}]
         assert rebuilt.prompt_ids(user) == saved.prompt_ids(user)
+
+
+def test_ollama_modelfile_stops_on_the_runs_stop_tokens_and_carries_the_system_prompt_training_used(runs, tmp_path):
+    from lora_ft.export import export
+
+    for trained_on in ("chat", "prompt"):
+        out = export(runs[trained_on], "ollama", tmp_path / trained_on)
+        lines = (out.out_dir / "Modelfile").read_text().splitlines()
+        assert [line for line in lines if line.startswith(("PARAMETER", "SYSTEM"))] == ['PARAMETER stop "<|im_end|>"'] + (
+            [f'SYSTEM """{SYSTEM}"""'] if trained_on == "prompt" else []
+        )

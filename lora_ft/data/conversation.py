@@ -91,6 +91,7 @@ class Conversation:
     end_of_turn: str | None
     stop_ids: tuple[int, ...]
     bos: str | None  # put in front of plain text (no template) because the tokenizer puts it there itself
+    stop_tokens: tuple[str, ...] = ()  # the stop ids as tokens, for engines that stop on strings (Ollama)
     tokenizer: Any = field(default=None, compare=False, repr=False)
 
     # --- building it
@@ -99,13 +100,15 @@ class Conversation:
     def for_training(cls, tokenizer, *, fmt: str, system_prompt: str | None, model_eos: Any = None) -> "Conversation":
         """The conversation of a run about to train on rows of format `fmt` with `data.system_prompt`."""
         chat = bool(getattr(tokenizer, "chat_template", None))
+        stop_ids = stop_ids_for(tokenizer, model_eos)
         return cls(
             chat=chat,
             trained_format=fmt,
             system_prompt=system_prompt if chat and fmt in PROMPT_FORMATS else None,
             end_of_turn=end_of_turn_token(tokenizer),
-            stop_ids=stop_ids_for(tokenizer, model_eos),
+            stop_ids=stop_ids,
             bos=_bos(tokenizer),
+            stop_tokens=_names(tokenizer, stop_ids),
             tokenizer=tokenizer,
         )
 
@@ -115,7 +118,10 @@ class Conversation:
         """A run saved before conversation.json existed: rebuilt from its config and generation_config.json. An
         unknown format keeps the system prompt (those runs were served it on every conversation)."""
         conversation = cls.for_training(tokenizer, fmt=fmt or "prompt_completion", system_prompt=system_prompt, model_eos=model_eos)
-        return replace(conversation, trained_format=fmt, stop_ids=tuple(sorted(set(stop_ids))) if stop_ids else conversation.stop_ids)
+        if not stop_ids:
+            return replace(conversation, trained_format=fmt)
+        stop_ids = tuple(sorted({int(i) for i in stop_ids}))
+        return replace(conversation, trained_format=fmt, stop_ids=stop_ids, stop_tokens=_names(tokenizer, stop_ids))
 
     @classmethod
     def of_base(cls, tokenizer, *, model=None) -> "Conversation":
@@ -157,7 +163,6 @@ class Conversation:
     # --- saved with the run
 
     def to_json(self) -> dict:
-        names = self.tokenizer.convert_ids_to_tokens(list(self.stop_ids)) if self.tokenizer is not None else None
         return {
             "version": VERSION,
             "chat": self.chat,
@@ -165,7 +170,7 @@ class Conversation:
             "system_prompt": redact(self.system_prompt) if self.system_prompt else None,  # as config.yaml: no secrets
             "end_of_turn": self.end_of_turn,
             "stop_ids": list(self.stop_ids),
-            "stop_tokens": names,
+            "stop_tokens": list(self.stop_tokens),
             "bos": self.bos,
         }
 
@@ -185,14 +190,15 @@ class Conversation:
         except (OSError, ValueError) as exc:
             raise LoraftError(f"{path}: not readable JSON ({exc}); the run folder is damaged") from None
         expected = {"version": int, "chat": bool, "trained_format": (str, type(None)), "system_prompt": (str, type(None)),
-                    "end_of_turn": (str, type(None)), "stop_ids": list, "stop_tokens": (list, type(None)), "bos": (str, type(None))}
+                    "end_of_turn": (str, type(None)), "stop_ids": list, "stop_tokens": list, "bos": (str, type(None))}
         if not isinstance(raw, dict) or set(raw) != set(expected) or raw.get("version") != VERSION:
             raise LoraftError(f"{path}: not a loraft conversation file (version {VERSION} with keys {', '.join(expected)})")
         for key, kind in expected.items():
-            if not isinstance(raw[key], kind) or (key == "stop_ids" and not all(isinstance(i, int) for i in raw[key])):
+            items = {"stop_ids": int, "stop_tokens": str}.get(key)
+            if not isinstance(raw[key], kind) or (items and not all(isinstance(i, items) for i in raw[key])):
                 raise LoraftError(f"{path}: {key} has the wrong type ({type(raw[key]).__name__}); the run folder is damaged")
         return cls(raw["chat"], raw["trained_format"], raw["system_prompt"], raw["end_of_turn"], tuple(raw["stop_ids"]),
-                   raw["bos"], tokenizer)
+                   raw["bos"], tuple(raw["stop_tokens"]), tokenizer)
 
     # --- row -> messages
 
@@ -332,6 +338,10 @@ def stop_ids_for(tokenizer, model_eos: Any = None) -> tuple[int, ...]:
     if model_eos is not None:
         ids.update(int(i) for i in (model_eos if isinstance(model_eos, (list, tuple)) else [model_eos]))
     return tuple(sorted(ids))
+
+
+def _names(tokenizer, ids: Sequence[int]) -> tuple[str, ...]:
+    return tuple(str(t) for t in tokenizer.convert_ids_to_tokens(list(ids)))
 
 
 def _generation_eos(model) -> Any:
