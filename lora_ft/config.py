@@ -363,6 +363,10 @@ class DpoSpec(Spec):
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (conservative DPO / robust); 0 is plain DPO."
     )
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of an added negative log-likelihood loss on the chosen answers (RPO, Pang 2024; "
+        "TRL loss_type sft): keeps chosen log-probabilities from falling with the rejected ones; 0 is off."
+    )
 
 
 class KtoSpec(Spec):

@@ -296,3 +296,82 @@ def test_data_show_puts_chosen_and_rejected_side_by_side_with_what_is_in_the_los
     assert "<|im_start|>user\nRepeat after me: fox<|im_end|>\n<|im_start|>assistant\n" in out
     assert re.search(r"chosen \(\d tokens in the loss\): \[\[fox<\|im_end\|>\]\]", out)
     assert re.search(r"rejected \(\d+ tokens in the loss, cut from 8\d\): \[\[dog dog", out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: kill -9 and resume, a NaN loss (the same guards as SFT)
+
+
+def resumable_config(tmp_path, model_dir) -> dict:
+    cfg = pref_config(tmp_path, model_dir, repeat_pairs(16), max_steps=8, batch_size=4, logging_steps=1, save_steps=2,
+                      save_total_limit=3, gradient_checkpointing=False)
+    cfg["lora"]["dropout"] = 0.1  # the RNG state matters on resume
+    return cfg
+
+
+@pytest.mark.slow
+def test_dpo_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_model_dir):
+    import signal
+
+    from lora_ft.config import load_config
+    from lora_ft.train import train
+    from test_checkpoints import adapter, loss_steps, max_difference, start_cli, wait_for_step, write_config
+
+    reference = train(validate_dict({**resumable_config(tmp_path / "ref", tiny_model_dir),
+                                     "output_dir": str(tmp_path / "reference")})).run_dir
+    config = write_config(tmp_path, resumable_config(tmp_path, tiny_model_dir))
+    proc = start_cli(config)
+    seen = wait_for_step(tmp_path / "run", 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "manifest.json").exists(), f"killed at step {seen}"
+    result = train(load_config(config))
+    assert max_difference(adapter(result.run_dir), adapter(reference)) < 1e-5, f"killed at step {seen}"
+    assert loss_steps(result.run_dir) == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_a_nan_dpo_loss_stops_the_run_naming_the_step_before_applying_it(tmp_path, run_cli):
+    from safetensors.torch import load_file, save_file
+
+    from conftest import build_tokenizer, save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "poisoned")
+    tilde = build_tokenizer().convert_tokens_to_ids("~")
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["model.embed_tokens.weight"][tilde] = float("nan")
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    rows = repeat_pairs(16)
+    rows[5] = {"prompt": "Repeat after me: ~", "chosen": "~", "rejected": "no"}
+    cfg = pref_config(tmp_path, model_dir, rows, max_steps=4, batch_size=4, logging_steps=1, save_steps=1)
+    code, _, err = run_cli("train", yaml_file(tmp_path, cfg))
+    assert code == 2
+    assert re.search(r"error: step \d+: loss is nan; stopped before applying it", err)
+
+
+def yaml_file(tmp_path, data: dict):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_both_logps_falling_for_a_window_warns_once_with_the_cause(tmp_path):
+    from types import SimpleNamespace
+
+    from lora_ft.training.preference import FALLING_WINDOW, FallingLogpsCallback
+
+    printed = []
+    console = SimpleNamespace(print=printed.append)
+    callback = FallingLogpsCallback(console, tmp_path / "metrics.jsonl")
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    for step in range(FALLING_WINDOW + 3):
+        state.global_step = step
+        callback.on_log(None, state, None, logs={"logps/chosen": -10.0 - step, "logps/rejected": -12.0 - 2 * step})
+    assert len(printed) == 1 and "both fell for 5 logging steps" in printed[0] and "learning_rate" in printed[0]
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["warning"] == "logps_falling" and record["step"] == FALLING_WINDOW
+
+    quiet = FallingLogpsCallback(console, None)
+    for step in range(FALLING_WINDOW + 3):  # rejected falls, chosen rises: the healthy case
+        quiet.on_log(None, state, None, logs={"logps/chosen": -10.0 + step, "logps/rejected": -12.0 - step})
+    assert len(printed) == 1

@@ -40,7 +40,11 @@ def to_preference_config(cfg: RunConfig, common: dict):
     shared = dict(common, max_length=None, disable_dropout=True, precompute_ref_log_probs=False,
                   remove_unused_columns=False, dataset_num_proc=None)
     if cfg.training.method == "dpo":
-        return DPOConfig(**shared, beta=pref.dpo.beta, loss_type=[pref.dpo.loss_type], label_smoothing=pref.dpo.label_smoothing)
+        dpo = pref.dpo
+        losses, weights = [dpo.loss_type], [1.0]
+        if dpo.sft_weight > 0:  # RPO: DPO plus the chosen answers' NLL, combined by TRL's loss_weights
+            losses, weights = [dpo.loss_type, "sft"], [1.0, dpo.sft_weight]
+        return DPOConfig(**shared, beta=dpo.beta, loss_type=losses, loss_weights=weights, label_smoothing=dpo.label_smoothing)
     return KTOConfig(**shared, beta=pref.kto.beta, loss_type="kto", desirable_weight=pref.kto.desirable_weight,
                      undesirable_weight=pref.kto.undesirable_weight)
 
