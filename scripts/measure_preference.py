@@ -13,6 +13,7 @@ same data with identical pairs planted run through `loraft data check` (the iden
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import tempfile
@@ -30,8 +31,8 @@ from lora_ft.data_check import check_data  # noqa: E402
 from lora_ft.evaluate import EvalSettings, evaluate  # noqa: E402
 from lora_ft.train import train  # noqa: E402
 
-# ../shared from the main checkout; a worktree one level deeper finds it two levels up
-BASE = next((p / "shared" / "models" / "stories260K" for p in (REPO.parent, REPO.parent.parent)
+# ../shared from the main checkout (a worktree one level deeper finds it two levels up); or STORIES260K=path
+BASE = Path(os.environ["STORIES260K"]) if "STORIES260K" in os.environ else next((p / "shared" / "models" / "stories260K" for p in (REPO.parent, REPO.parent.parent)
              if (p / "shared" / "models" / "stories260K").is_dir()), REPO.parent / "shared" / "models" / "stories260K")
 OUT = REPO / "scripts" / "results" / "preference.json"
 TRAIN_NAMES = ["Lily", "Tom", "Ben", "Sue", "Max", "Anna", "Tim", "Mia", "Sam", "Lucy", "Jack", "Amy"]
