@@ -814,9 +814,20 @@ Base weights fingerprint: `{manifest.base_model.fingerprint}` (merge and eval ch
 ```python
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
-base = AutoModelForCausalLM.from_pretrained("{cfg.model.name}")
-model = PeftModel.from_pretrained(base, "<this folder>")
+base = AutoModelForCausalLM.from_pretrained({base_load_args(manifest.base_model)})
+model = PeftModel.from_pretrained(base, {str(Path(cfg.output_dir).resolve())!r})  # this folder
 ```
-Or: `loraft merge --adapter <this folder> --out merged/`.
+Or: `loraft merge --adapter {cfg.output_dir} --out merged/`.
 """
+
+
+def base_load_args(base) -> str:
+    """from_pretrained's arguments for the base as recorded, runnable as written: a GGUF base (pkg:// too) as
+    its real folder and file, a local folder as its absolute path, a Hub id as the id (and revision)."""
+    path = Path(base.resolved_path)
+    if path.suffix == ".gguf":
+        return f"{str(path.parent)!r}, gguf_file={path.name!r}"
+    if base.name.startswith((".", "/", "~")) or Path(os.path.expanduser(base.name)).exists():
+        return repr(str(path))
+    return repr(base.name) + (f", revision={base.revision!r}" if base.revision else "")
 

@@ -71,6 +71,20 @@ def test_quickstart_answers_follow_the_task_and_stop(quickstart_run):
         assert answer["day"] == json.loads(row["completion"])["day"]
 
 
+def test_the_model_cards_code_loads_the_pkg_base_from_its_real_file(quickstart_run, quickstart_gguf):
+    import re
+
+    from peft import PeftModel
+
+    _, result = quickstart_run
+    card = (result.run_dir / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
+    assert "pkg://" not in code and f"gguf_file='{quickstart_gguf.name}'" in code
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the snippet a user copies
+    assert isinstance(scope["model"], PeftModel)
+
+
 def test_a_template_without_end_of_turn_is_refused_before_training(tmp_path, run_cli):
     broken = tmp_path / "no_end.jinja"
     broken.write_text(

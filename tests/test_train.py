@@ -114,3 +114,17 @@ def test_completion_only_masking_leaves_prompt_tokens_out_of_the_loss(tiny_model
     assert trained == "fox<|im_end|>"
     # the prompt, and the newline the template puts after the end-of-turn token, stay out of the loss
     assert masked == "<|im_start|>user\nRepeat after me: fox<|im_end|>\n<|im_start|>assistant\n\n"
+
+
+def test_the_model_cards_code_runs_as_written(finished_run):
+    import re
+
+    from peft import PeftModel
+
+    _, result = finished_run
+    card = (result.run_dir / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the snippet a user copies
+    assert isinstance(scope["model"], PeftModel)
+    assert "<this folder>" not in card

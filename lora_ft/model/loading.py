@@ -9,7 +9,9 @@ against the model's real linear layers before anything heavy loads.
 
 from __future__ import annotations
 
+import functools
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -362,12 +364,30 @@ def load_base_model(spec: ModelSpec, source: ModelSource, precision: str, *, dev
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
+        with quiet_gguf_conversion():
+            model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
     except OSError as exc:
         raise ModelError(f"model.name: cannot load weights from {source.display} ({_first_line(exc)})") from None
     if source.gguf_file is not None:
         clear_gguf_marker(model)
     return model
+
+
+@contextmanager
+def quiet_gguf_conversion():
+    """Hide transformers' "Converting and de-quantizing GGUF tensors..." bar (a plain tqdm that its logging
+    settings do not reach) while a GGUF loads: the commands show their own "loading" status instead."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def clear_gguf_marker(model) -> None:
