@@ -18,6 +18,7 @@ from typing import Iterator, List, Optional
 import typer
 
 from lora_ft import __version__
+from lora_ft.artifacts.run_dir import require_new_out
 from lora_ft.errors import EXIT_INTERNAL, LoraftError
 
 app = typer.Typer(
@@ -310,7 +311,7 @@ def eval_(
     regex: Optional[str] = typer.Option(None, "--regex", help="Pattern every answer should match (re.search); rows may carry their own 'regex'."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Default: 16 + twice the longest reference."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward/generate batch."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write report.json, report.md and report.png here."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to create with report.json, report.md and report.png (must not exist)."),
     force: bool = ForceOption,
 ):
     """Compare base and base+adapter on held-out task data and on a regression set; exit 3 when a gate fails.
@@ -331,6 +332,8 @@ def eval_(
         DEFAULT_MAX_REGRESSION if max_regression is None else max_regression,
     )
     settings = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, regex=regex)
+    if out is not None:
+        require_new_out(out)  # before the models load, as merge and export do
     with _writer_of(out, "--out", "eval"):
         report = evaluate(
             adapter, base=base, data=data or (), regression=[] if no_regression else (regression or None),
@@ -357,6 +360,7 @@ def _models(adapter: Optional[List[Path]], base: Optional[str], base_only: bool,
 
     if base_only and with_base:
         raise LoraftError("--base-only and --with-base contradict each other; keep one")
+    typer.echo(f"loading {base or 'the base'}{' and ' + ', '.join(map(str, adapter)) if adapter else ''} ...", err=True)
     inference = load_for_inference([str(a) for a in adapter or []] or None, base, force)
     labels = [BASE] if base_only or not inference.labels else ([BASE] if with_base else []) + inference.labels
     return inference, labels

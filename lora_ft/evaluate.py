@@ -202,11 +202,25 @@ class EvalReport:
                     f"base {_short(worst.get('base_output', ''))!r}  adapter {_short(worst.get('adapter_output', ''))!r}"
                 )
         lines.append("")
+        checked = self.gates_checked()
         if self.failures:
             lines += [f"GATE FAILED: {reason}" for reason in self.failures]
+            lines.append(f"gates checked: {'; '.join(checked)}")
+        elif checked:
+            lines.append(f"gates passed: {'; '.join(checked)}")
         else:
-            lines.append("gates passed")
+            lines.append("no gates ran: add --min-<metric> X (e.g. --min-exact-match 0.9) or a regression set")
         return "\n".join(lines)
+
+    def gates_checked(self) -> list[str]:
+        """Each gate that ran, with the adapter's figure: what the exit code was decided on."""
+        checked = []
+        for name, minimum in self.gates["minimums"].items():
+            row = self.task["metrics"].get(name)
+            checked.append(f"{name} >= {minimum:g} (adapter {row['adapter']:.4f})" if row else f"{name} >= {minimum:g} (no rows)")
+        if self.regression and self.regression.get("deltas"):
+            checked.append(f"regression mean loss change <= {self.gates['max_regression']:+g} ({self.regression['mean_delta']:+.4f})")
+        return checked
 
     def to_json(self) -> dict:
         return {
@@ -220,13 +234,11 @@ class EvalReport:
         }
 
     def write(self, out: str | Path) -> Path:
-        """report.json, report.md and report.png in `out`, all or nothing (a temp folder renamed into place)."""
-        from lora_ft.artifacts.run_dir import atomic_dir
+        """report.json, report.md and report.png in a new folder `out`, all or nothing (a temp folder renamed into place)."""
+        from lora_ft.artifacts.run_dir import atomic_dir, require_new_out
 
-        out = Path(out)
-        if out.exists() and not (out / "report.json").is_file():
-            raise LoraftError(f"--out: {out} exists and holds no loraft report; choose another folder")
-        with atomic_dir(out, overwrite=True) as tmp:
+        out = require_new_out(out)
+        with atomic_dir(out) as tmp:
             (tmp / "report.json").write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             (tmp / "report.md").write_text(self.markdown(), encoding="utf-8")
             self.chart(tmp / "report.png")
@@ -355,6 +367,7 @@ def evaluate(
     from lora_ft.generate import load_for_inference
 
     if inference is None:
+        _say(progress, f"loading the base and the adapter in {adapter} ...")
         inference = load_for_inference(adapter, base, force)
     wanted = Path(adapter).expanduser().resolve()
     label = next((name for name, run in inference.runs.items() if run.path == wanted), inference.labels[0])
@@ -445,6 +458,7 @@ def _compare(inference, label: str, items: list[EvalItem], settings: EvalSetting
 
     tokenizer = inference.tokenizer(label)
     scored = [i for i in items if i.encoded is not None]
+    _say(progress, f"{what}: loss of base and adapter on {len(scored)} of {len(items)} rows ...")
     losses = {}
     for who in (BASE, label):
         with inference.use(who):
@@ -509,6 +523,15 @@ def _preference_metrics(inference, label: str, encoded, settings: EvalSettings) 
         "preference_accuracy": {"base": b.accuracy, "adapter": a.accuracy, "delta": a.accuracy - b.accuracy, "n": a.pairs},
         "preference_margin": {"base": b.mean_margin, "adapter": a.mean_margin, "delta": a.mean_margin - b.mean_margin, "n": a.pairs},
     }
+
+
+def _say(progress, line: str) -> None:
+    """One line per stage on stderr (the generation stages add a bar): long evaluations never sit silent."""
+    if progress is False:
+        return
+    from rich.console import Console
+
+    (progress if progress is not None else Console(stderr=True)).print(line, highlight=False)
 
 
 def _stop_metrics(inference, label: str, scored: list[EvalItem], settings: EvalSettings) -> dict:

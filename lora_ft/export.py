@@ -28,7 +28,7 @@ from lora_ft.serving.engines import RULES, AdapterFeatures, EngineRule, check_ta
 from lora_ft.errors import LoraftError, VerificationError
 from lora_ft.artifacts.export_manifest import EXPORT_MANIFEST, EngineRuleRecord, ExportManifest, ExportVerification
 from lora_ft.artifacts.adapter import ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterConfig, AdapterRun, ModuleFactors, read_state
-from lora_ft.artifacts.run_dir import MANIFEST, STATE, atomic_dir, atomic_write_json, file_sha256, partial_dir
+from lora_ft.artifacts.run_dir import MANIFEST, STATE, atomic_dir, atomic_write_json, file_sha256, partial_dir, require_new_out
 from lora_ft.artifacts.locks import sweep_leftovers
 from lora_ft.data.conversation import Conversation
 
@@ -46,7 +46,10 @@ class ExportResult:
     def summary(self) -> str:
         m = self.manifest
         lines = [f"exported {m.run_dir} for {m.target} to {self.out_dir}"]
-        lines.append(f"base            {m.base_for_target}" + (f" (recorded as {m.base_model})" if m.base_model != m.base_for_target else ""))
+        if m.target == "merged":  # the folder is the whole model: no base to load beside it
+            lines.append(f"model           {m.base_for_target} (base {m.base_model} with the adapter merged in)")
+        else:
+            lines.append(f"base            {m.base_for_target}" + (f" (recorded as {m.base_model})" if m.base_model != m.base_for_target else ""))
         if m.lora_alpha is not None:
             lines.append(f"adapter         lora_alpha {m.lora_alpha:g}, use_rslora {m.use_rslora}, "
                          f"{m.folded_modules} module(s) with the scale folded into lora_B")
@@ -70,9 +73,7 @@ class ExportResult:
 
 def export(run_dir: str | Path, target: str, out: str | Path, *, console=None) -> ExportResult:
     rule = rule_for(target)
-    out = Path(out).expanduser()
-    if out.exists():
-        raise LoraftError(f"--out: {out} already exists; choose another folder or remove it")
+    out = require_new_out(out)
     run = _finished_run(run_dir)
     sweep_leftovers(out, lambda line: (console or _stderr()).print(f"note: {line}", markup=False, highlight=False))
     weights_path, state = read_state(run.path, "RUN_DIR")

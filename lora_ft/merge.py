@@ -37,7 +37,7 @@ from lora_ft.artifacts.manifests import (
 from lora_ft.merge_check import check_module, full_check_unfits, verify_logits
 from lora_ft.artifacts.adapter import AdapterRun, AdapterWeights, ModuleFactors
 from lora_ft.artifacts.locks import sweep_leftovers
-from lora_ft.artifacts.run_dir import atomic_dir, atomic_write_json
+from lora_ft.artifacts.run_dir import atomic_dir, atomic_write_json, require_new_out
 from lora_ft.artifacts.shards import INDEX, ShardWriter, base_shards, read_tensor, shard_index
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -109,11 +109,9 @@ def merge(
 ) -> MergeResult:
     console = console or _default_console()
     started = time.time()
+    out = require_new_out(out)
     run = AdapterRun.load(adapter)
     spec, source, matches = run.resolve_base(base, force=force)
-    out = Path(out).expanduser()
-    if out.exists():
-        raise LoraftError(f"--out: {out} already exists; choose another folder or remove it")
     sweep_leftovers(out, lambda line: console.print(f"note: {line}", markup=False, highlight=False))
     qlora = _qlora_choice(run, qlora_base)
     lora = load_adapter(run, None if source.gguf_file else source.path)

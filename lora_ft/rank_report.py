@@ -15,6 +15,7 @@ import torch
 from lora_ft.errors import LoraftError
 from lora_ft.rank_diagnostics import (
     ADVICE,
+    GRAD_WINDOW,
     BALANCED,
     NO_UPDATE,
     SATURATED,
@@ -78,8 +79,10 @@ def _summary_parts(result: InspectResult) -> list:
     else:
         spikes = ", ".join(f"step {s}: {v:.3g}" for s, v in g.spikes) or "none"
         ratio = f" x{g.trend_ratio:.2f}" if g.trend_ratio is not None else ""
+        # The heuristic reads the first GRAD_WINDOW logged values; a short run logs fewer, and says so.
+        scope = f"first {len(g.values)} logged" if len(g.values) >= GRAD_WINDOW else f"all {len(g.values)} logged (of the first {GRAD_WINDOW} the heuristic reads)"
         parts.append(
-            f"grad norms      first {len(g.values)} logged: max {g.max:.3g}, median {g.median:.3g}, {g.trend}{ratio}, spikes: {spikes}\n"
+            f"grad norms      {scope}: max {g.max:.3g}, median {g.median:.3g}, {g.trend}{ratio}, spikes: {spikes}\n"
             f"                hint: {g.hint}\n                heuristic: {g.heuristic}"
         )
     c = result.comparison

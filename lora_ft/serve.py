@@ -80,6 +80,7 @@ def serve(adapters: dict[str, Path], *, base: str | None = None, host: str = "12
     import uvicorn
 
     _check_port_free(host, port)
+    announce(f"loading {base or 'the base'} with {len(adapters)} adapter(s): {', '.join(adapters) or 'none'} ...")
     pool = ModelPool.load(adapters, base, force=force)
     scheduler = Scheduler(pool, max_batch_size=settings.max_batch_size, queue_size=settings.queue_size).start()
     server = uvicorn.Server(_uvicorn_config(build_app(pool, scheduler, settings), host, port))
@@ -92,6 +93,7 @@ def serve(adapters: dict[str, Path], *, base: str | None = None, host: str = "12
     finally:
         signal.signal(signal.SIGTERM, previous)
         scheduler.close()
+        announce(f"stopped serving {', '.join(pool.names)} at http://{host}:{port}/v1")
 
 
 def _uvicorn_config(app, host: str, port: int):

@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--skip-quickstart", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if not (Path(args.stories) / "config.json").is_file():  # one line, not a traceback, from a plain clone
+        sys.exit(f"needs stories260K (a small Hugging Face model folder): --stories PATH; {args.stories} is not one "
+                 "(it is ../shared/models/stories260K beside the developers' checkout)")
 
     import torch
 

@@ -30,24 +30,37 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def per_field(examples: list[dict]) -> dict:
+def per_field(rows: list[dict], outputs: list[str]) -> dict:
     """Exact match of the whole answer and of each JSON field, and the rows that missed."""
     hits = {name: 0 for name in ("answer", *FIELDS)}
     misses = []
-    for example in examples:
-        expected, output = json.loads(example["reference"]), example["adapter_output"].strip()
+    for row, output in zip(rows, outputs):
+        reference, output = row["completion"].strip(), output.strip()
+        expected = json.loads(reference)
         try:
             got = json.loads(output)
         except json.JSONDecodeError:
             got = {}
         got = got if isinstance(got, dict) else {}
-        hits["answer"] += output == example["reference"].strip()
+        hits["answer"] += output == reference
         for name in FIELDS:
             hits[name] += got.get(name) == expected[name]
-        if output != example["reference"].strip():
-            misses.append({"request": example["prompt"].splitlines()[-1], "expected": example["reference"], "got": output})
-    n = len(examples)
-    return {"rows": n, "exact_match": {name: hits[name] / n for name in hits}, "misses": misses}
+        if output != reference:
+            misses.append({"request": row["prompt"].splitlines()[-1], "expected": reference, "got": output})
+    return {"rows": len(rows), "exact_match": {name: hits[name] / len(rows) for name in hits}, "misses": misses}
+
+
+def answers(inference, rows: list[dict]) -> list[str]:
+    """Greedy answers of the adapter alone, prompted exactly as training rendered the rows (as `loraft eval` does)."""
+    from lora_ft.generate import GenerationSettings
+
+    label = inference.labels[0]
+    prompts = [inference.render([{"role": "user", "content": row["prompt"]}], label) for row in rows]
+    return [g.text for g in inference.generate(prompts, GenerationSettings(max_new_tokens=64), label, progress=False)]
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def main(argv=None) -> int:
@@ -66,7 +79,7 @@ def main(argv=None) -> int:
     import torch
 
     from lora_ft.config import load_config
-    from lora_ft.evaluate import EvalSettings, evaluate
+    from lora_ft.generate import load_for_inference
     from lora_ft.train import train
 
     with tempfile.TemporaryDirectory(prefix="loraft-quickstart-") as tmp:
@@ -77,26 +90,27 @@ def main(argv=None) -> int:
         train_wall, train_cpu = time.perf_counter() - wall, cpu_seconds() - cpu
 
         wall, cpu = time.perf_counter(), cpu_seconds()
-        report = evaluate(run_dir, regression=[], settings=EvalSettings())
+        inference = load_for_inference(run_dir)
+        held_out = read_jsonl(cfg.data.eval.path)
+        scores = per_field(held_out, answers(inference, held_out))
         eval_wall, eval_cpu = time.perf_counter() - wall, cpu_seconds() - cpu
         also = {}
         for path in args.also:
-            extra = evaluate(run_dir, data=[path], regression=[], settings=EvalSettings())
-            also[str(path)] = per_field([e for e in extra.task["examples"] if "adapter_output" in e])
+            rows = read_jsonl(path)
+            also[str(path)] = per_field(rows, answers(inference, rows))
 
-    generated = [e for e in report.task["examples"] if "adapter_output" in e]
     figures = {
         "command": "python scripts/measure_quickstart.py " + " ".join(f"--set {o}" for o in args.overrides),
         "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
         "overrides": args.overrides,
         "steps": result.manifest.metrics.steps,
         "threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
         "load_average_at_end": os.getloadavg()[0],
-        "train": {"cpu_seconds": round(train_cpu, 1), "wall_seconds": round(train_wall, 1),
-                  "idle_2_core_estimate_seconds": round(train_cpu / 2, 1)},
+        "train": {"cpu_seconds": round(train_cpu, 1), "wall_seconds": round(train_wall, 1)},
         "heldout_loss": {"base": result.scores["base"]["loss"], "adapter": result.scores["adapter"]["loss"]},
-        "eval_generation": {"cpu_seconds": round(eval_cpu, 1), "wall_seconds": round(eval_wall, 1)},
-        **per_field(generated),
+        "answers": {"cpu_seconds": round(eval_cpu, 1), "wall_seconds": round(eval_wall, 1)},
+        **scores,
         "also": {path: {"rows": f["rows"], "exact_match": f["exact_match"], "misses": f["misses"][:10]} for path, f in also.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if not (Path(args.base) / "config.json").is_file():  # one line, not a traceback, from a plain clone
+        sys.exit(f"needs stories260K (or another small Hugging Face model folder): --base PATH; {args.base} is not one "
+                 "(it is ../shared/models/stories260K beside the developers' checkout)")
 
     from lora_ft.config import validate_dict
     from lora_ft.evaluate import EvalSettings, evaluate

@@ -141,7 +141,7 @@ def test_eval_defaults_to_the_runs_eval_split_and_matches_trainings_heldout_loss
     assert r["mean_delta"] == pytest.approx(sum(r["deltas"]) / 6)
 
 
-def test_report_files_are_written_together_and_replace_an_old_report(loaded, tiny_run, small_regression, tmp_path):
+def test_report_files_are_written_together_into_a_new_folder_only(loaded, tiny_run, small_regression, tmp_path):
     report = evaluate(tiny_run, regression=[small_regression], settings=EvalSettings(max_new_tokens=6), inference=loaded, progress=False)
     out = report.write(tmp_path / "eval")
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]
@@ -150,12 +150,10 @@ def test_report_files_are_written_together_and_replace_an_old_report(loaded, tin
     assert saved["gates"]["exit_code"] == report.exit_code
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| loss |" in (out / "report.md").read_text()
-    report.write(out)  # a second write replaces the report, leaving no temp folder
+    with pytest.raises(LoraftError, match="already exists"):  # eval's --out rule is merge's and export's: never replaced
+        report.write(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "keep.txt").write_text("x")
-    with pytest.raises(LoraftError, match="holds no loraft report"):
-        report.write(tmp_path / "other")
+    assert json.loads((out / "report.json").read_text()) == saved
 
 
 def test_min_threshold_and_regression_gates_decide_the_exit_code(loaded, tiny_run, small_regression):
@@ -175,8 +173,19 @@ def test_eval_cli_prints_the_table_writes_the_report_and_exits_3_on_a_failed_gat
     assert code == 3
     assert "metric" in stdout and "exact_match" in stdout and "GATE FAILED: exact_match" in stdout
     assert (out / "report.json").is_file()
-    code, stdout, _ = run_cli("eval", "--adapter", tiny_run, "--no-regression", "--max-new-tokens", "4", "--min-stops", "0")
-    assert code == 0 and "gates passed" in stdout and "regression set" not in stdout
+    code, stdout, stderr = run_cli("eval", "--adapter", tiny_run, "--no-regression", "--max-new-tokens", "4", "--min-stops", "0")
+    assert code == 0 and "regression set" not in stdout
+    assert "loading the base and the adapter" in stderr and "task: loss of base and adapter on" in stderr  # a line per stage
+    assert "gates passed: stops >= 0" in stdout and "regression" not in stdout.split("gates passed")[1]
+
+
+def test_eval_refuses_an_existing_out_before_loading_anything(tiny_run, tmp_path, run_cli):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, stdout, stderr = run_cli("eval", "--adapter", tiny_run, "--out", out)
+    assert code == 2 and "--out:" in stderr and "already exists" in stderr and stdout == ""
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_eval_refuses_a_wrong_base_with_exit_2_and_writes_nothing(tiny_run, other_tiny_model_dir, tmp_path, run_cli):

@@ -192,6 +192,8 @@ def test_transformers_and_merged_exports_load_as_peft_and_as_a_plain_model(tiny_
     assert (merged.out_dir / "merge_manifest.json").is_file() and (merged.out_dir / "export_manifest.json").is_file()
     assert merged.manifest.verification.max_abs_diff < FP32_TOLERANCE
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert f"model           {merged.out_dir.resolve()} (base " in merged.summary()  # the folder is the model, not a base
+    assert "\nbase " not in merged.summary()
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -47,7 +47,7 @@ def test_quickstart_heldout_loss_falls_well_below_the_base(quickstart_run):
     assert adapter < 0.5 * base
 
 
-def test_quickstart_answers_follow_the_task_and_stop(quickstart_run):
+def test_quickstart_answers_follow_the_task_and_stop(quickstart_run, capfd):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -56,7 +56,10 @@ def test_quickstart_answers_follow_the_task_and_stop(quickstart_run):
     cfg, result = quickstart_run
     tokenizer = AutoTokenizer.from_pretrained(result.run_dir)
     generation = GenerationConfig.from_pretrained(result.run_dir)
+    capfd.readouterr()
     base = load_base_model(cfg.model, resolve_model_source(cfg.model), "fp32")
+    loading = capfd.readouterr()
+    assert "de-quantizing" not in loading.err and "Loading weights" not in loading.err, "no transformers bars on load"
     model = PeftModel.from_pretrained(base, result.run_dir).eval()
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for row in _rows("quickstart_eval.jsonl", 3):

@@ -99,6 +99,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def require_new_out(out: Path) -> Path:
+    """The one --out rule of eval, merge and export: the folder must not exist yet (nothing is ever replaced);
+    checked before anything heavy loads."""
+    out = Path(out).expanduser()
+    if out.exists():
+        raise LoraftError(f"--out: {out} already exists; choose another folder or remove it")
+    return out
+
+
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:

@@ -364,7 +364,7 @@ def load_base_model(spec: ModelSpec, source: ModelSource, precision: str, *, dev
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        with quiet_gguf_conversion():
+        with quiet_weight_loading():
             model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
     except OSError as exc:
         raise ModelError(f"model.name: cannot load weights from {source.display} ({_first_line(exc)})") from None
@@ -374,20 +374,25 @@ def load_base_model(spec: ModelSpec, source: ModelSource, precision: str, *, dev
 
 
 @contextmanager
-def quiet_gguf_conversion():
-    """Hide transformers' "Converting and de-quantizing GGUF tensors..." bar (a plain tqdm that its logging
-    settings do not reach) while a GGUF loads: the commands show their own "loading" status instead."""
+def quiet_weight_loading():
+    """Hide transformers' bars while the base loads ("Loading weights", and a GGUF's "Converting and
+    de-quantizing GGUF tensors...", a plain tqdm its logging settings do not reach): the commands show their own
+    "loading" line or status instead, and nothing lands on the chat screen."""
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
 
     original = getattr(gguf_utils, "tqdm", None)
-    if original is None:
-        yield
-        return
-    gguf_utils.tqdm = functools.partial(original, disable=True)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
     try:
         yield
     finally:
-        gguf_utils.tqdm = original
+        if original is not None:
+            gguf_utils.tqdm = original
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def clear_gguf_marker(model) -> None:
