@@ -318,7 +318,7 @@ def eval_(
 
     Exit codes: 0 all gates passed, 2 bad input (e.g. wrong base), 3 a --min-* or --max-regression gate failed.
 
-    Example: loraft eval --adapter runs/quickstart --min-json-fields 0.8 --out reports/quickstart
+    Example: loraft eval --adapter runs/quickstart --min-exact-match 0.9 --min-json-fields 0.95 --out reports/quickstart
     """
     from lora_ft.evaluate import EvalSettings, Gates, evaluate
 
