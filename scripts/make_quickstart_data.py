@@ -2,9 +2,10 @@
 
 The base SmolLM2-135M-Instruct answers such requests in prose; after a short LoRA run it answers
 with exactly {"title", "day", "time", "place"}. Deterministic (seeded): rerunning rewrites the
-same files. Usage: python scripts/make_quickstart_data.py
+same files. Usage: python scripts/make_quickstart_data.py [--out recipes/data]
 """
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -49,7 +50,10 @@ def make_row(rng):
     return {"prompt": INSTRUCTION + request, "completion": answer}
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for quickstart_train.jsonl and quickstart_eval.jsonl")
+    out = parser.parse_args(argv).out
     rng = random.Random(20261125)
     rows, seen = [], set()
     while len(rows) < 200:
@@ -57,10 +61,10 @@ def main():
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
             rows.append(row)
-    OUT.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     for name, part in (("quickstart_train.jsonl", rows[:160]), ("quickstart_eval.jsonl", rows[160:])):
-        (OUT / name).write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
-        print(f"wrote {len(part)} rows to {OUT / name}")
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+        print(f"wrote {len(part)} rows to {out / name}")
 
 
 if __name__ == "__main__":
