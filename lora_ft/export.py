@@ -475,10 +475,9 @@ def logits_gap(run: AdapterRun, spec, source, modules: list[ModuleFactors] | Non
     `modules` is what an engine adds to each layer (scale * B @ A x); with None, PEFT loads `peft_folder`."""
     from peft import PeftModel
 
-    from lora_ft.generate import run_tokenizer
     from lora_ft.model.loading import load_base_model
 
-    tokenizer = run_tokenizer(run)
+    tokenizer = run.tokenizer()
     prompts = [torch.tensor([ids]) for p in VERIFY_PROMPTS if (ids := tokenizer(p)["input_ids"])]
     base = load_base_model(spec.model_copy(update={"dtype": "float32", "quantization": None}), source, "fp32")
     reference = PeftModel.from_pretrained(base, str(run.path)).eval()

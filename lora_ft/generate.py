@@ -217,14 +217,7 @@ def _labels(runs: list[AdapterRun]) -> list[str]:
 
 def run_tokenizer(run: AdapterRun):
     """The tokenizer saved in the run folder: the chat template exactly as trained."""
-    from transformers import AutoTokenizer
-
-    if not (run.path / "tokenizer_config.json").is_file():
-        raise LoraftError(f"--adapter: {run.path} holds no tokenizer files; it was not written by loraft train")
-    tokenizer = AutoTokenizer.from_pretrained(str(run.path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return run.tokenizer()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -284,3 +284,36 @@ def test_a_killed_writers_hidden_partial_folder_is_removed_by_the_next_run_on_th
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == []
     assert f"removed {dead.name}" in err and f"removed {old.name}" in err
+
+
+def test_a_slow_prompt_never_stalls_health_or_other_clients(server, client, monkeypatch):
+    from lora_ft.serving.batching import ServedModel
+
+    real = ServedModel.render_text
+
+    def slow(self, text):
+        time.sleep(2.0)  # a 10 MB prompt's tokenization, in miniature
+        return real(self, text)
+
+    monkeypatch.setattr(ServedModel, "render_text", slow)
+    import threading
+
+    worker = threading.Thread(target=lambda: client.completions.create(model="red", prompt="hello", max_tokens=2))
+    worker.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    status, body = raw_http(port_of(server), b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    waited = time.monotonic() - started
+    worker.join(30)
+    assert status == 200 and body == {"status": "ok"} and waited < 1.0
+
+
+def test_our_own_bug_is_a_500_with_a_trace_id_that_the_log_carries(client, monkeypatch, caplog):
+    from lora_ft import serve as serve_module
+
+    monkeypatch.setattr(serve_module, "_chat_completion", lambda job, model: 1 / 0)
+    with caplog.at_level("ERROR", logger="loraft.serve"), pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model="red", messages=USER, max_tokens=2)
+    trace = failed.value.body["message"].split("trace id ")[1].split(")")[0]
+    assert failed.value.status_code == 500 and failed.value.body["code"] == "internal_error"
+    assert any(trace in record.getMessage() and record.exc_info for record in caplog.records)

@@ -403,6 +403,17 @@ class AdapterRun:
             config = validate_dict(raw, source=str(path / CONFIG))
         return cls(path.resolve(), adapter, manifest, config)
 
+    def tokenizer(self):
+        """The tokenizer saved in the run folder: the chat template exactly as trained (pad = EOS when it has none)."""
+        from transformers import AutoTokenizer
+
+        if not (self.path / "tokenizer_config.json").is_file():
+            raise LoraftError(f"--adapter: {self.path} holds no tokenizer files; it was not written by loraft train")
+        tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
     def weights(self, wrappers: Mapping | None = None, what: str = "--adapter") -> AdapterWeights:
         return read_weights(self.path, self.adapter, wrappers, what)
 

@@ -136,9 +136,7 @@ class ModelPool:
     def attach(self, name: str, run: AdapterRun) -> ServedModel:
         """Load the run's adapter under `name` (on the worker thread once the scheduler runs). All or nothing:
         when anything fails the model is left exactly as before (no half-loaded adapter keeps the name)."""
-        from lora_ft.generate import run_tokenizer
-
-        tokenizer = run_tokenizer(run)  # the chat template exactly as trained
+        tokenizer = run.tokenizer()  # the chat template exactly as trained
         try:
             if self._is_peft():
                 self.model.load_adapter(str(run.path), adapter_name=name)
