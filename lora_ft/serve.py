@@ -279,7 +279,9 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
         served = _served(pool, body.model)
         if not served.has_template:
             raise _APIError(400, f"model {served.name!r} has no chat template; use /v1/completions", param="model")
-        prompt = await _tokenize(served.render_chat, [m.as_dict() for m in body.messages])
+        messages = [m.as_dict() for m in body.messages]
+        _cannot_fit(pool, served, sum(len(m["content"]) for m in messages), "messages")
+        prompt = await _tokenize(served.render_chat, messages)
         limit = _max_new_tokens(pool, settings, body.max_completion_tokens or body.max_tokens, len(prompt))
         job, channel = _submit(scheduler, served, prompt, limit, body)
         if body.stream:
@@ -296,6 +298,7 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
             raise _APIError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
         if body.stream and len(texts) > 1:
             raise _APIError(400, "prompt: streaming takes one prompt per request", param="prompt")
+        _cannot_fit(pool, served, max(len(text) for text in texts), "prompt")
         prompts = [await _tokenize(served.render_text, text) for text in texts]
         limits = [_max_new_tokens(pool, settings, body.max_tokens, len(ids)) for ids in prompts]
         submitted = []
@@ -401,6 +404,24 @@ def _json_depth(raw: bytes) -> int:
         elif byte in (0x5D, 0x7D):
             depth -= 1
     return deepest
+
+
+_LONGEST_TOKEN: dict[int, int] = {}
+
+
+def _cannot_fit(pool: ModelPool, served: ServedModel, chars: int, param: str) -> None:
+    """Refuse, without tokenizing it, a prompt too long for the context whatever it says: no token covers more
+    characters than the longest string in the vocabulary, so `chars` need at least chars / longest tokens.
+    (Tokenizing holds the tokenizer lock, which every streamed answer's decoding waits on.)"""
+    key = id(served.tokenizer)
+    if key not in _LONGEST_TOKEN:
+        _LONGEST_TOKEN[key] = max(map(len, served.tokenizer.get_vocab()), default=1)
+    least = chars // _LONGEST_TOKEN[key]
+    if least > pool.context_length:
+        raise _APIError(
+            400, f"this model's maximum context length is {pool.context_length} tokens; the prompt's {chars} characters "
+            f"need at least {least}: shorten the prompt", param=param, code="context_length_exceeded",
+        )
 
 
 async def _tokenize(render, value) -> list[int]:

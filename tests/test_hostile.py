@@ -212,8 +212,14 @@ def test_an_adapter_without_manifest_is_checked_against_the_base_its_config_name
 # --------------------------------------------------------------------------------------------- 3. cost, 7. client mistakes
 
 
-def test_request_cost_is_bounded_before_any_work(server, client):
+def test_request_cost_is_bounded_before_any_work(server, client, monkeypatch):
+    from lora_ft.serving.batching import ServedModel
+
     port = port_of(server)
+    with monkeypatch.context() as patched:  # a prompt that cannot fit the context is refused untokenized
+        patched.setattr(ServedModel, "render_text", lambda self, text: pytest.fail("tokenized"))
+        status, body = raw_http(port, post("/completions", json.dumps({"model": "red", "prompt": "a b " * 200_000}).encode()))
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded" and body["error"]["param"] == "prompt"
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 10000000\r\nConnection: close\r\n\r\n")
     status, body = raw_http(port, head + b'{"model": "red", "prompt": "a a a')  # refused on its header, unread
