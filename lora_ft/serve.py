@@ -433,6 +433,8 @@ async def _tokenize(render, value) -> list[int]:
         return await asyncio.to_thread(render, value)
     except TemplateError as exc:
         raise _APIError(400, f"messages: the chat template refuses this conversation: {exc}", param="messages") from None
+    except LoraftError as exc:  # the conversation format's own refusal (e.g. the template raised)
+        raise _APIError(400, str(exc), param="messages") from None
     except UnicodeError as exc:
         raise _APIError(400, f"the text cannot be encoded: {exc}") from None
 
