@@ -238,3 +238,25 @@ def test_ollama_modelfile_stops_on_the_runs_stop_tokens_and_carries_the_system_p
         assert [line for line in lines if line.startswith(("PARAMETER", "SYSTEM"))] == ['PARAMETER stop "<|im_end|>"'] + (
             [f'SYSTEM """{SYSTEM}"""'] if trained_on == "prompt" else []
         )
+
+
+@pytest.mark.parametrize("option, expected", [
+    ([], f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"),  # the run's rule
+    (["--system", "Be kind."], "<|im_start|>system\nBe kind.<|im_end|>\n"),  # the user's choice
+    (["--system", ""], ""),  # explicitly none
+])
+def test_chat_system_option_overrides_the_runs_system_prompt(runs, option, expected, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lora_ft import generate as gen
+    from lora_ft.cli import app
+
+    inference = gen.load_for_inference(runs["prompt"])
+    rendered = []
+    original = gen.Inference.render
+    monkeypatch.setattr(gen.Inference, "render", lambda self, *a, **k: rendered.append(original(self, *a, **k)) or rendered[-1])
+    monkeypatch.setattr(gen, "load_for_inference", lambda *a, **k: inference)
+    result = CliRunner().invoke(app, ["chat", "--adapter", str(runs["prompt"]), "--max-new-tokens", "1", *option],
+                                input=PROMPT + "\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert inference.tokenizer().decode(rendered[0]) == f"{expected}<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
