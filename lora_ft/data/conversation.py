@@ -274,7 +274,7 @@ class Conversation:
             return self.text_ids(messages[0]["content"])
         if not self.chat:
             raise LoraftError("chat messages need a chat template, and this tokenizer has none; send a plain prompt")
-        text = _render(self.tokenizer, messages, add_generation_prompt=True, where="prompt")
+        text = _render(self.tokenizer, messages, add_generation_prompt=True, where="messages", what="conversation")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def text_ids(self, text: str) -> list[int]:
@@ -475,13 +475,13 @@ def render_with_spans(example: Example, tokenizer) -> tuple[str, list[tuple[int,
     return full, spans
 
 
-def _render(tokenizer, messages, *, add_generation_prompt: bool, where: str, tools=None) -> str:
+def _render(tokenizer, messages, *, add_generation_prompt: bool, where: str, tools=None, what: str = "row") -> str:
     try:
         return tokenizer.apply_chat_template(
             messages, tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as exc:
-        raise DataError(f"{where}: the chat template failed on this row ({str(exc).splitlines()[0][:200]})") from None
+        raise DataError(f"{where}: the chat template failed on this {what} ({str(exc).splitlines()[0][:200]})") from None
 
 
 def encode(example: Example, tokenizer, *, train_on: str, max_seq_length: int) -> Encoded:
