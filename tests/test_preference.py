@@ -228,6 +228,20 @@ def test_eval_reports_preference_accuracy_base_vs_adapter_and_gates_on_it(dpo_ru
 
 
 @pytest.mark.slow
+def test_a_preference_adapter_merges_inspects_and_generates_like_an_sft_one(dpo_run, run_cli):
+    root, _ = dpo_run
+    code, out, err = run_cli("merge", "--adapter", root / "run", "--out", root / "merged")
+    assert code == 0, err
+    assert json.loads((root / "merged" / "merge_manifest.json").read_text())
+    code, out, err = run_cli("inspect", root / "run")
+    assert code == 0, err
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": "Repeat after me: paris"}])
+    code, out, err = run_cli("generate", "--prompts", prompts, "--adapter", root / "run", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["prompt"] == "Repeat after me: paris"
+
+
+@pytest.mark.slow
 def test_kto_trains_on_unpaired_rows(tmp_path, tiny_model_dir, write_yaml, run_cli):
     rows = []
     for pair in repeat_pairs(16):
