@@ -13,8 +13,6 @@ never from comparing all pairs.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import re
 import time
 from collections import Counter, defaultdict
@@ -24,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from lora_ft.config import DataSpec, RunConfig
-from lora_ft.data.rows import IGNORE, Example, Row, detect_format, encode, examples_from_rows, ignored_fields, load_rows, message_text
+from lora_ft.data.prepared import PreparedData, PreparedSplit, prepare_data
+from lora_ft.data.rows import IGNORE, Example, Row, ignored_fields, message_text
 from lora_ft.errors import ConfigError, DataError
 from lora_ft.data.near_dup import ShingleIndex
 from lora_ft.data.pair_checks import PAIR_CHECKS, check_pairs
@@ -115,6 +114,7 @@ class DataCheckResult:
     seconds: float
     fix: "_FixPlan" = field(repr=False, compare=False)
     overlap: HeldoutOverlap | None = None  # None without an eval split or with both leakage checks off
+    end_of_turn: "object" = None  # chat_template.EndOfTurnReport of the train rows; None when the check does not apply
 
     @property
     def failed(self) -> bool:
@@ -220,23 +220,22 @@ def _example_line(ex: dict) -> str:
 # The stage
 
 
-def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResult:
-    """Run every check that data.checks does not turn off, on the rows as training would see them."""
+def check_data(cfg: RunConfig, tokenizer=None, *, console=None, prepared: PreparedData | None = None) -> DataCheckResult:
+    """Run every check that data.checks does not turn off, on the rows as training sees them: the prepared
+    data (data/prepared.py) when the caller has it, else read and prepared here."""
     if cfg.data is None:
         raise ConfigError("data: missing; add data.train: path/to/train.jsonl")
     spec, levels = cfg.data, cfg.data.checks.model_dump()
-    if tokenizer is None:
+    if tokenizer is None and prepared is None:
         from lora_ft.model.loading import load_tokenizer, resolve_model_source
 
         tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
     started = time.perf_counter()  # the check's own time; loading a tokenizer is not the data's cost
     if cfg.training.method != "sft":
         return _preference_check(cfg, tokenizer, levels, started)
-    train_rows, eval_rows = load_rows(spec, cfg.training.seed)
-    fmt = detect_format(train_rows, spec)
-    splits = [_read_split("train", train_rows, spec, tokenizer, fmt)]
-    if eval_rows:
-        splits.append(_read_split("eval", eval_rows, spec, tokenizer, fmt))
+    prepared = prepared or prepare_data(spec, tokenizer, cfg.training.seed)
+    tokenizer, fmt = prepared.conversation.tokenizer, prepared.format
+    splits = [_read_split(split, spec) for split in prepared.splits]
 
     findings: list[Finding] = []
     add = _collector(findings, levels)
@@ -251,8 +250,9 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
         if levels["balance"] != "off" and answers:
             _balance_check(split, answers, cfg.data.checks.balance_max_share, add)
         reports.append(SplitReport(split.name, len(split.rows), len(split.errors), tokens, answers))
+    end_of_turn = None
     if levels["end_of_turn"] != "off" and fmt != "text" and getattr(tokenizer, "chat_template", None):
-        _end_of_turn_check(splits[0], tokenizer, spec.train_on, cfg.training.max_seq_length, add)
+        end_of_turn = _end_of_turn_check(splits[0], tokenizer, spec.train_on, cfg.training.max_seq_length, add)
     overlap = None
     if len(splits) == 2 and (levels["leakage"] != "off" or levels["near_leakage"] != "off"):
         overlap = _leakage_checks(splits[0], splits[1], cfg.data.checks.near_duplicate_threshold, levels, add)
@@ -263,7 +263,7 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None) -> DataCheckResu
     plan = _FixPlan(splits, contradictions)
     return DataCheckResult(
         fmt, cfg.training.max_seq_length, cfg.data.checks.near_duplicate_threshold, tuple(reports), tuple(findings),
-        time.perf_counter() - started, plan, overlap,
+        time.perf_counter() - started, plan, overlap, end_of_turn,
     )
 
 
@@ -339,6 +339,7 @@ class _Split:
     raw_answers: list[str | None]
     removed: dict[int, str] = field(default_factory=dict)  # example index -> why --fix drops it
     _index: ShingleIndex | None = None
+    prepared: PreparedSplit | None = None  # the rows' encodings (SFT rows; preference pairs are encoded by data/pairs.py)
 
     def index(self, threshold: float) -> ShingleIndex:
         """MinHash index of the normalised rows, built once and shared by the duplicate and leakage checks."""
@@ -361,12 +362,10 @@ def _snip(text: str) -> str:
     return text if len(text) <= SNIPPET else text[: SNIPPET - 3] + "..."
 
 
-def _read_split(name: str, rows: list[Row], spec: DataSpec, tokenizer, fmt: str) -> _Split:
-    errors: list[DataError] = []
-    _, examples = examples_from_rows(rows, spec, tokenizer, fmt, errors=errors)
-    index = {row.where: i for i, row in enumerate(rows)}
-    split = _Split(name, spec.system_prompt, rows, examples, [index[e.where] for e in examples], [str(e) for e in errors], [], [], [], [])
-    for example in examples:
+def _read_split(prepared: PreparedSplit, spec: DataSpec) -> _Split:
+    split = _Split(prepared.name, spec.system_prompt, list(prepared.rows), list(prepared.examples),
+                   list(prepared.row_of), [str(e) for e in prepared.format_errors], [], [], [], [], prepared=prepared)
+    for example in split.examples:
         prompt, answer, whole = _parts(example, spec.system_prompt)
         if prompt is None:
             split.texts.append(normalise(whole))
@@ -401,11 +400,9 @@ def _parts(example: Example, system_prompt: str | None) -> tuple[str | None, str
 
 
 def _render_checks(split: _Split, tokenizer, train_on: str, max_len: int, add, console, levels: dict) -> dict | None:
-    """Render and tokenize every row once: token lengths (the lengths check) and the fields the chat
-    template does not render (chat_fields). Returns the length statistics, None when lengths is off."""
+    """Token lengths (the lengths check) from the prepared encodings, and the fields the chat template does not
+    render (chat_fields). Returns the length statistics, None when lengths is off."""
     lengths_on, fields_on = levels["lengths"] != "off", levels["chat_fields"] != "off"
-    if not lengths_on and not fields_on:
-        return None
     n = len(split.examples)
     full = np.zeros(n, dtype=np.int64)
     before = np.zeros(n, dtype=np.int64)
@@ -413,15 +410,18 @@ def _render_checks(split: _Split, tokenizer, train_on: str, max_len: int, add, c
     ok = np.ones(n, dtype=bool)
     ignored: dict[int, list[str]] = {}
     with _progress(console, f"tokenizing {split.name}", n) as advance:
-        for start, lengths, errors, fields in _encode_all(split.examples, tokenizer, train_on, max_len, lengths_on, fields_on):
-            stop = start + len(lengths)
-            full[start:stop], before[start:stop], after[start:stop] = lengths.T
-            for i, message in errors:  # e.g. the chat template fails on this row
-                split.errors.append(message)
-                split.removed[i] = "malformed"
-                ok[i] = False
-            ignored.update(fields)
-            advance(stop - start)
+        encodings = split.prepared.encode_all()
+        advance(n)
+    for i, item in enumerate(encodings):
+        if isinstance(item, DataError):  # e.g. the chat template fails on this row
+            split.errors.append(str(item))
+            split.removed[i] = "malformed"
+            ok[i] = False
+            continue
+        full[i], before[i] = item.full_length, item.trained_before_truncation
+        after[i] = sum(1 for label in item.labels[:max_len] if label != IGNORE)
+        if fields_on and (found := ignored_fields(split.examples[i], tokenizer)):
+            ignored[i] = found
     if fields_on:
         _ignored_fields_finding(split, ignored, add)
     if not lengths_on or not ok.any():
@@ -450,48 +450,6 @@ def _render_checks(split: _Split, tokenizer, train_on: str, max_len: int, add, c
         "total": int(lengths.sum()),
         "trained": int(after[ok].sum()),  # tokens in the loss after truncation (training.advice compares rank with it)
     }
-
-
-# Rendering the chat template and tokenizing is nearly all of the check's time (~0.25 ms a row on one
-# core, profiled: 3 template renders, one tokenization, the label mask), and batching the fast tokenizer
-# did not help (offsets are built per row anyway). Rows are independent, so large splits are encoded by
-# forked workers, one per core: they inherit the examples and tokenizer instead of pickling them.
-PARALLEL_MIN_ROWS = 20_000
-CHUNK_ROWS = 2_000
-_WORK: dict = {}
-
-
-def _encode_all(examples: list[Example], tokenizer, train_on: str, max_len: int, lengths: bool = True, fields: bool = True):
-    """Yield (first index, [full, trained before, trained after] per row, [(index, error)], {index: ignored
-    fields}) chunk by chunk, in order. `lengths` encodes every row; `fields` looks for ignored chat fields."""
-    chunks = [(start, min(start + CHUNK_ROWS, len(examples))) for start in range(0, len(examples), CHUNK_ROWS)]
-    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 8)
-    _WORK.update(examples=examples, tokenizer=tokenizer, train_on=train_on, max_len=max_len, lengths=lengths, fields=fields)
-    try:
-        if workers < 2 or len(examples) < PARALLEL_MIN_ROWS or "fork" not in multiprocessing.get_all_start_methods():
-            yield from map(_encode_chunk, chunks)
-            return
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            yield from pool.imap(_encode_chunk, chunks)
-    finally:
-        _WORK.clear()
-
-
-def _encode_chunk(bounds: tuple[int, int]) -> tuple[int, np.ndarray, list[tuple[int, str]], dict[int, list[str]]]:
-    start, stop = bounds
-    lengths = np.zeros((stop - start, 3), dtype=np.int64)
-    errors, ignored = [], {}
-    tokenizer = _WORK["tokenizer"]
-    for k, example in enumerate(_WORK["examples"][start:stop]):
-        try:
-            if _WORK["lengths"]:
-                item = encode(example, tokenizer, train_on=_WORK["train_on"], max_seq_length=_WORK["max_len"])
-                lengths[k] = item.full_length, item.trained_before_truncation, sum(1 for label in item.labels if label != IGNORE)
-            if _WORK["fields"] and (found := ignored_fields(example, tokenizer)):
-                ignored[start + k] = found
-        except DataError as exc:
-            errors.append((start + k, str(exc)))
-    return start, lengths, errors, ignored
 
 
 def _ignored_fields_finding(split: _Split, ignored: dict[int, list[str]], add) -> None:
@@ -606,28 +564,23 @@ def _balance_check(split: _Split, answers: dict, max_share: float, add) -> None:
         "always answering it would score that well", count=1)
 
 
-END_OF_TURN_SAMPLE = 200  # the template decides this, not the row; a sample finds a broken setup
-
-
-def _end_of_turn_check(split: _Split, tokenizer, train_on: str, max_len: int, add) -> None:
-    """The same rule train enforces (chat_template.check_end_of_turn), reported with the other findings."""
+def _end_of_turn_check(split: _Split, tokenizer, train_on: str, max_len: int, add):
+    """The one end-of-turn rule (chat_template.check_end_of_turn) on every train row as training cuts it,
+    reported with the other findings at data.checks.end_of_turn's level; train enforces nothing besides."""
     from lora_ft.data.chat_template import check_end_of_turn
+    from lora_ft.data.prepared import truncate
 
-    encoded = []
-    for example in split.examples[:END_OF_TURN_SAMPLE]:
-        try:
-            encoded.append(encode(example, tokenizer, train_on=train_on, max_seq_length=max_len))
-        except DataError:
-            continue  # reported as a malformed row
+    encoded = [truncate(item, max_len) for item in split.prepared.encode_all() if not isinstance(item, DataError)]
     report = check_end_of_turn(encoded, tokenizer, train_on)
     if report.token is None and report.turns:
         add("end_of_turn", "no_end_of_turn_token", split.name, [{"where": "chat template"}],
-            "assistant turns (sampled) get no end-of-turn token from the chat template: a trained model cannot "
+            "assistant turns get no end-of-turn token from the chat template: a trained model cannot "
             "learn to stop; set model.chat_template", count=report.turns)
     elif report.missing:
         add("end_of_turn", "end_of_turn_not_trained", split.name, [{"where": report.example}],
-            f"of {report.turns} sampled assistant turns do not end with a trained {report.token}: the model would "
+            f"of {report.turns} assistant turns do not end with a trained {report.token}: the model would "
             "not learn to stop (see it with loraft data show)", count=report.missing)
+    return report
 
 
 def _leakage_checks(train: _Split, evaluation: _Split, threshold: float, levels: dict, add) -> HeldoutOverlap:

@@ -1,6 +1,6 @@
 """`loraft data show`: rows exactly as the model sees them, trained tokens told apart from masked ones.
 
-Uses the same rendering and masking as training (data.encode), so what it shows is what trains:
+Reads the same prepared data training reads (data/prepared.py), so what it shows is what trains:
 in a terminal trained tokens are green and masked ones dim; piped, trained spans sit between
 [[ and ]] markers. Where truncation would cut, a |<cut marker shows it.
 """
@@ -13,7 +13,9 @@ from rich.markup import escape
 
 from lora_ft.config import RunConfig
 from lora_ft.data.pairs import detect_preference_format, encode_pair, read_pairs
-from lora_ft.data.rows import IGNORE, encode, examples_from_rows, load_rows
+from lora_ft.data.prepared import PreparedData, prepare_data
+from lora_ft.data.rows import IGNORE, load_rows
+from lora_ft.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -47,18 +49,22 @@ class ShownPair:
         return "\n".join(lines)
 
 
-def show_rows(cfg: RunConfig, tokenizer, rows: int = 3, split: str = "train") -> list:
-    train_rows, eval_rows = load_rows(cfg.data, cfg.training.seed)
-    chosen = (train_rows if split == "train" else eval_rows or [])[:rows]
-    if not chosen:
-        return []
+def show_rows(cfg: RunConfig, tokenizer, rows: int = 3, split: str = "train", *, prepared: PreparedData | None = None) -> list:
     if cfg.training.method != "sft":
-        return show_pairs(cfg, tokenizer, chosen)
-    _, examples = examples_from_rows(chosen, cfg.data, tokenizer)
+        train_rows, eval_rows = load_rows(cfg.data, cfg.training.seed)
+        chosen_rows = (train_rows if split == "train" else eval_rows or [])[:rows]
+        return show_pairs(cfg, tokenizer, chosen_rows) if chosen_rows else []
+    prepared = prepared or prepare_data(cfg.data, tokenizer, cfg.training.seed)
+    chosen = prepared.train if split == "train" else prepared.eval
+    if chosen is None:
+        return []
+    if set(range(min(rows, len(chosen.rows)))) - set(chosen.row_of):  # a bad row among those shown stops here
+        raise chosen.format_errors[0]
     shown = []
-    for example in examples:
-        # Encode without truncation to show where the limit cuts.
-        full = encode(example, tokenizer, train_on=cfg.data.train_on, max_seq_length=10**9)
+    for i in range(min(rows, len(chosen.examples))):
+        full = chosen.encoding(i)  # encoded without truncation, to show where the limit cuts
+        if isinstance(full, DataError):
+            raise full
         limit = cfg.training.max_seq_length
         pieces: list[tuple[str, bool]] = []
         for index, (token, label) in enumerate(zip(full.input_ids, full.labels)):
@@ -72,7 +78,7 @@ def show_rows(cfg: RunConfig, tokenizer, rows: int = 3, split: str = "train") ->
                 pieces.append((text, trained))
         shown.append(
             ShownRow(
-                example.where,
+                full.where,
                 pieces,
                 len(full.input_ids),
                 sum(1 for label in full.labels if label != IGNORE),

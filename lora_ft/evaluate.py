@@ -28,7 +28,7 @@ from typing import Sequence
 from lora_ft.data.conversation import Example
 from lora_ft.data.pairs import pair_rows_for_eval
 from lora_ft.errors import EXIT_GATE, LoraftError
-from lora_ft.metrics import GENERATION_METRICS, score_generation
+from lora_ft.metrics import DEFAULT_MAX_REGRESSION, GENERATION_METRICS, score_generation
 from lora_ft.training.preference import pair_score
 
 PREFERENCE_METRICS = ("preference_accuracy", "preference_margin")  # on preference pairs (training/preference.py)
@@ -36,7 +36,6 @@ PREFERENCE_METRICS = ("preference_accuracy", "preference_margin")  # on preferen
 DEFAULT_REGRESSION = Path(__file__).parent / "resources" / "regression_default.jsonl"
 # A per-example loss change within this many nats/token is a tie: LoRA always moves the loss a little.
 TIE_NATS = 0.05
-DEFAULT_MAX_REGRESSION = 0.25
 
 
 # ---------------------------------------------------------------------------------------------

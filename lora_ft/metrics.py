@@ -13,6 +13,9 @@ from typing import Sequence
 
 from lora_ft.errors import LoraftError
 
+# The eval gate's default: the largest mean per-example loss increase (nats/token) on the regression set. Here, not
+# in evaluate.py, so the CLI can show it in --help without importing torch (a config typo refuses in under a second).
+DEFAULT_MAX_REGRESSION = 0.25
 GENERATION_METRICS = ("exact_match", "contains", "regex", "json_valid", "json_fields", "rouge_l", "stops")
 
 

@@ -213,7 +213,7 @@ def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=Fal
     model, plan = _loraft_model(mode, batch, seq, gc, liger, fused, kernels, offload)
     extra = {"packing": True, "packing_strategy": "bfd"} if mode == "real" else {}
     extra["activation_offloading"] = offload
-    extra["logging_nan_inf_filter"] = stock  # as lora_ft.train.to_sft_config sets it (False) unless stock
+    extra["logging_nan_inf_filter"] = stock  # as lora_ft.training.sft.trainer_arguments sets it (False) unless stock
     args = _sft_args(batch, seq, steps, gradient_checkpointing=False, use_liger_kernel=plan.liger, optim=plan.optimizer, **extra)
     trainer = _loraft_sft_trainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer(), callbacks=[clock],
                                   stock=stock)
@@ -334,11 +334,11 @@ def _loraft_sft_trainer(stock: bool = False, **kwargs):
     from trl import SFTTrainer
 
     from lora_ft.training.guards import NumericGuard
-    from lora_ft.train import _trainer_class
+    from lora_ft.training.sft import LoraftTrainer
 
     guard = NumericGuard("stop", 0, None, Console(stderr=True), "")
     if not stock:
-        return _trainer_class()(writer=None, guard=guard, **kwargs)
+        return LoraftTrainer(writer=None, guard=guard, **kwargs)
 
     class StockTrainer(SFTTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):

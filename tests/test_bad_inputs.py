@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import typer
 import yaml
 
 from conftest import copy_rows, write_jsonl
@@ -365,3 +366,54 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, tiny
 
 def test_the_battery_has_at_least_50_cases():
     assert len(CASES) >= 50
+
+
+# ---------------------------------------------------------------------------------------------
+# validate and train answer alike: one pre-flight, printed by validate, run by train
+
+
+def _template_without_end_of_turn(env: Env):
+    template = env.tmp / "no_end.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    env.cfg["model"]["chat_template"] = str(template)
+
+
+def _end_of_turn_missing_but_warn(env: Env):
+    _template_without_end_of_turn(env)
+    env.cfg["data"]["checks"] = {"end_of_turn": "warn"}
+
+
+# Inputs on the edge that train accepts: validate must accept them too (both were refused by train alone before).
+GOOD = [
+    Case("end of turn missing, its check set to warn", custom(_end_of_turn_missing_but_warn), ""),
+    Case("a finished run with --overwrite", lambda e: custom(_output_holds_a_finished_run)(e) + ["--overwrite"], ""),
+]
+BAD_ONLY_TRAIN_SAW = [
+    Case("end of turn missing (check at fail)", custom(_template_without_end_of_turn), "no end-of-turn token"),
+]
+
+
+@pytest.mark.parametrize("case", CASES + BAD_ONLY_TRAIN_SAW + GOOD, ids=[c.name for c in CASES + BAD_ONLY_TRAIN_SAW + GOOD])
+def test_validate_exits_2_exactly_when_train_does(case, tmp_path, tiny_model_dir, tiny_config, run_cli, monkeypatch):
+    import lora_ft.train as train_module
+
+    env = Env(tmp_path, tiny_model_dir, copy.deepcopy(tiny_config))
+    (tmp_path / "data").mkdir()
+    env.cfg["data"] = {"train": str(write_jsonl(tmp_path / "data" / "train.jsonl", copy_rows(8)))}
+    env.cfg["output_dir"] = str(tmp_path / "out")
+    args = case.build(env)
+
+    def past_preflight(*args, **kwargs):  # train stops where it would start loading weights: exit 0
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(train_module, "_run", past_preflight)
+    validate_code, _, validate_err = run_cli("validate", *args)
+    train_code, _, train_err = run_cli("train", *args)
+
+    assert validate_code == train_code, f"validate {validate_code}: {validate_err!r}; train {train_code}: {train_err!r}"
+    assert validate_code == (0 if case in GOOD else 2)
+    if case.expect:
+        assert case.expect in validate_err.strip().splitlines()[-1]

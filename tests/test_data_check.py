@@ -252,13 +252,13 @@ def test_over_long_rows_report_whether_truncation_cuts_the_completion(make_confi
 
 
 def test_forked_workers_give_the_same_token_counts_as_one_process(make_config, monkeypatch):
-    import lora_ft.data_check as data_check
+    import lora_ft.data.prepared as prepared
 
     rows = clean_rows(30) + clean_rows(2, seed=3, prompt_words=120) + [{"prompt": "x", "completion": ""}]
     cfg = validate_dict(make_config(rows))
     serial = check_data(cfg)
-    monkeypatch.setattr(data_check, "PARALLEL_MIN_ROWS", 0)
-    monkeypatch.setattr(data_check, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(prepared, "PARALLEL_MIN_ROWS", 0)
+    monkeypatch.setattr(prepared, "CHUNK_ROWS", 7)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two workers even on a one-core runner
     forked = check_data(cfg)
     assert forked.splits == serial.splits and forked.findings == serial.findings

@@ -169,11 +169,11 @@ def test_loraft_trainer_logs_what_trl_logs(tmp_path):
     token counts are TRL's own, step by step."""
     from trl import SFTTrainer
 
-    from lora_ft.train import _trainer_class
+    from lora_ft.training.sft import LoraftTrainer
 
     rows = _motif_rows()
     reference = _train_logs(SFTTrainer, tmp_path, "trl", rows)
-    ours = _train_logs(_trainer_class(), tmp_path, "ours", rows, **_loraft_trainer_kwargs())
+    ours = _train_logs(LoraftTrainer, tmp_path, "ours", rows, **_loraft_trainer_kwargs())
     keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens", "num_input_tokens_seen")
     assert len(reference) == len(ours) == 5
     assert reference[-1]["loss"] < reference[0]["loss"]
@@ -191,7 +191,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
     from transformers import TrainerCallback
     from trl import SFTTrainer
 
-    from lora_ft.train import _trainer_class
+    from lora_ft.training.sft import LoraftTrainer
 
     counting = {"on": False, "reads": 0}
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
@@ -217,7 +217,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
         return counting["reads"]
 
     assert reads(SFTTrainer, "trl") >= 4 * 3  # entropy, accuracy and token count, at least, every step
-    assert reads(_trainer_class(), "ours", **_loraft_trainer_kwargs()) == 0
+    assert reads(LoraftTrainer, "ours", **_loraft_trainer_kwargs()) == 0
 
 
 def test_the_default_plans_checkpointing_by_memory_and_shipped_configs_use_it():

@@ -59,19 +59,19 @@ def test_reloaded_adapter_matches_in_memory_model(tiny_config, tiny_model_dir):
 
     cfg = validate_dict(tiny_config)
     captured = {}
-    import lora_ft.train as train_module
+    import lora_ft.training.finish as finish
 
-    original = train_module.final_scores
+    original = finish.final_scores
 
     def capture(model, data, tokenizer, batch_size):
         captured["model"] = model
         return original(model, data, tokenizer, batch_size)
 
-    train_module.final_scores = capture
+    finish.final_scores = capture
     try:
         result = train(cfg)
     finally:
-        train_module.final_scores = original
+        finish.final_scores = original
     ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2]])
     with torch.no_grad():
         in_memory = captured["model"](input_ids=ids).logits
@@ -128,3 +128,16 @@ def test_the_model_cards_code_runs_as_written(finished_run):
     exec(code, scope)  # noqa: S102 - the snippet a user copies
     assert isinstance(scope["model"], PeftModel)
     assert "<this folder>" not in card
+
+
+def test_the_train_summary_and_eval_agree_on_heldout_loss_and_stop_probability(tiny_run):
+    """One question, one answer: train's held-out figures (manifest) are eval's on the same rows (CPU, fp32)."""
+    from lora_ft.evaluate import EvalSettings, evaluate
+
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    held, stop = manifest["metrics"]["heldout"], manifest["stop_tokens"]["after_training"]
+    metrics = evaluate(tiny_run, regression=[], settings=EvalSettings(max_new_tokens=2), progress=False).task["metrics"]
+    for who in ("base", "adapter"):
+        assert metrics["loss"][who] == pytest.approx(held[who]["loss"], rel=1e-5)
+        assert metrics["stop_probability"][who] == pytest.approx(stop[who]["mean_probability"], rel=1e-5)
+    assert metrics["stop_probability"]["n"] == stop["adapter"]["answers"] == 8

@@ -162,17 +162,20 @@ class RunDir:
     @classmethod
     def prepare(cls, output_dir: str | Path, *, overwrite: bool = False) -> "RunDir":
         """Check output_dir can take this run; with `overwrite`, discard a run (finished or not) already there."""
+        run = cls.check(output_dir, overwrite=overwrite)
+        if overwrite and (run.is_finished() or run.has_state()):
+            shutil.rmtree(run.path)
+        return run
+
+    @classmethod
+    def check(cls, output_dir: str | Path, *, overwrite: bool = False) -> "RunDir":
+        """Whether output_dir can take this run, changing nothing (what the pre-flight asks before anything heavy)."""
         run = cls(Path(output_dir).expanduser())
         if run.path.exists() and not run.path.is_dir():
             raise LoraftError(f"output_dir {run.path} is a file; choose a folder path")
-        if run.is_finished() or run.has_state():
-            if run.is_finished() and not overwrite:
-                raise LoraftError(
-                    f"output_dir {run.path} holds a finished run; choose another output_dir or pass --overwrite"
-                )
-            if overwrite:
-                shutil.rmtree(run.path)
-        elif run.path.exists() and any(run.path.iterdir()):
+        if run.is_finished() and not overwrite:
+            raise LoraftError(f"output_dir {run.path} holds a finished run; choose another output_dir or pass --overwrite")
+        if not (run.is_finished() or run.has_state()) and run.path.exists() and any(run.path.iterdir()):
             raise LoraftError(f"output_dir {run.path} is not empty and holds no loraft run; choose another folder")
         return run
 

@@ -19,6 +19,7 @@ fail with file and line before any model loads. Nothing is cached on disk, so no
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import random
@@ -49,21 +50,27 @@ class Row:
 
 def read_rows(source: DataSource) -> list[Row]:
     """All rows of one data source. Raises DataError naming file and line for anything malformed."""
+    return read_source(source)[0]
+
+
+def read_source(source: DataSource) -> tuple[list[Row], str | None]:
+    """All rows of one data source and the sha256 of the bytes they were parsed from (None for a Hub
+    dataset): one read of the file serves both, so the recorded hash is of exactly what trained."""
     if not source.is_local:
-        return _read_hub(source)
+        return _read_hub(source), None
     path = Path(source.path).expanduser()
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if not path.is_file():
         raise DataError(f"{path}: is not a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        rows = _read_parquet(path)
+        rows = _read_parquet(raw, path)
     else:
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror})") from None
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
@@ -79,7 +86,7 @@ def read_rows(source: DataSource) -> list[Row]:
             raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
     if not rows:
         raise DataError(f"{path}: no rows; the file is empty")
-    return rows
+    return rows, hashlib.sha256(raw).hexdigest()
 
 
 def _parse_jsonl(text: str, path: Path) -> list[Row]:
@@ -133,11 +140,12 @@ def _parse_csv(text: str, path: Path) -> list[Row]:
     return rows
 
 
-def _read_parquet(path: Path) -> list[Row]:
+def _read_parquet(raw: bytes, path: Path) -> list[Row]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(raw))
     except Exception as exc:
         raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:200]})") from None
     return [Row(item, f"{path}:row {i}") for i, item in enumerate(table.to_pylist())]
@@ -231,9 +239,21 @@ class TrainingData:
 
 def load_rows(spec: DataSpec, seed: int) -> tuple[list[Row], list[Row] | None]:
     """Train and eval rows, with the eval split carved off reproducibly when asked."""
-    train_rows = read_rows(spec.train)
+    train_rows, eval_rows, _ = read_data(spec, seed)
+    return train_rows, eval_rows
+
+
+def read_data(spec: DataSpec, seed: int) -> tuple[list[Row], list[Row] | None, dict[str, str]]:
+    """Train and eval rows (see load_rows) and the sha256 of each local file read ({role: digest}), each file read once."""
+    train_rows, digest = read_source(spec.train)
+    digests = {"train": digest} if digest else {}
     if spec.eval is not None:
-        return train_rows, read_rows(spec.eval)
+        eval_rows, digest = read_source(spec.eval)
+        return train_rows, eval_rows, {**digests, **({"eval": digest} if digest else {})}
+    return (*split_off_eval(train_rows, spec, seed), digests)
+
+
+def split_off_eval(train_rows: list[Row], spec: DataSpec, seed: int) -> tuple[list[Row], list[Row] | None]:
     if spec.eval_fraction > 0:
         order = list(range(len(train_rows)))
         random.Random(seed).shuffle(order)
@@ -298,7 +318,8 @@ def load_training_data(spec: DataSpec, tokenizer, *, max_seq_length: int, seed: 
     return TrainingData(fmt, train, evaluation, describe_sources(spec, train, evaluation), conversation=conversation)
 
 
-def describe_sources(spec: DataSpec, train: SplitData, evaluation: SplitData | None) -> list[dict]:
+def describe_sources(spec: DataSpec, train: SplitData, evaluation: SplitData | None, digests: dict[str, str] | None = None) -> list[dict]:
+    """What the manifest records of each source; `digests` ({role: sha256} from read_data) spares a second read."""
     from lora_ft.artifacts.run_dir import file_sha256
 
     out = []
@@ -307,7 +328,7 @@ def describe_sources(spec: DataSpec, train: SplitData, evaluation: SplitData | N
             continue
         entry: dict[str, Any] = {"role": role, "path": source.path}
         if source.is_local:
-            entry["sha256"] = file_sha256(Path(source.path).expanduser())
+            entry["sha256"] = (digests or {}).get(role) or file_sha256(Path(source.path).expanduser())
         else:
             entry["split"] = source.split
         if split is not None:

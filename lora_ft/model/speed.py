@@ -11,28 +11,13 @@ allows and recompute only the rest.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from lora_ft.config import RunConfig
-
-# Activation bytes one decoder layer keeps per token when not checkpointed, bf16, LoRA with dropout on all 7
-# projections of a Llama-style layer (6 projections read a hidden-wide input, down_proj an intermediate-wide one).
-# The layer itself keeps ~2*(5*hidden + intermediate) bytes. PEFT's LoRA adds, per projection, its dropout mask
-# and the dropped bf16 copy of the input: 3 bytes per input element (and under a 4-bit base, fp32 copies: ~1.6x
-# the whole). The fused path keeps each distinct input once and no masks, about as much again as the layer, and
-# the same under a 4-bit base. Calibrated on Llama-3.1-8B, 4x2048 tokens, H100 (scripts/results/bench_train.json):
-# PEFT's path 47.9 GiB for 32 layers (~183 KB/token/layer; model: 186); fused ~35 GiB (~139; model: 139).
-def _layer_bytes_per_token(hidden: int, inter: int, fused_lora: bool) -> int:
-    layer = 2 * (5 * hidden + inter)
-    lora = 2 * (5 * hidden + inter) if fused_lora else 3 * (6 * hidden + inter)
-    return layer + lora
-
-
-QUANTIZED_UNFUSED_ACTIVATION_SCALE = 1.6
-PLANNING_MARGIN_GIB = 3.0
-
+from lora_ft.model.memory import (  # noqa: F401  (activation_gib_per_layer re-exported)
+    QUANTIZED_UNFUSED_ACTIVATION_SCALE, activation_gib_per_layer, fewest_layers_to_checkpoint, logits_gib,
+)
 
 @dataclass(frozen=True)
 class SpeedPlan:
@@ -112,7 +97,7 @@ def check_speed_choices(cfg: RunConfig) -> None:
         _lora_kernels(t.lora_kernels, torch.cuda.is_available())
 
 
-def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None, trainable: int = 0) -> SpeedPlan:
+def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None, trainable: int = 0, precision: str = "bf16") -> SpeedPlan:
     import torch
 
     t = cfg.training
@@ -129,7 +114,8 @@ def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None
     elif t.gradient_checkpointing is False or not cuda:
         checkpoint = 0
     else:
-        checkpoint = _layers_to_checkpoint(cfg, model_config, layers, weights_gib, trainable)
+        logits = logits_gib(cfg, model_config, precision, liger=liger)
+        checkpoint = _layers_to_checkpoint(cfg, model_config, layers, weights_gib, trainable, logits)
     optimizer = t.optimizer
     if optimizer == "auto":
         optimizer = "adamw_torch_fused" if cuda else "adamw_torch"
@@ -146,12 +132,6 @@ def _lora_kernels(choice: str, cuda: bool) -> str:
 
         raise ConfigError("training.lora_kernels: triton needs CUDA and the triton package; set lora_kernels: auto")
     return "triton" if choice != "torch" and available else "torch"
-
-
-def activation_gib_per_layer(model_config, tokens: int, *, fused_lora: bool = True) -> float:
-    hidden = model_config.hidden_size
-    inter = getattr(model_config, "intermediate_size", 4 * hidden)
-    return _layer_bytes_per_token(hidden, inter, fused_lora) * tokens / 2**30
 
 
 def check_fits(cfg: RunConfig, model_config, weights_gib: float, trainable: int, gpu_gib: float) -> None:
@@ -184,23 +164,17 @@ def check_fits(cfg: RunConfig, model_config, weights_gib: float, trainable: int,
     )
 
 
-def _layers_to_checkpoint(cfg: RunConfig, model_config, layers: int, weights_gib, trainable: int) -> int:
-    """Fewest checkpointed layers whose activations fit the budget (checkpoint the first ones)."""
+def _layers_to_checkpoint(cfg: RunConfig, model_config, layers: int, weights_gib, trainable: int, logits_gib: float = 0.0) -> int:
+    """Fewest checkpointed layers whose activations fit the budget (checkpoint the first ones), by the one
+    memory model (model/memory.py) that validate and train print."""
     import torch
 
     t = cfg.training
     budget = t.memory_budget_gib or 0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30
-    tokens = t.batch_size * t.max_seq_length
     if weights_gib is None:
         weights_gib = torch.cuda.memory_allocated() / 2**30
-    per_layer = activation_gib_per_layer(model_config, tokens, fused_lora=t.fused_lora)
-    if cfg.model.quantization is not None and not t.fused_lora:
-        per_layer *= QUANTIZED_UNFUSED_ACTIVATION_SCALE
-    boundary = tokens * model_config.hidden_size * 2 / 2**30  # a checkpointed layer keeps only its input
-    fixed = weights_gib + trainable * 16 / 2**30 + per_layer + layers * boundary + PLANNING_MARGIN_GIB
-    free = budget - fixed
-    keep = max(0, min(layers, math.floor(free / max(per_layer - boundary, 1e-9))))
-    return layers - keep
+    return fewest_layers_to_checkpoint(cfg, model_config, layers, budget=budget, weights=weights_gib, trainable=trainable,
+                                       logits=logits_gib)
 
 
 def apply_speed_plan(model, plan: SpeedPlan) -> None:
