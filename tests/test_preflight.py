@@ -9,8 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from conftest import copy_rows, write_jsonl
 from lora_ft.config import validate_dict
 from test_stop_tokens import bases, config  # noqa: F401  (bases: a fixture; a base whose EOS row never trained)
@@ -119,7 +117,7 @@ def test_preflight_estimate_follows_the_plan_for_each_checkpointing_setting(tiny
 
 def test_one_train_reads_each_data_file_once_and_encodes_each_row_once(tiny_config, monkeypatch):
     import lora_ft.artifacts.run_dir as run_dir
-    import lora_ft.data.prepared as prepared
+    import lora_ft.data.conversation as conversation
     import lora_ft.data.rows as rows
     from lora_ft.train import train
 
@@ -134,8 +132,7 @@ def test_one_train_reads_each_data_file_once_and_encodes_each_row_once(tiny_conf
 
     monkeypatch.setattr(rows, "read_source", counted("reads", rows.read_source))
     monkeypatch.setattr(run_dir, "file_sha256", counted("hashes", run_dir.file_sha256))
-    monkeypatch.setattr(prepared, "encode", counted("encodings", prepared.encode))
-    monkeypatch.setattr(rows, "encode", counted("encodings", rows.encode))
+    monkeypatch.setattr(conversation, "encode", counted("encodings", conversation.encode))  # every row encoding goes through it
     tiny_config["training"]["max_steps"] = 2
     result = train(validate_dict(tiny_config))
     assert counts == {"reads": 2, "hashes": 0, "encodings": 32 + 8}  # before: 3 reads and a hash per file, 2.8 encodings a row
@@ -144,13 +141,13 @@ def test_one_train_reads_each_data_file_once_and_encodes_each_row_once(tiny_conf
 
 
 def test_data_show_encodes_only_the_rows_it_shows(tiny_config, monkeypatch):
-    import lora_ft.data.prepared as prepared
+    import lora_ft.data.conversation as conversation
     from lora_ft.data_show import show_rows
     from lora_ft.model.loading import load_tokenizer, resolve_model_source
 
     cfg = validate_dict(tiny_config)
     encoded = []
-    monkeypatch.setattr(prepared, "encode", lambda example, *a, _e=prepared.encode, **k: encoded.append(example) or _e(example, *a, **k))
+    monkeypatch.setattr(conversation, "encode", lambda example, *a, _e=conversation.encode, **k: encoded.append(example) or _e(example, *a, **k))
     shown = show_rows(cfg, load_tokenizer(cfg.model, resolve_model_source(cfg.model)), rows=2)
     assert len(shown) == 2 == len(encoded)
 
