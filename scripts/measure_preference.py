@@ -12,6 +12,7 @@ same data with identical pairs planted run through `loraft data check` (the iden
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -103,6 +104,11 @@ def greedy_share(run_dir: Path, prompts: list[str]) -> dict:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="The base: STORIES260K=path (default "
+                            f"{BASE}). Writes {OUT.relative_to(REPO)}.").parse_args()
+    if not (BASE / "config.json").is_file():  # one line, not a traceback, from a plain clone
+        sys.exit(f"needs stories260K (a small Hugging Face model folder): STORIES260K=PATH; {BASE} is not one "
+                 "(it is ../shared/models/stories260K beside the developers' checkout)")
     torch.set_num_threads(2)
     root = Path(tempfile.mkdtemp(prefix="measure_preference_"))
     train_rows = story_pairs(TRAIN_NAMES, TRAIN_OPENING, seed=0, per_prompt=3)
