@@ -389,3 +389,17 @@ def test_both_logps_falling_for_a_window_warns_once_with_the_cause(tmp_path):
     for step in range(FALLING_WINDOW + 3):  # rejected falls, chosen rises: the healthy case
         quiet.on_log(None, state, None, logs={"logps/chosen": -10.0 + step, "logps/rejected": -12.0 - step})
     assert len(printed) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True}], ids=["dora", "rslora"])
+def test_dpo_trains_dora_and_rslora_adapters_as_sft_does(tmp_path, tiny_model_dir, write_yaml, run_cli, variant):
+    cfg = pref_config(tmp_path, tiny_model_dir, repeat_pairs(16), repeat_pairs(8, 1, shift=5), max_steps=8)
+    cfg["lora"].update(variant)
+    code, out, err = run_cli("train", write_yaml(cfg))
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert all(manifest["lora"][key] is value for key, value in variant.items())
+    heldout = manifest["preference"]["heldout"]
+    assert heldout["adapter"]["mean_margin"] > heldout["base"]["mean_margin"]
+
