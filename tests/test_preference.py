@@ -403,3 +403,21 @@ def test_dpo_trains_dora_and_rslora_adapters_as_sft_does(tmp_path, tiny_model_di
     heldout = manifest["preference"]["heldout"]
     assert heldout["adapter"]["mean_margin"] > heldout["base"]["mean_margin"]
 
+
+
+def test_without_a_chat_template_a_pair_is_prompt_then_answer_and_eos_as_for_sft(tmp_path):
+    from conftest import save_tiny_model
+    from lora_ft.data.rows import Row, encode, to_example
+    from lora_ft.model.loading import load_tokenizer, resolve_model_source
+
+    model_dir = save_tiny_model(tmp_path / "plain", chat_template=None)
+    cfg = validate_dict(pref_config(tmp_path, model_dir, repeat_pairs(2)))
+    tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
+    pair = read_pairs([Row({"prompt": "Repeat after me: fox", "chosen": " fox", "rejected": " dog"}, "t:1")], cfg.data,
+                      tokenizer, "pairs")[0]
+    encoded = encode_pair(pair, tokenizer, max_seq_length=64, max_prompt_length=None)
+    sft = encode(to_example(Row({"prompt": "Repeat after me: fox", "completion": " fox"}, "t:1"), "prompt_completion",
+                            cfg.data, use_chat=False), tokenizer, train_on="assistant", max_seq_length=64)
+    assert encoded.prompt_ids + encoded.chosen_ids == sft.input_ids
+    assert encoded.chosen_ids == [t for t in sft.labels if t != -100]
+    assert tokenizer.decode(encoded.rejected_ids) == " dog" + tokenizer.eos_token

@@ -5,8 +5,8 @@ Every answer goes through the same conversation format as an SFT row (`data/rows
 system prompt, the end-of-turn token, plain prompt+completion without a template), rendered and tokenized as
 ONE text (prompt + answer), the answer's tokens found by their character span. Templating the prompt and the
 answer separately and concatenating the ids, as some tools do, can drop or change the first answer tokens and
-the end-of-turn token. `answer_ids` is the one function that does this (the switch to a shared conversation
-module is a change there only).
+the end-of-turn token. `answer_ids` is the one function that does this, through data/conversation.py's
+`encode_answer`.
 
 Accepted rows (field names can be mapped with data.fields):
 - `prompt`, `chosen`, `rejected` as strings;
@@ -24,7 +24,7 @@ from typing import Any
 
 from lora_ft.config import DataSpec
 from lora_ft.data.conversation import Conversation
-from lora_ft.data.rows import IGNORE, Example, Row, describe_sources, encode, load_rows, to_example
+from lora_ft.data.rows import IGNORE, Example, Row, describe_sources, load_rows, to_example
 from lora_ft.errors import DataError
 
 PAIR_FIELDS = ("chosen", "rejected")
@@ -239,13 +239,25 @@ def _mapped(data: dict, fields: dict[str, str]) -> dict:
 
 
 def answer_ids(answer: Answer, tokenizer) -> tuple[list[int], int]:
-    """(ids of prompt + answer rendered and tokenized together, index of the first answer token). The answer is
-    what SFT would train for this conversation's last assistant turn (its end-of-turn token included)."""
-    item = encode(answer.example, tokenizer, train_on="last_assistant", max_seq_length=NO_LIMIT)
+    """(ids of prompt + answer rendered and tokenized together, index of the first answer token): the conversation
+    format's `encode_answer`, so the answer is what SFT would train for that turn (its end-of-turn token included)."""
+    *prompt, reply = answer.example.messages
+    reply = reply if reply["role"] == "assistant" else reply["content"]
+    item = _conversation(tokenizer).encode_answer(prompt, reply, max_seq_length=NO_LIMIT, where=answer.example.where)
     trained = [i for i, label in enumerate(item.labels) if label != IGNORE]
     if not trained:
         return item.input_ids, len(item.input_ids)
     return item.input_ids[: trained[-1] + 1], trained[0]
+
+
+_CONVERSATION: list = []  # (tokenizer, its Conversation): building one renders probes, so once per tokenizer
+
+
+def _conversation(tokenizer) -> Conversation:
+    if not _CONVERSATION or _CONVERSATION[0][0] is not tokenizer:
+        # The system prompt is already in each answer's messages (_answer), so none is added here.
+        _CONVERSATION[:] = [(tokenizer, Conversation.for_training(tokenizer, fmt="pairs", system_prompt=None))]
+    return _CONVERSATION[0][1]
 
 
 def encode_pair(pair: PairRow, tokenizer, *, max_seq_length: int, max_prompt_length: int | None) -> EncodedPair:
