@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from lora_ft.config import redact
 from lora_ft.errors import DataError, LoraftError
@@ -527,19 +527,3 @@ def ignored_fields(example: Example, tokenizer) -> list[str]:
     if example.tools and unchanged(messages, None):
         ignored.append("tools")
     return ignored
-
-
-def message_text(message: dict) -> str:
-    """What a message says, as plain text for comparing rows: its content, then its other fields as JSON."""
-    extra = {k: v for k, v in message.items() if k not in ("role", "content")}
-    if not extra:
-        return message["content"]
-    return "\n".join(filter(None, (message["content"], json.dumps(extra, sort_keys=True, ensure_ascii=False))))
-
-
-def iter_texts(examples: Iterable[Example]) -> Iterable[str]:
-    for example in examples:
-        if example.text is not None:
-            yield example.text
-        else:
-            yield "\n".join(message_text(m) for m in example.messages)

@@ -25,13 +25,12 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from lora_ft.config import DataSource, DataSpec
 # The conversation format lives in conversation.py; its row and encoding names are re-exported for the stages here.
 from lora_ft.data.conversation import (  # noqa: F401
-    FORMAT_FIELDS, IGNORE, PROMPT_FORMATS, Conversation, Encoded, Example, encode, ignored_fields, iter_texts, message_text,
-    render_with_spans,
+    FORMAT_FIELDS, IGNORE, PROMPT_FORMATS, Conversation, Encoded, Example, encode, ignored_fields, render_with_spans,
 )
 from lora_ft.errors import DataError
 
@@ -347,3 +346,19 @@ def validate_rows(spec: DataSpec, tokenizer_has_template: bool, seed: int) -> di
         for row in rows:
             to_example(row, fmt, spec, use_chat=tokenizer_has_template)
     return {"format": fmt, "train_rows": len(train_rows), "eval_rows": len(eval_rows or [])}
+
+
+def message_text(message: dict) -> str:
+    """What a message says, as plain text for comparing rows: its content, then its other fields as JSON."""
+    extra = {k: v for k, v in message.items() if k not in ("role", "content")}
+    if not extra:
+        return message["content"]
+    return "\n".join(filter(None, (message["content"], json.dumps(extra, sort_keys=True, ensure_ascii=False))))
+
+
+def iter_texts(examples: Iterable[Example]) -> Iterable[str]:
+    for example in examples:
+        if example.text is not None:
+            yield example.text
+        else:
+            yield "\n".join(message_text(m) for m in example.messages)
