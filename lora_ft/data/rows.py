@@ -288,35 +288,6 @@ def examples_from_rows(
     return fmt, examples
 
 
-def encode_split(name: str, rows: list[Row], spec: DataSpec, conversation: Conversation, max_seq_length: int, fmt: str) -> SplitData:
-    _, examples = examples_from_rows(rows, spec, conversation.tokenizer, fmt, conversation=conversation)
-    split = SplitData(name, rows, [])
-    for example in examples:
-        item = conversation.encode(example, train_on=spec.train_on, max_seq_length=max_seq_length)
-        if item.trained_tokens == 0:
-            # A row whose every label is masked adds nothing but a 0/0 loss; keep it out.
-            split.dropped.append(item.where)
-            continue
-        split.encoded.append(item)
-    if not split.encoded:
-        raise DataError(
-            f"{name} data: no row has a token to learn from after masking and truncation "
-            f"(first: {split.dropped[0]}); check train_on and training.max_seq_length"
-        )
-    return split
-
-
-def load_training_data(spec: DataSpec, tokenizer, *, max_seq_length: int, seed: int, model_eos=None) -> TrainingData:
-    """Rows read, put in the run's conversation format (saved with the run) and encoded. `model_eos`: the base's
-    own EOS ids (its config's eos_token_id), among the run's stop ids."""
-    train_rows, eval_rows = load_rows(spec, seed)
-    fmt = detect_format(train_rows, spec)
-    conversation = Conversation.for_training(tokenizer, fmt=fmt, system_prompt=spec.system_prompt, model_eos=model_eos)
-    train = encode_split("train", train_rows, spec, conversation, max_seq_length, fmt)
-    evaluation = encode_split("eval", eval_rows, spec, conversation, max_seq_length, fmt) if eval_rows else None
-    return TrainingData(fmt, train, evaluation, describe_sources(spec, train, evaluation), conversation=conversation)
-
-
 def describe_sources(spec: DataSpec, train: SplitData, evaluation: SplitData | None, digests: dict[str, str] | None = None) -> list[dict]:
     """What the manifest records of each source; `digests` ({role: sha256} from read_data) spares a second read."""
     from lora_ft.artifacts.run_dir import file_sha256
@@ -336,16 +307,6 @@ def describe_sources(spec: DataSpec, train: SplitData, evaluation: SplitData | N
     if spec.eval is None and evaluation is not None:
         out.append({"role": "eval", "split_from": "train", "fraction": spec.eval_fraction, "rows": len(evaluation.rows)})
     return out
-
-
-def validate_rows(spec: DataSpec, tokenizer_has_template: bool, seed: int) -> dict:
-    """The data checks `validate` and `train` share before a model loads: files parse, rows fit their format."""
-    train_rows, eval_rows = load_rows(spec, seed)
-    fmt = detect_format(train_rows, spec)
-    for rows in (train_rows, eval_rows or []):
-        for row in rows:
-            to_example(row, fmt, spec, use_chat=tokenizer_has_template)
-    return {"format": fmt, "train_rows": len(train_rows), "eval_rows": len(eval_rows or [])}
 
 
 def message_text(message: dict) -> str:
