@@ -52,6 +52,9 @@ PREFERENCE_LR = {
     "orpo": (1e-6, "TRL ORPOConfig default learning_rate 1e-6 (Hong et al. 2024, 'ORPO', arXiv 2403.07691)"),
     "simpo": (1e-6, "Meng et al. 2024, 'SimPO', arXiv 2405.14734: 3e-7..1e-6 full; TRL CPOConfig default 1e-6"),
 }
+# Those rates were set for 7B models (Zephyr is Mistral-7B, hidden 4096); other sizes keep the same factor below the
+# SFT formula's rate (an extrapolation: the sources give one size).
+PREFERENCE_HIDDEN = 4096
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,24 +181,25 @@ def scale_factor(cfg: RunConfig) -> float:
 
 def learning_rate_rule(cfg: RunConfig, shapes: ModelShapes) -> Finding:
     lr, method = cfg.training.learning_rate, cfg.training.method
+    fam, own = family(shapes.model_type)
+    raw = formula_lr(shapes.hidden_size, shapes.model_type)
+    scale = scale_factor(cfg)
+    target = raw / scale
+    said = "" if own else f"; {shapes.model_type or 'this model'} has no calibrated exponent, the nearest known family {fam}'s is used"
+    scaled = "" if math.isclose(scale, 1.0, rel_tol=1e-6) else f", / {scale:.3g} for alpha scale {cfg.lora.scaling:g} vs 32/r"
+    basis = f"LoRA Without Regret for {fam} at hidden {shapes.hidden_size}" + (f": {raw:.2g}{scaled}" if scaled else "")
+    why = (f"LoRA's best learning rate is ~10x full fine-tuning's: 5e-5 x 10 x (2000/hidden)^{EXPONENT[fam]} at "
+           f"alpha 32{said}; a full fine-tuning rate (2e-5) on LoRA is the usual mistake")
+    source = f"{LWR}; {LORA_PAPER} (with Adam, alpha acts as a learning-rate multiplier)"
     if method in PREFERENCE_LR:
-        full, source = PREFERENCE_LR[method]
-        target = full * LORA_FACTOR
-        basis = f"{method} with LoRA: 10x its full fine-tuning rate {full:.0e}"
-        why = (f"preference methods start from a model that already answers; their published rates are for full "
-               f"fine-tuning, and LoRA's best rate is ~10x full fine-tuning's ({LWR.split(',')[1].strip()})")
-        source = f"{source}; {LWR}"
-    else:
-        fam, own = family(shapes.model_type)
-        raw = formula_lr(shapes.hidden_size, shapes.model_type)
-        scale = scale_factor(cfg)
-        target = raw / scale
-        said = "" if own else f"; {shapes.model_type or 'this model'} has no calibrated exponent, the nearest known family {fam}'s is used"
-        scaled = "" if math.isclose(scale, 1.0, rel_tol=1e-6) else f", / {scale:.3g} for alpha scale {cfg.lora.scaling:g} vs 32/r"
-        basis = f"LoRA Without Regret for {fam} at hidden {shapes.hidden_size}" + (f": {raw:.2g}{scaled}" if scaled else "")
-        why = (f"LoRA's best learning rate is ~10x full fine-tuning's: 5e-5 x 10 x (2000/hidden)^{EXPONENT[fam]} at "
-               f"alpha 32{said}; a full fine-tuning rate (2e-5) on LoRA is the usual mistake")
-        source = f"{LWR}; {LORA_PAPER} (with Adam, alpha acts as a learning-rate multiplier)"
+        full, cited = PREFERENCE_LR[method]
+        below = full / (formula_lr(PREFERENCE_HIDDEN, "llama") / LORA_FACTOR)  # vs SFT's full rate at that size
+        target *= below
+        basis += f", x {below:.3g} for {method}"
+        why = (f"{method}'s published full fine-tuning rate ({full:.0e}, 7B models of hidden {PREFERENCE_HIDDEN}) is "
+               f"{below:.3g}x the SFT full fine-tuning rate the formula gives there; the same factor is kept at this "
+               f"size, with LoRA's 10x on top (at hidden {PREFERENCE_HIDDEN}: {LORA_FACTOR * full:.0e})")
+        source = f"{cited}; {LWR}"
     suggested = float(f"{target:.2g}")
     ratio = lr / suggested  # against the value shown, so the band is the one the user reads
     what = f"{lr:g} is {ratio:.2g}x the suggested {suggested:g} ({basis})"
