@@ -372,7 +372,8 @@ def _models(adapter: Optional[List[Path]], base: Optional[str], base_only: bool,
 
     if base_only and with_base:
         raise LoraftError("--base-only and --with-base contradict each other; keep one")
-    typer.echo(f"loading {base or 'the base'}{' and ' + ', '.join(map(str, adapter)) if adapter else ''} ...", err=True)
+    if sys.stderr.isatty():  # progress on a terminal only: piped, an error stays one line
+        typer.echo(f"loading {base or 'the base'}{' and ' + ', '.join(map(str, adapter)) if adapter else ''} ...", err=True)
     inference = load_for_inference([str(a) for a in adapter or []] or None, base, force)
     labels = [BASE] if base_only or not inference.labels else ([BASE] if with_base else []) + inference.labels
     return inference, labels

@@ -525,12 +525,15 @@ def _preference_metrics(inference, label: str, encoded, settings: EvalSettings) 
 
 
 def _say(progress, line: str) -> None:
-    """One line per stage on stderr (the generation stages add a bar): long evaluations never sit silent."""
+    """One line per stage on a terminal (the generation stages add a bar): long evaluations never sit silent.
+    Nothing when stderr is piped or captured, where an error stays the one line it is."""
     if progress is False:
         return
     from rich.console import Console
 
-    (progress if progress is not None else Console(stderr=True)).print(line, highlight=False)
+    console = progress if progress is not None else Console(stderr=True)
+    if console.is_terminal:
+        console.print(line, highlight=False)
 
 
 def _stop_metrics(inference, label: str, scored: list[EvalItem], settings: EvalSettings) -> dict:

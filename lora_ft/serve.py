@@ -16,6 +16,7 @@ import json
 import logging
 import secrets
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -80,7 +81,8 @@ def serve(adapters: dict[str, Path], *, base: str | None = None, host: str = "12
     import uvicorn
 
     _check_port_free(host, port)
-    announce(f"loading {base or 'the base'} with {len(adapters)} adapter(s): {', '.join(adapters) or 'none'} ...")
+    if sys.stderr.isatty():  # progress on a terminal only: piped, a refusal stays one line
+        announce(f"loading {base or 'the base'} with {len(adapters)} adapter(s): {', '.join(adapters) or 'none'} ...")
     pool = ModelPool.load(adapters, base, force=force)
     scheduler = Scheduler(pool, max_batch_size=settings.max_batch_size, queue_size=settings.queue_size).start()
     server = uvicorn.Server(_uvicorn_config(build_app(pool, scheduler, settings), host, port))

@@ -175,8 +175,19 @@ def test_eval_cli_prints_the_table_writes_the_report_and_exits_3_on_a_failed_gat
     assert (out / "report.json").is_file()
     code, stdout, stderr = run_cli("eval", "--adapter", tiny_run, "--no-regression", "--max-new-tokens", "4", "--min-stops", "0")
     assert code == 0 and "regression set" not in stdout
-    assert "loading the base and the adapter" in stderr and "task: loss of base and adapter on" in stderr  # a line per stage
     assert "gates passed: stops >= 0" in stdout and "regression" not in stdout.split("gates passed")[1]
+    assert "task: loss" not in stderr  # stage lines are for a terminal; piped, stderr holds errors only
+
+
+def test_eval_shows_a_line_per_stage_on_a_terminal(loaded, tiny_run):
+    import io
+
+    from rich.console import Console
+
+    screen = io.StringIO()
+    evaluate(tiny_run, regression=[], settings=EvalSettings(max_new_tokens=2), inference=loaded,
+             progress=Console(file=screen, force_terminal=True, width=200))
+    assert "task: loss of base and adapter on" in screen.getvalue()
 
 
 def test_eval_refuses_an_existing_out_before_loading_anything(tiny_run, tmp_path, run_cli):

@@ -300,7 +300,7 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tiny_run):
         assert [c.choices[0].finish_reason for c in [first, *rest] if c.choices][-1] in ("stop", "length")
         assert process.wait(30) == 0
         said = process.stdout.read()
-        assert "loading the base with 1 adapter(s): copy" in said and "stopped serving" in said
+        assert "stopped serving" in said and "copy at http://127.0.0.1" in said
     finally:
         if process.poll() is None:
             process.kill()
