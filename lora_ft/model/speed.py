@@ -66,8 +66,8 @@ def batching(cfg: RunConfig) -> str:
     (4 x 2048 as one 8,192-token sequence) trained at 8,988 tokens/s against 14,890 padded
     (scripts/results/bench_train_h200_issue25.json). So `auto` turns it on with flash attention only. Packing
     changes which rows share a step: a choice (data.packing), with the same attention caveat."""
-    if cfg.training.method != "sft":
-        return "padded"  # the preference trainers collate their own pairs
+    if cfg.training.method != "sft" or cfg.data is None:
+        return "padded"  # the preference trainers collate their own pairs (no data: validate of a model-only config)
     if cfg.data.packing:
         return "packed"
     wanted = cfg.data.padding_free
