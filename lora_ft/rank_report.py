@@ -98,7 +98,9 @@ def _summary_parts(result: InspectResult) -> list:
         moved = "" if row.change is None else f", moved {row.change:.3g} from the base's {row.norm_before:.3g}"
         parts.append(f"token row       {row.token} (id {row.id}) in {row.module}: norm {row.norm_after:.3g}{moved}")
     parts.extend(f"note            {n}" for n in result.notes)
-    parts.extend(f"advice          {line}" for f in result.advice for line in f.lines())
+    from rich.markup import escape  # a source is written [like this], which rich would take for markup
+
+    parts.extend(escape(f"advice          {line}") for f in result.advice for line in f.lines())
     return parts
 
 
