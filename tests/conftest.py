@@ -114,26 +114,40 @@ def copy_rows(n: int, offset: int = 0) -> list[dict]:
     ]
 
 
+def tiny_run_config(root: Path, model_dir: Path, *, eval_rows: bool = True, **changes: dict) -> dict:
+    """The one tiny-run config (30 steps of the copy task on the tiny model, fp32, seeded), with its data written
+    under `root`. `changes` are merged into a section: `tiny_run_config(root, model, training={"max_steps": 4})`.
+    The copy task's eval rows repeat train rows on purpose, so the leakage gate only warns."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    data = {"train": str(write_jsonl(root / "train.jsonl", copy_rows(32)))}
+    if eval_rows:
+        data.update(eval=str(write_jsonl(root / "eval.jsonl", copy_rows(8, 3))), checks={"leakage": "warn"})
+    cfg = {
+        "model": {"name": str(model_dir)},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": data,
+        "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 3e-2, "max_seq_length": 64, "logging_steps": 5,
+                     "precision": "fp32", "warmup_ratio": 0.0, "seed": 42},
+        "output_dir": str(root / "run"),
+    }
+    for section, values in changes.items():
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+            cfg[section] = {**cfg[section], **values}
+        else:
+            cfg[section] = values
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """A finished tiny run folder (30 steps of the copy task), trained once for the whole session.
+    """A finished tiny run folder (`tiny_run_config` as it is), trained once for the whole session.
 
     Read-only for tests: copy it before changing anything in it."""
     from lora_ft.config import validate_dict
     from lora_ft.train import train
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    cfg = {
-        "model": {"name": str(tiny_model_dir)},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(write_jsonl(root / "train.jsonl", copy_rows(32))),
-                 "eval": str(write_jsonl(root / "eval.jsonl", copy_rows(8, 3))),
-                 "checks": {"leakage": "warn"}},  # the copy task's eval rows repeat train rows on purpose
-        "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 3e-2, "max_seq_length": 64, "logging_steps": 5,
-                     "precision": "fp32", "warmup_ratio": 0.0},
-        "output_dir": str(root / "run"),
-    }
-    return train(validate_dict(cfg)).run_dir
+    return train(validate_dict(tiny_run_config(tmp_path_factory.mktemp("tiny_run"), tiny_model_dir))).run_dir
 
 
 def make_run_manifest(base_name: str, fingerprint: str, *, quantization: dict | None = None, precision: str = "bf16"):
@@ -198,26 +212,8 @@ def write_yaml(tmp_path):
 
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model_dir):
-    """A minimal valid config dict for the tiny model, with train/eval files written."""
-    train = write_jsonl(tmp_path / "train.jsonl", copy_rows(32))
-    evaluation = write_jsonl(tmp_path / "eval.jsonl", copy_rows(8, offset=3))
-    return {
-        "model": {"name": str(tiny_model_dir)},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
-        # The copy task's eval rows repeat train rows on purpose (8 words); the leakage gate would stop it.
-        "data": {"train": str(train), "eval": str(evaluation), "checks": {"leakage": "warn"}},
-        "training": {
-            "max_steps": 30,
-            "batch_size": 8,
-            "learning_rate": 3e-2,
-            "max_seq_length": 64,
-            "logging_steps": 5,
-            "precision": "fp32",
-            "gradient_checkpointing": True,
-            "warmup_ratio": 0.0,
-        },
-        "output_dir": str(tmp_path / "run"),
-    }
+    """`tiny_run_config` under this test's tmp_path, with gradient checkpointing on (the CLI-facing default path)."""
+    return tiny_run_config(tmp_path, tiny_model_dir, training={"gradient_checkpointing": True})
 
 
 @pytest.fixture

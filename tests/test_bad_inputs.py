@@ -61,6 +61,7 @@ def key(dotted: str, value) -> Callable[[Env], list[str]]:
         node[last] = value
         return [str(env.config())]
 
+    build.dotted = dotted  # the key this case breaks (read by the coverage test below)
     return build
 
 
@@ -73,6 +74,7 @@ def drop(dotted: str) -> Callable[[Env], list[str]]:
         del node[last]
         return [str(env.config())]
 
+    build.dotted = dotted
     return build
 
 
@@ -107,11 +109,12 @@ def with_set(*overrides: str) -> Callable[[Env], list[str]]:
     return build
 
 
-def custom(fn: Callable[[Env], None]) -> Callable[[Env], list[str]]:
+def custom(fn: Callable[[Env], None], breaks: str = "") -> Callable[[Env], list[str]]:
     def build(env: Env) -> list[str]:
         fn(env)
         return [str(env.config())]
 
+    build.dotted = breaks
     return build
 
 
@@ -329,7 +332,9 @@ CASES = [
     Case("chat template file missing", custom(_template_missing), "model.chat_template: file not found"),
     Case("chat template name unknown", key("model.chat_template", "klingon"), "neither a built-in"),
     # --- output paths
-    Case("output_dir is a file", custom(_output_is_a_file), "is a file"),
+    Case("unknown deployment target", key("serving.deployment", "tgi"), "serving.deployment"),
+    Case("unknown distributed strategy", key("distributed.strategy", "zero9"), "distributed.strategy"),
+    Case("output_dir is a file", custom(_output_is_a_file, breaks="output_dir"), "is a file"),
     Case("output_dir is the data folder", custom(_output_is_the_data_folder), "contains the run's input"),
     Case("output_dir is the model folder", custom(_output_is_the_model_folder), "contains the run's input"),
     Case("--overwrite would delete the data", lambda e: custom(_output_contains_the_data_with_overwrite)(e) + ["--overwrite"], "contains the run's input"),
@@ -364,8 +369,14 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, tiny
     assert not (tmp_path / "out").exists()
 
 
-def test_the_battery_has_at_least_50_cases():
-    assert len(CASES) >= 50
+def test_the_battery_breaks_a_key_of_every_config_section_and_names_each_case_once():
+    """A new config section (or a renamed one) without a bad-input case here fails this test."""
+    from lora_ft.config import RunConfig
+
+    sections = set(RunConfig.model_fields)
+    broken = {getattr(case.build, "dotted", "").split(".")[0] for case in CASES}
+    assert sections - broken == set(), f"no bad-input case breaks a key of: {sorted(sections - broken)}"
+    assert len({case.name for case in CASES}) == len(CASES), "two cases share a name"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from lora_ft.config import ConfigError, load_config, redact, reference_yaml, validate_dict
 
@@ -118,8 +119,9 @@ def test_set_overrides_are_typed_and_validated_like_the_file(tmp_path):
 
 def test_config_is_frozen_after_validation():
     cfg = validate_dict({"model": {"name": "m"}})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.lora.rank = 4
+    assert cfg.lora.rank != 4
 
 
 def test_secrets_are_redacted():

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import copy_rows, make_run_manifest, save_tiny_model, write_jsonl
+from conftest import make_run_manifest, save_tiny_model, tiny_run_config
 from lora_ft import merge as merge_module
 from lora_ft.artifacts.adapter import ModuleFactors
 from lora_ft.artifacts.fingerprint import fingerprint_model_path
@@ -79,15 +79,8 @@ def trained_adapter(tmp_path_factory, tiny_model_dir) -> Path:
     from lora_ft.train import train
 
     root = tmp_path_factory.mktemp("trained")
-    cfg = {
-        "model": {"name": str(tiny_model_dir)},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(write_jsonl(root / "train.jsonl", copy_rows(32)))},
-        "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 3e-2, "max_seq_length": 64,
-                     "logging_steps": 10, "precision": "fp32", "warmup_ratio": 0.0},
-        "serving": {"deployment": "vllm", "merge_adapter": True},
-        "output_dir": str(root / "run"),
-    }
+    cfg = tiny_run_config(root, tiny_model_dir, eval_rows=False, training={"logging_steps": 10},
+                          serving={"deployment": "vllm", "merge_adapter": True})
     return train(validate_dict(cfg)).run_dir
 
 

@@ -373,20 +373,13 @@ def test_report_refuses_a_folder_holding_other_files(planted_adapter, tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir):
     """One real `loraft train` run on the tiny model (about 3 s), shared by the tests below."""
-    from conftest import copy_rows, write_jsonl
+    from conftest import tiny_run_config
 
     from lora_ft.config import validate_dict
     from lora_ft.train import train
 
     root = tmp_path_factory.mktemp("inspect_run")
-    cfg = {
-        "model": {"name": str(tiny_model_dir)},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(write_jsonl(root / "train.jsonl", copy_rows(32)))},
-        "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 3e-2, "max_seq_length": 64, "logging_steps": 5,
-                     "precision": "fp32", "warmup_ratio": 0.0},
-        "output_dir": str(root / "run"),
-    }
+    cfg = tiny_run_config(root, tiny_model_dir, eval_rows=False)
     return train(validate_dict(cfg)).run_dir
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_tiny_llama, build_tokenizer, copy_rows, write_jsonl
+from conftest import build_tiny_llama, build_tokenizer, copy_rows, tiny_run_config, write_jsonl
 from lora_ft.config import validate_dict
 from lora_ft.model.stop_tokens import STOP_WARN_SHARE
 
@@ -50,17 +50,7 @@ def bases(tmp_path_factory) -> dict[str, Path]:
 
 
 def config(base: Path, root: Path, **lora) -> dict:
-    root.mkdir(parents=True, exist_ok=True)
-    return {
-        "model": {"name": str(base)},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, **lora},
-        "data": {"train": str(write_jsonl(root / "train.jsonl", copy_rows(32))),
-                 "eval": str(write_jsonl(root / "eval.jsonl", copy_rows(8, 3))),
-                 "checks": {"leakage": "warn"}},  # the copy task's eval rows repeat train rows on purpose
-        "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 3e-2, "max_seq_length": 64, "logging_steps": 5,
-                     "precision": "fp32", "warmup_ratio": 0.0, "gradient_checkpointing": False},
-        "output_dir": str(root / "run"),
-    }
+    return tiny_run_config(root, base, lora=lora, training={"gradient_checkpointing": False})
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,10 @@ def test_run_folder_holds_exactly_the_promised_files(finished_run):
     names = {p.name for p in result.run_dir.iterdir()}
     expected = {
         "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-        "chat_template.jinja", "config.yaml", "manifest.json", "metrics.jsonl", "loss_curve.png", "README.md",
-        "checkpoints", "conversation.json",
+        "chat_template.jinja", "generation_config.json", "config.yaml", "manifest.json", "metrics.jsonl",
+        "loss_curve.png", "README.md", "checkpoints", "conversation.json",
     }
-    assert expected <= names
-    assert not [n for n in names if n.startswith(".")], "no staging or temp files left behind"
+    assert names == expected, f"missing {sorted(expected - names)}, unexpected {sorted(names - expected)}"
 
 
 def test_manifest_records_base_fingerprint_data_hashes_and_versions(finished_run, tiny_model_dir):
@@ -80,17 +79,38 @@ def test_reloaded_adapter_matches_in_memory_model(tiny_config, tiny_model_dir):
     assert torch.allclose(in_memory, reloaded, atol=1e-5)
 
 
-def test_every_lora_parameter_changed_and_no_base_parameter_did(finished_run, tiny_model_dir):
-    _, result = finished_run
+def test_every_lora_parameter_changed_and_no_base_parameter_did(tiny_config, tiny_model_dir, monkeypatch):
+    """The trained model in memory (caught as the Trainer finishes) still holds every base tensor of the base
+    file bit for bit, the file itself is untouched, and every LoRA B factor moved from its zero start."""
+    import hashlib
+
+    import transformers
+
+    caught = {}
+    trainer_train = transformers.Trainer.train
+
+    def train_and_keep_the_model(self, *args, **kwargs):
+        out = trainer_train(self, *args, **kwargs)
+        caught["model"] = self.model
+        return out
+
+    monkeypatch.setattr(transformers.Trainer, "train", train_and_keep_the_model)
+    weights = tiny_model_dir / "model.safetensors"
+    digest_before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    result = train(validate_dict(tiny_config))
+
     adapter = load_file(result.run_dir / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "B starts at zero; training must move it"
-    base_before = load_file(tiny_model_dir / "model.safetensors")
-    from transformers import AutoModelForCausalLM
-
-    reloaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    for name, value in base_before.items():
-        assert torch.equal(reloaded[name], value)
+    base = load_file(weights)
+    in_memory = {
+        name.removeprefix("base_model.model.").replace(".base_layer.", "."): value
+        for name, value in caught["model"].named_parameters() if "lora_" not in name
+    }
+    assert set(in_memory) == set(base), "every base tensor is in the trained model under its own name"
+    changed = [name for name, value in base.items() if not torch.equal(in_memory[name].detach().cpu(), value)]
+    assert changed == []
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest_before
 
 
 def test_finished_run_is_never_silently_overwritten(finished_run):
