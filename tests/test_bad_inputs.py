@@ -334,6 +334,8 @@ CASES = [
     # --- output paths
     Case("unknown deployment target", key("serving.deployment", "tgi"), "serving.deployment"),
     Case("unknown distributed strategy", key("distributed.strategy", "zero9"), "distributed.strategy"),
+    Case("unknown advice rule", key("advice.off", ["lr"]), "advice.off.0"),
+    Case("negative DPO beta", key("preference.dpo.beta", -1), "preference.dpo.beta"),
     Case("output_dir is a file", custom(_output_is_a_file, breaks="output_dir"), "is a file"),
     Case("output_dir is the data folder", custom(_output_is_the_data_folder), "contains the run's input"),
     Case("output_dir is the model folder", custom(_output_is_the_model_folder), "contains the run's input"),
