@@ -447,12 +447,12 @@ def inspect_command(
     Example: loraft inspect runs/quickstart --report reports/quickstart
     """
     from lora_ft.rank_diagnostics import inspect_adapter
-    from lora_ft.rank_report import write_report
+    from lora_ft.rank_report import render_summary, write_report
 
     result = inspect_adapter(adapter_dir, against=against, base=base, energy=energy)
     if report is not None:
         write_report(result, report)
-    typer.echo(result.summary())
+    typer.echo(render_summary(result))
     if report is not None:
         typer.echo(f"report written to {report}")
 

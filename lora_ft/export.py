@@ -386,7 +386,7 @@ def gguf_base_index(model_config, source) -> tuple[str, dict[str, str], dict[str
 
     With a GGUF base the names and shapes are the file's own (what llama-adapter.cpp checks against);
     otherwise those convert_hf_to_gguf.py would give it."""
-    from lora_ft.model.loading import linear_module_names, meta_model
+    from lora_ft.model.shapes import linear_module_names, meta_model
 
     arch, permute = gguf_arch(model_config.model_type)
     model = meta_model(model_config)

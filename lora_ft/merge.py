@@ -397,7 +397,7 @@ def _embedding_names(base_dir: Path) -> tuple[str, str, bool]:
     """Tensor names of the input embedding and lm_head, and whether config.json ties them (from a meta model)."""
     from transformers import AutoConfig
 
-    from lora_ft.model.loading import meta_model
+    from lora_ft.model.shapes import meta_model
 
     config = AutoConfig.from_pretrained(str(base_dir))
     model = meta_model(config)
@@ -562,7 +562,7 @@ def with_quantized_names(choice: QloraChoice | None, base_dir: Path) -> QloraCho
         return choice
     from transformers import AutoConfig
 
-    from lora_ft.model.loading import meta_model
+    from lora_ft.model.shapes import meta_model
 
     model = meta_model(AutoConfig.from_pretrained(str(base_dir)))
     head = model.get_output_embeddings()

@@ -106,11 +106,6 @@ class InspectResult:
             "modules": [m.to_json() for m in self.modules],
         }
 
-    def summary(self, width: int = 120) -> str:
-        from lora_ft.rank_report import render_summary
-
-        return render_summary(self, width)
-
 
 def inspect_adapter(
     adapter_dir: str | Path,

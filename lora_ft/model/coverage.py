@@ -119,7 +119,7 @@ def target_plan(lora: LoraSpec, model, linear: list[str]) -> TargetPlan:
     """PEFT's targets for this model. Dense models: as before (all-linear goes to PEFT as is). MoE models:
     explicit leaf names, so PEFT's transformers-4 rewrite of all-linear (which adapts the router, and only
     for some families the experts) never decides; the experts by `target_experts`, the router by `target_router`."""
-    from lora_ft.model.loading import resolve_target_modules
+    from lora_ft.model.shapes import resolve_target_modules
 
     experts = expert_parameter_names(model)
     router_linear, router_params = router_targets(model)
@@ -352,7 +352,7 @@ def wrappers_for_adapter(model_config, adapter_config: dict, trust_remote_code: 
 
     from peft import LoraConfig, get_peft_model
 
-    from lora_ft.model.loading import meta_model
+    from lora_ft.model.shapes import meta_model
 
     if not adapter_config.get("target_parameters"):
         return {}

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from lora_ft.config import ATTENTION_MODULES, MLP_MODULES, LoraSpec, ModelSpec, QuantizationSpec
+from lora_ft.config import LoraSpec, ModelSpec, QuantizationSpec
 from lora_ft.errors import ConfigError, ModelError
+from lora_ft.model.shapes import first_line as _first_line, linear_module_names, meta_model, resolve_target_modules
 
 TEMPLATES_DIR = Path(__file__).parents[1] / "templates"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -188,50 +189,6 @@ def load_model_config(spec: ModelSpec, source: ModelSource):
         )
     except Exception as exc:
         raise ModelError(f"model.name: {source.display} has no usable model config ({_first_line(exc)})") from None
-
-
-def meta_model(model_config, trust_remote_code: bool = False):
-    """The model's module tree on the meta device: shapes and names, no memory."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        try:
-            return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
-        except ValueError as exc:
-            raise ModelError(f"model.name: not a causal language model ({_first_line(exc)})") from None
-
-
-def linear_module_names(model) -> list[str]:
-    """Leaf names of the linear layers LoRA can adapt (lm_head excluded)."""
-    names = set()
-    for full_name, module in model.named_modules():
-        leaf = full_name.rsplit(".", 1)[-1]
-        if leaf == "lm_head":
-            continue
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-            names.add(leaf)
-    return sorted(names)
-
-
-def resolve_target_modules(lora: LoraSpec, available: list[str]) -> list[str] | str:
-    """The target list PEFT gets; a name the model does not have is a user error."""
-    if lora.target_modules == "all-linear":
-        return "all-linear"
-    if lora.target_modules in ("attention", "mlp"):
-        wanted = ATTENTION_MODULES if lora.target_modules == "attention" else MLP_MODULES
-        found = [name for name in wanted if name in available]
-        if not found:
-            raise ModelError(
-                f"lora.target_modules: preset {lora.target_modules!r} matches no layer of this model; "
-                f"its linear layers are: {', '.join(available)}"
-            )
-        return found
-    missing = [name for name in lora.target_modules if name not in available]
-    if missing:
-        raise ModelError(
-            f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are: {', '.join(available)}"
-        )
-    return list(lora.target_modules)
 
 
 def build_lora_config(lora: LoraSpec, target_modules, target_parameters=None, train_tokens: dict[str, list[int]] | None = None):
@@ -421,12 +378,6 @@ def attach_lora(model, lora: LoraSpec, train_tokens: dict[str, list[int]] | None
     return peft_model
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
 def model_summary(model_config) -> dict:
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     return {k: getattr(model_config, k, None) for k in keys}
-

@@ -102,7 +102,7 @@ class EmbeddingModules:
 
 
 def embedding_modules(model_config, trust_remote_code: bool = False) -> EmbeddingModules:
-    from lora_ft.model.loading import meta_model
+    from lora_ft.model.shapes import meta_model
 
     model = meta_model(model_config, trust_remote_code)
     names = {id(m): n for n, m in model.named_modules()}
