@@ -253,7 +253,8 @@ def preference_scores(model, data, *, batch_size: int) -> dict:
 
 def preference_summary(scores: dict) -> list[str]:
     if not scores:
-        return ["preference      (no held-out pairs: set data.eval or data.eval_fraction)"]
+        return ["preference      (no held-out pairs scored: accuracy needs prompt/chosen/rejected eval rows; set data.eval "
+                "or data.eval_fraction; KTO's unpaired rows are not scored)"]
     b, a = scores["base"], scores["adapter"]
     return [f"preference      held-out accuracy base {b['accuracy']:.1%} -> adapter {a['accuracy']:.1%}, mean margin "
             f"{b['mean_margin']:+.3f} -> {a['mean_margin']:+.3f} (length-normalised log p, {a['pairs']} pairs)"]
