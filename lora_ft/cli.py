@@ -359,7 +359,7 @@ def eval_(
 
 
 def _generation_settings(max_new_tokens: int, batch_size: int, sample: bool, temperature: float, top_p: float, seed: int):
-    from lora_ft.generate import GenerationSettings
+    from lora_ft.serving.inference import GenerationSettings
 
     return GenerationSettings(
         max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed
@@ -368,7 +368,7 @@ def _generation_settings(max_new_tokens: int, batch_size: int, sample: bool, tem
 
 def _models(adapter: Optional[List[Path]], base: Optional[str], base_only: bool, with_base: bool, force: bool):
     """Load once; return (inference, labels to run) for --adapter [--adapter] / --base-only / --with-base."""
-    from lora_ft.generate import BASE, load_for_inference
+    from lora_ft.serving.inference import BASE, load_for_inference
 
     if base_only and with_base:
         raise LoraftError("--base-only and --with-base contradict each other; keep one")

@@ -19,8 +19,6 @@ disabled for the base), so every delta is the adapter's doing.
 from __future__ import annotations
 
 import json
-import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -28,7 +26,7 @@ from typing import Sequence
 from lora_ft.data.conversation import Example
 from lora_ft.data.pairs import pair_rows_for_eval
 from lora_ft.errors import EXIT_GATE, LoraftError
-from lora_ft.metrics import DEFAULT_MAX_REGRESSION, GENERATION_METRICS, score_generation
+from lora_ft.metrics import DEFAULT_MAX_REGRESSION, GENERATION_METRICS, example_losses, loss_summary, score_generation
 from lora_ft.training.preference import pair_score
 
 PREFERENCE_METRICS = ("preference_accuracy", "preference_margin")  # on preference pairs (training/preference.py)
@@ -36,63 +34,6 @@ PREFERENCE_METRICS = ("preference_accuracy", "preference_margin")  # on preferen
 DEFAULT_REGRESSION = Path(__file__).parent / "resources" / "regression_default.jsonl"
 # A per-example loss change within this many nats/token is a tie: LoRA always moves the loss a little.
 TIE_NATS = 0.05
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss
-
-
-def example_losses(model, encoded, *, pad_token_id: int, batch_size: int = 8, disable_adapter: bool = False) -> list[tuple[float, int]]:
-    """(summed NLL, trained tokens) of each encoded row, in order."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[tuple[float, int]] = []
-    context = model.disable_adapter() if disable_adapter else nullcontext()
-    with context, torch.no_grad():
-        for start in range(0, len(encoded), batch_size):
-            batch = encoded[start : start + batch_size]
-            input_ids, labels, attention = _pad(batch, pad_token_id)
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-            shift_labels = labels[:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
-            )
-            sums, counts = nll.sum(dim=1), (shift_labels != -100).sum(dim=1)
-            out += [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
-    if was_training:
-        model.train()
-    return out
-
-
-def heldout_loss(model, encoded, *, pad_token_id: int, batch_size: int = 8, disable_adapter: bool = False) -> dict:
-    """Token-weighted mean NLL and perplexity over encoded rows (input_ids + labels)."""
-    per_row = example_losses(model, encoded, pad_token_id=pad_token_id, batch_size=batch_size, disable_adapter=disable_adapter)
-    return _loss_summary(per_row)
-
-
-def _loss_summary(per_row: list[tuple[float, int]]) -> dict:
-    total_nll = sum(s for s, _ in per_row)
-    total_tokens = sum(c for _, c in per_row)
-    loss = total_nll / max(total_tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens, "rows": len(per_row)}
-
-
-def _pad(batch, pad_token_id: int):
-    import torch
-
-    width = max(len(item.input_ids) for item in batch)
-    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, item in enumerate(batch):
-        n = len(item.input_ids)
-        input_ids[row, :n] = torch.tensor(item.input_ids)
-        labels[row, :n] = torch.tensor(item.labels)
-        attention[row, :n] = 1
-    return input_ids, labels, attention
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +304,7 @@ def evaluate(
     `regression=None` uses the shipped default set; an empty list skips the regression check.
     `inference` reuses an already loaded model (tests, notebooks); by default one is loaded here.
     """
-    from lora_ft.generate import load_for_inference
+    from lora_ft.serving.inference import load_for_inference
 
     if inference is None:
         _say(progress, f"loading the base and the adapter in {adapter} ...")
@@ -453,7 +394,7 @@ def _data_spec(run, source: str):
 
 def _compare(inference, label: str, items: list[EvalItem], settings: EvalSettings, progress, what: str, worst: int = 0) -> dict:
     """Loss and generation metrics of base and adapter on the same items; per-example rows for the report."""
-    from lora_ft.generate import BASE, GenerationSettings
+    from lora_ft.serving.inference import BASE, GenerationSettings
 
     tokenizer = inference.tokenizer(label)
     scored = [i for i in items if i.encoded is not None]
@@ -464,7 +405,7 @@ def _compare(inference, label: str, items: list[EvalItem], settings: EvalSetting
             losses[who] = example_losses(inference.model, [i.encoded for i in scored], pad_token_id=tokenizer.pad_token_id, batch_size=settings.batch_size)
     metrics: dict[str, dict] = {}
     if scored:
-        b, a = _loss_summary(losses[BASE]), _loss_summary(losses[label])
+        b, a = loss_summary(losses[BASE]), loss_summary(losses[label])
         metrics["loss"] = {"base": b["loss"], "adapter": a["loss"], "delta": a["loss"] - b["loss"], "n": len(scored)}
         metrics["perplexity"] = {"base": b["perplexity"], "adapter": a["perplexity"], "delta": a["perplexity"] - b["perplexity"], "n": len(scored)}
         if what == "task":
@@ -509,7 +450,7 @@ def _compare(inference, label: str, items: list[EvalItem], settings: EvalSetting
 
 def _preference_metrics(inference, label: str, encoded, settings: EvalSettings) -> dict:
     """Held-out preference accuracy (length-normalised log p of chosen above rejected) and mean margin, base and adapter."""
-    from lora_ft.generate import BASE
+    from lora_ft.serving.inference import BASE
 
     scores = {}
     for who in (BASE, label):
@@ -538,7 +479,7 @@ def _say(progress, line: str) -> None:
 
 def _stop_metrics(inference, label: str, scored: list[EvalItem], settings: EvalSettings) -> dict:
     """How likely base and adapter are to stop where each reference answer ends (stop_tokens.stop_score)."""
-    from lora_ft.generate import BASE
+    from lora_ft.serving.inference import BASE
     from lora_ft.model.stop_tokens import stop_score
 
     tokenizer = inference.tokenizer(label)
@@ -558,7 +499,7 @@ def _stop_metrics(inference, label: str, scored: list[EvalItem], settings: EvalS
 
 
 def _examples(items, scored, losses, generated, outputs, label) -> list[dict]:
-    from lora_ft.generate import BASE
+    from lora_ft.serving.inference import BASE
 
     by_where = {i.where: {"where": i.where, "prompt": i.prompt, "reference": i.reference} for i in items}
     for item, b, a in zip(scored, losses.get(BASE, []), losses.get(label, [])):

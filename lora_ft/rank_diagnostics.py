@@ -25,7 +25,7 @@ from lora_ft.artifacts.adapter import AdapterConfig, AdapterRun, ModuleFactors, 
 from lora_ft.errors import LoraftError
 from lora_ft.model.speed import one_torch_thread
 from lora_ft.training.advice import RunOutcome, after_run
-from lora_ft.training.findings import Finding
+from lora_ft.artifacts.findings import Finding
 
 DEFAULT_ENERGY = 0.9
 # Verdict thresholds on effective rank / r. With an energy threshold e the effective rank can be at

@@ -23,7 +23,7 @@ from lora_ft.training.advice import (
     formula_lr,
     shapes_from,
 )
-from lora_ft.training.findings import Finding
+from lora_ft.artifacts.findings import Finding
 
 REPO = Path(__file__).resolve().parents[1]
 

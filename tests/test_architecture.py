@@ -1,9 +1,21 @@
-"""The package's shape, checked rather than eyed: no two modules import each other, directly or round a circle
-(imports inside functions included)."""
+"""The package's shape, checked rather than eyed: the import layers in pyproject.toml hold (import-linter), and no
+two modules import each other, directly or round a circle (imports inside functions included)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grimp
+from importlinter.application.use_cases import lint_imports
+from importlinter.configuration import configure
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_imports_follow_the_layers_in_pyproject(monkeypatch):
+    monkeypatch.chdir(REPO)  # import-linter reads [tool.importlinter] from the working folder's pyproject.toml
+    configure()  # what the lint-imports command does first: register its readers and contract types
+    assert lint_imports(config_filename=str(REPO / "pyproject.toml"), cache_dir=None, no_logo=True) is True  # it prints the broken chain
 
 
 def test_no_module_imports_itself_round_a_circle():

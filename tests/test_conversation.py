@@ -135,8 +135,9 @@ def _prompt_ids_of_every_command(run, row: dict, monkeypatch, tmp_path) -> dict[
     """The prompt ids serve, generate, chat and eval build for one user turn of the run's task."""
     from typer.testing import CliRunner
 
-    from lora_ft import generate as gen
     from lora_ft.cli import app
+    from lora_ft.generate import generate_file
+    from lora_ft.serving import inference as gen
     from lora_ft.evaluate import evaluate
     from lora_ft.serving.batching import ModelPool
 
@@ -150,7 +151,7 @@ def _prompt_ids_of_every_command(run, row: dict, monkeypatch, tmp_path) -> dict[
 
     monkeypatch.setattr(gen.Inference, "generate", fake_generate)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [row])
-    gen.generate_file(inference, prompts, gen.GenerationSettings(max_new_tokens=2), labels=[label], progress=False)
+    generate_file(inference, prompts, gen.GenerationSettings(max_new_tokens=2), labels=[label], progress=False)
     found["generate"] = found.pop("generated")[0]
 
     with_answer = {"messages": row["messages"] + [{"role": "assistant", "content": "fox"}]} if "messages" in row else {**row, "completion": "fox"}
@@ -192,7 +193,7 @@ def test_serve_generate_chat_and_eval_build_the_same_prompt_ids(runs, trained_on
 
 
 def test_train_and_eval_measure_stopping_on_the_stop_ids_generation_stops_on(runs, monkeypatch):
-    from lora_ft import generate as gen
+    from lora_ft.serving import inference as gen
     from lora_ft.evaluate import evaluate
     from lora_ft.model import stop_tokens
     from lora_ft.serving.batching import ModelPool
@@ -215,7 +216,7 @@ def test_train_and_eval_measure_stopping_on_the_stop_ids_generation_stops_on(run
 def test_a_run_saved_before_conversation_json_is_prompted_as_it_was_trained(runs, tmp_path):
     import shutil
 
-    from lora_ft.generate import load_for_inference
+    from lora_ft.serving.inference import load_for_inference
 
     for trained_on, expected_system in (("chat", None), ("prompt", SYSTEM)):
         copy = tmp_path / trained_on
@@ -248,8 +249,9 @@ def test_ollama_modelfile_stops_on_the_runs_stop_tokens_and_carries_the_system_p
 def test_chat_system_option_overrides_the_runs_system_prompt(runs, option, expected, monkeypatch):
     from typer.testing import CliRunner
 
-    from lora_ft import generate as gen
     from lora_ft.cli import app
+    from lora_ft.generate import generate_file
+    from lora_ft.serving import inference as gen
 
     inference = gen.load_for_inference(runs["prompt"])
     rendered = []

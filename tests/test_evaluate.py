@@ -9,7 +9,8 @@ import pytest
 
 from conftest import copy_rows, write_jsonl
 from lora_ft.config import validate_dict
-from lora_ft.evaluate import DEFAULT_REGRESSION, EvalSettings, Gates, evaluate, example_losses, heldout_loss
+from lora_ft.evaluate import DEFAULT_REGRESSION, EvalSettings, Gates, evaluate
+from lora_ft.metrics import example_losses, heldout_loss
 from lora_ft.metrics import (
     contains,
     exact_match,
@@ -94,7 +95,7 @@ def test_gates_reject_unknown_metric_names():
 
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
-    from lora_ft.generate import load_for_inference
+    from lora_ft.serving.inference import load_for_inference
 
     return load_for_inference(tiny_run)
 
@@ -274,7 +275,7 @@ def quickstart_pair(tmp_path_factory, quickstart_gguf):
         }
         return train(validate_dict(cfg)).run_dir
 
-    from lora_ft.generate import load_for_inference
+    from lora_ft.serving.inference import load_for_inference
 
     good, bad = run("good", 10, 2e-3, 4), run("bad", 3, 0.5, 2)
     inference = load_for_inference([good, bad])  # one base in memory, both adapters on it

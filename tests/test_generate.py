@@ -11,7 +11,7 @@ from conftest import write_jsonl
 from lora_ft.config import validate_dict
 from lora_ft.data.conversation import Conversation, stop_ids_for
 from lora_ft.errors import LoraftError
-from lora_ft.generate import BASE, GenerationSettings, generate_batched, load_for_inference
+from lora_ft.serving.inference import BASE, GenerationSettings, generate_batched, load_for_inference
 from lora_ft.train import train
 
 PROMPTS = [
@@ -205,11 +205,11 @@ def test_chat_streams_replies_keeps_history_per_model_and_resets(tiny_run, infer
 
 
 def test_generate_refuses_a_missing_prompts_file_before_loading_a_model(tmp_path, run_cli, monkeypatch):
-    import lora_ft.generate as generate_module
+    import lora_ft.serving.inference as inference_module
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("a model was loaded for a missing prompts file")
 
-    monkeypatch.setattr(generate_module, "load_for_inference", must_not_load)
+    monkeypatch.setattr(inference_module, "load_for_inference", must_not_load)
     code, _, err = run_cli("generate", "--prompts", tmp_path / "none.jsonl", "--base-only")
     assert code == 2 and "--prompts: data file not found" in err

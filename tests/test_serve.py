@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from lora_ft.errors import LoraftError
-from lora_ft.generate import GenerationSettings, load_for_inference
+from lora_ft.serving.inference import GenerationSettings, load_for_inference
 from lora_ft.serve import BackgroundServer, ServeSettings, parse_adapters
 from lora_ft.serving.batching import ModelPool
 
@@ -143,7 +143,7 @@ def test_a_streamed_chat_reply_is_the_whole_reply_in_pieces(client, references, 
 
 
 def test_completions_continue_the_raw_prompt_as_generate_does_without_a_template(client, pool):
-    from lora_ft.generate import generate_batched
+    from lora_ft.serving.inference import generate_batched
 
     served = pool.get("blue")
     prompts = ["the quick brown", "a b c d"]

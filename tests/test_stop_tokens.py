@@ -215,7 +215,8 @@ def test_merge_of_a_tied_base_keeps_it_tied_and_matches_peft(runs, tmp_path, run
 
 
 def test_generate_with_trained_rows_stops_and_the_base_runs_to_the_limit(runs, tmp_path):
-    from lora_ft.generate import BASE, GenerationSettings, generate_file, load_for_inference
+    from lora_ft.serving.inference import BASE, GenerationSettings, load_for_inference
+    from lora_ft.generate import generate_file
 
     run = runs["collapsed-auto"]
     inference = load_for_inference(run)

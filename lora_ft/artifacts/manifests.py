@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lora_ft.config import QuantizationSpec, ServingSpec
 from lora_ft.errors import LoraftError
-from lora_ft.training.findings import Finding
+from lora_ft.artifacts.findings import Finding
 
 RUN_MANIFEST = "manifest.json"
 MERGE_MANIFEST = "merge_manifest.json"

@@ -19,7 +19,7 @@ import torch
 
 from lora_ft.config import LoraSpec, ModelSpec, QuantizationSpec
 from lora_ft.errors import ConfigError, ModelError
-from lora_ft.model.shapes import first_line as _first_line, linear_module_names, meta_model, resolve_target_modules
+from lora_ft.model.shapes import first_line as _first_line, linear_module_names, meta_model
 
 TEMPLATES_DIR = Path(__file__).parents[1] / "templates"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

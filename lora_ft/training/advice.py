@@ -22,7 +22,7 @@ from typing import Literal, get_args
 from lora_ft.config import AdviceRule, RunConfig
 from lora_ft.model.coverage import ATTENTION, DENSE_MLP, EMBEDDINGS, ROUTED, SHARED
 from lora_ft.training.distributed import effective_batch, world_size
-from lora_ft.training.findings import Finding
+from lora_ft.artifacts.findings import Finding
 
 RULES: tuple[str, ...] = get_args(AdviceRule)
 

@@ -58,7 +58,7 @@ def score_heldout(check: Preflight, loaded: LoadedModel, record: dict | None = N
 
 def final_scores(model, data, tokenizer, batch_size: int) -> dict:
     """Held-out loss of the base (adapter disabled) and of the adapter, on the same tokens."""
-    from lora_ft.evaluate import heldout_loss
+    from lora_ft.metrics import heldout_loss
 
     if data.eval is None:
         return {}

@@ -132,7 +132,7 @@ def _recorded_base_name(cfg: RunConfig) -> str:
 def original_base(model, data, tokenizer, cfg: RunConfig) -> dict:
     """What PiSSA/OLoRA take away once the adapter is attached (W becomes a residual, so disabling the
     adapter no longer gives the base): the weight norms and the held-out loss of the original base."""
-    from lora_ft.evaluate import heldout_loss
+    from lora_ft.metrics import heldout_loss
     from lora_ft.rank_diagnostics import original_weight_norms
 
     heldout = None
