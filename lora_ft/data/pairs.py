@@ -24,7 +24,7 @@ from typing import Any
 
 from lora_ft.config import DataSpec
 from lora_ft.data.conversation import Conversation
-from lora_ft.data.rows import IGNORE, Example, Row, describe_sources, load_rows, to_example
+from lora_ft.data.rows import IGNORE, Example, Row, describe_sources, load_rows, map_fields, to_example
 from lora_ft.errors import DataError
 
 PAIR_FIELDS = ("chosen", "rejected")
@@ -135,7 +135,7 @@ class PreferenceData:
 
 
 def detect_preference_format(rows: list[Row], spec: DataSpec) -> str:
-    first = _mapped(rows[0].data, spec.fields)
+    first = map_fields(rows[0].data, spec.fields)
     if all(name in first for name in PAIR_FIELDS):
         return "pairs"
     if all(name in first for name in KTO_FIELDS):
@@ -161,7 +161,7 @@ def read_pairs(rows: list[Row], spec: DataSpec, tokenizer, fmt: str, *, errors: 
 
 
 def _pair_row(row: Row, spec: DataSpec, fmt: str, use_chat: bool) -> PairRow:
-    data = _mapped(row.data, spec.fields)
+    data = map_fields(row.data, spec.fields)
     if fmt == "kto":
         label = data.get("label")
         if not isinstance(label, bool):
@@ -196,7 +196,7 @@ def _answer(prompt, value: Any, side: str, row: Row, spec: DataSpec, use_chat: b
     if value is None:
         raise DataError(f"{row.where}: missing field {side!r}")
     if isinstance(value, list):
-        if "prompt" not in _mapped(row.data, spec.fields):
+        if "prompt" not in map_fields(row.data, spec.fields):
             value = value[-1:]  # a whole conversation: the prompt came from its earlier messages
         if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role", "assistant") != "assistant":
             raise DataError(f"{row.where}: {side!r} must be a string or one assistant message")
@@ -222,16 +222,6 @@ def _prompt_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
-
-
-def _mapped(data: dict, fields: dict[str, str]) -> dict:
-    if not fields:
-        return data
-    out = dict(data)
-    for ours, theirs in fields.items():
-        if theirs in data:
-            out[ours] = data[theirs]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
