@@ -293,6 +293,26 @@ def test_start_adapter_trained_on_another_base_is_refused(tmp_path, other_tiny_m
     assert not (tmp_path / "run" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "pickle"])
+def test_a_damaged_or_pickled_start_adapter_exits_2_naming_the_file(damage, tmp_path, tiny_model_dir, tiny_run,
+                                                                    write_yaml, run_cli):
+    import shutil
+
+    start = tmp_path / "sft"
+    shutil.copytree(tiny_run, start, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = start / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        weights.rename(start / "adapter_model.bin")  # never unpickled: refused by name
+    cfg = pref_config(tmp_path, tiny_model_dir, repeat_pairs(8))
+    cfg["model"]["adapter"] = str(start)
+    code, out, err = run_cli("train", write_yaml(cfg))
+    expected = "damaged or truncated" if damage == "truncated" else "is a pickle"
+    assert code == 2 and "model.adapter" in err and expected in err, err
+    assert "Traceback" not in err and not (tmp_path / "run" / "manifest.json").exists()
+
+
 def test_the_run_folders_resolved_config_loads_back(tmp_path, tiny_model_dir, write_yaml):
     from lora_ft.config import config_to_yaml, load_config
 

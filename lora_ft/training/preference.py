@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from lora_ft.artifacts.adapter import AdapterRun, read_state
 from lora_ft.config import RunConfig
 from lora_ft.errors import ConfigError
 
@@ -112,34 +113,30 @@ def drop_reference(model) -> None:
 
 
 def load_start_adapter(model, cfg: RunConfig, base_fingerprint: str) -> dict:
-    """Copy a finished run's adapter weights into the freshly attached one (same lora section required).
-    Returns the chain entry the manifest records."""
+    """Copy a finished run's adapter weights into the freshly attached one (same lora section required), read
+    through the one adapter loader (safetensors only, intact, ranks as configured). Returns the chain entry the
+    manifest records."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    from lora_ft.artifacts.manifests import RunManifest, read_manifest
-
-    folder = Path(cfg.model.adapter).expanduser()
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ConfigError(f"model.adapter: {folder} has no adapter_model.safetensors; point it at a finished run folder")
-    try:
-        manifest = read_manifest(folder, RunManifest)
-    except Exception:
-        raise ConfigError(f"model.adapter: {folder} is not a finished loraft run (no readable run manifest)") from None
+    run = AdapterRun.load(Path(cfg.model.adapter), "model.adapter")
+    folder, manifest = run.path, run.manifest
+    if manifest is None:
+        raise ConfigError(f"model.adapter: {folder} is not a finished loraft run (no readable run manifest)")
     if manifest.base_model.fingerprint != base_fingerprint:
         raise ConfigError(f"model.adapter: {folder} was trained on another base (fingerprint "
                           f"{manifest.base_model.fingerprint[:12]}, model.name has {base_fingerprint[:12]}); use its base")
-    saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    ours = model.peft_config["default"]
-    mismatch = [f"{key} {saved.get(key)} vs {getattr(ours, key)}" for key in ("r", "lora_alpha", "use_rslora", "use_dora")
-                if saved.get(key) != getattr(ours, key)]
-    if sorted(saved.get("target_modules") or []) != sorted(ours.target_modules or []):
-        mismatch.append(f"target_modules {sorted(saved.get('target_modules') or [])} vs {sorted(ours.target_modules)}")
+    saved, ours = run.adapter, model.peft_config["default"]
+    mismatch = [f"{ours_key} {theirs} vs {getattr(ours, ours_key)}" for ours_key, theirs in (
+        ("r", saved.rank), ("lora_alpha", saved.alpha), ("use_rslora", saved.use_rslora), ("use_dora", saved.use_dora))
+        if theirs != getattr(ours, ours_key)]
+    saved_targets = sorted([saved.target_modules] if isinstance(saved.target_modules, str) else saved.target_modules or [])
+    if saved_targets != sorted(ours.target_modules or []):
+        mismatch.append(f"target_modules {saved_targets} vs {sorted(ours.target_modules)}")
     if mismatch:
         raise ConfigError(f"model.adapter: {folder} differs from the lora section ({'; '.join(mismatch)}); set lora to "
                           "the adapter's rank, alpha, targets and variant")
-    result = set_peft_model_state_dict(model, load_file(str(weights)), adapter_name="default")
+    _, state = read_state(folder, "model.adapter")
+    result = set_peft_model_state_dict(model, state, adapter_name="default")
     missing = [k for k in result.unexpected_keys]
     if missing:
         raise ConfigError(f"model.adapter: {len(missing)} weights of {folder} have no place in this model (first: {missing[0]})")
