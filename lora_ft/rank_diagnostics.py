@@ -23,11 +23,11 @@ import torch
 
 from lora_ft.artifacts.adapter import AdapterConfig, AdapterRun, ModuleFactors, group_state, read_state
 from lora_ft.errors import LoraftError
-from lora_ft.model.speed import one_torch_thread
+from lora_ft.model.spectra import DEFAULT_ENERGY, Comparison, Spectrum, compare, effective_rank, spectra_of
+from lora_ft.model.weight_norms import base_weight_norms, uncached_hub_id
 from lora_ft.training.advice import RunOutcome, after_run
 from lora_ft.artifacts.findings import Finding
 
-DEFAULT_ENERGY = 0.9
 # Verdict thresholds on effective rank / r. With an energy threshold e the effective rank can be at
 # most ceil(e·r) (a flat spectrum), so "≥ 0.9r" at e = 0.9 would fire only on a perfectly flat
 # spectrum, i.e. almost never. At 0.75r the last quarter of the directions still carries more than
@@ -191,7 +191,7 @@ def _trained_token_rows(run, base: str | None) -> list:
         return []
     source = None
     name = base or run.base_name
-    if name and not _uncached_hub_id(name):
+    if name and not uncached_hub_id(name):
         try:
             _, source, _ = run.resolve_base(base)
         except LoraftError:
@@ -490,162 +490,6 @@ def layer_index(module: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear algebra on the factors
-
-
-@dataclass(frozen=True)
-class Spectrum:
-    """ΔW = left · diag(values) · rightᵀ, from the factors."""
-
-    values: torch.Tensor  # (k,) float64, descending
-    left: torch.Tensor  # (out, k) orthonormal columns: the update's column space
-    right: torch.Tensor  # (in, k)
-
-    @property
-    def norm(self) -> float:
-        return float(self.values.square().sum().sqrt())
-
-
-
-
-def spectra_of(factors: Mapping[str, ModuleFactors]) -> dict[str, Spectrum]:
-    with one_torch_thread():
-        return {m: spectrum_from_factors(f.B, f.A, f.scale) for m, f in factors.items()}
-
-
-def spectrum_from_factors(lora_b: torch.Tensor, lora_a: torch.Tensor, scaling: float) -> Spectrum:
-    """SVD of s·B·A (B: out×r, A: r×in) without forming it: B = Q_b R_b, Aᵀ = Q_a R_a, SVD of R_b R_aᵀ."""
-    q_b, r_b = torch.linalg.qr(lora_b.detach().to("cpu", torch.float64))
-    q_a, r_a = torch.linalg.qr(lora_a.detach().to("cpu", torch.float64).T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
-    return Spectrum(s * abs(scaling), q_b @ u, q_a @ vh.T)
-
-
-def effective_rank(values: torch.Tensor | list[float], energy: float = DEFAULT_ENERGY) -> int:
-    """The fewest singular values holding `energy` of the squared spectrum (0 for a zero update)."""
-    squares = torch.as_tensor(values, dtype=torch.float64).square()
-    total = squares.sum()
-    if total <= 0:
-        return 0
-    share = torch.cumsum(squares, 0) / total
-    return int((share < energy - 1e-9).sum()) + 1  # tolerance: a planted 90% must not read as 89.99999%
-
-
-def rank_verdict(effective: int, rank: int) -> str:
-    return NO_UPDATE if effective == 0 else share_verdict(effective / rank)
-
-
-def share_verdict(share: float) -> str:
-    """Verdict on the share of its rank an update uses (effective rank / r)."""
-    if share >= SATURATED_FRACTION:
-        return SATURATED
-    if share <= UNUSED_FRACTION:
-        return UNUSED
-    return BALANCED
-
-
-def subspace_overlap(left_a: torch.Tensor, left_b: torch.Tensor, k: int) -> float:
-    """||U_a[:, :k]ᵀ U_b[:, :k]||_F² / k: 1 for the same k-dim column space, about k/d for random ones."""
-    k = max(1, min(k, left_a.shape[1], left_b.shape[1]))
-    return float((left_a[:, :k].T @ left_b[:, :k]).square().sum() / k)
-
-
-def energy_inside(spectrum: Spectrum, basis: Spectrum) -> float:
-    """Share of `spectrum`'s squared norm that lies in the column space of `basis` (its nonzero directions)."""
-    total = spectrum.values.square().sum()
-    if total <= 0:
-        return float("nan")
-    keep = basis.values > basis.values.max() * 1e-6
-    projected = (basis.left[:, keep].T @ spectrum.left).square().sum(0)  # each direction's share inside
-    return float((projected * spectrum.values.square()).sum() / total)
-
-
-# ---------------------------------------------------------------------------------------------
-# Base weight norms, read from disk (shard by shard) or through transformers for a .gguf base
-
-
-def base_weight_norms(run, shapes: Mapping[str, tuple[int, int]], base: str | None = None) -> tuple[dict[str, float], str]:
-    """(||W||_F per module, a note saying where they came from or why they are missing). Never raises:
-    an unavailable base only costs the relative norms."""
-    name = base or run.base_name
-    if not name:
-        return {}, "base: the adapter records no base model (pass --base MODEL); ||dW||/||W|| not reported"
-    if _uncached_hub_id(name):
-        return {}, f"base: {name} is not in the local Hugging Face cache (pass --base PATH); ||dW||/||W|| not reported"
-    try:
-        spec, source, _ = run.resolve_base(base)
-        if source.gguf_file is not None:
-            named = _gguf_weights(spec, source)
-        else:
-            named = _safetensors_weights(Path(source.path))
-        norms = _match_norms(named, shapes)
-    except LoraftError as exc:
-        return {}, f"base: {exc}; ||dW||/||W|| not reported"
-    missing = len(shapes) - len(norms)
-    note = f"base: {source.display}"
-    if missing:
-        note += f" ({missing} of {len(shapes)} modules have no dense weight of the right shape there)"
-    return norms, note
-
-
-def _uncached_hub_id(name: str) -> bool:
-    """A Hub id we would have to download (gigabytes) just for its norms: not worth it for inspect."""
-    import os
-
-    if name.startswith(("pkg://", ".", "/", "~")) or os.path.exists(os.path.expanduser(name)) or name.endswith(".gguf"):
-        return False
-    from huggingface_hub import try_to_load_from_cache
-
-    return not isinstance(try_to_load_from_cache(name, "config.json"), str)
-
-
-def _safetensors_weights(model_dir: Path):
-    """Yield (name, tensor) for every 2-D tensor, one shard open at a time."""
-    from safetensors import safe_open
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise LoraftError(f"{model_dir}: no .safetensors weights")
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if key.endswith(".weight") and len(handle.get_slice(key).get_shape()) == 2:
-                    yield key, handle.get_tensor(key)
-
-
-def _gguf_weights(spec, source):
-    """A .gguf base has no safetensors to read: transformers dequantizes it into a model, once."""
-    from lora_ft.model.loading import load_base_model
-
-    model = load_base_model(spec, source, "fp32")
-    for key, tensor in model.state_dict().items():
-        if tensor.dim() == 2:
-            yield key, tensor
-    del model
-
-
-def _match_norms(named, shapes: Mapping[str, tuple[int, int]]) -> dict[str, float]:
-    """Base tensor `x.weight` belongs to adapter module `x`, allowing a differing prefix (model. vs none)."""
-    by_tail = {}
-    for module in shapes:
-        parts = module.split(".")
-        for i in range(len(parts)):
-            by_tail.setdefault(".".join(parts[i:]), module)
-    norms = {}
-    for key, tensor in named:
-        stem = key.removesuffix(".weight")
-        parts = stem.split(".")
-        module = next((by_tail[".".join(parts[i:])] for i in range(len(parts)) if ".".join(parts[i:]) in by_tail), None)
-        if module is None or module in norms:
-            continue
-        # Packed 4-/8-bit storage or a shape that is not the module's: no honest norm to give.
-        if tensor.dtype in (torch.uint8, torch.int8) or tuple(tensor.shape) not in (shapes[module], shapes[module][::-1]):
-            continue
-        norms[module] = float(tensor.float().norm())
-    return norms
-
-
-# ---------------------------------------------------------------------------------------------
 # Gradient norms from metrics.jsonl
 
 
@@ -702,85 +546,17 @@ def gradient_report(history: list[dict], relative_update: float | None) -> Gradi
 
 
 # ---------------------------------------------------------------------------------------------
-# Two adapters: do their updates live in the same subspace?
+# Verdicts
 
 
-@dataclass(frozen=True)
-class ModuleOverlap:
-    module: str
-    k: int
-    overlap: float  # top-k column spaces, 1 = same
-    random_baseline: float  # k / out: what two random k-dim subspaces would give
-    other_in_this: float  # share of the other update's energy inside this one's column space
-    this_in_other: float
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
+def rank_verdict(effective: int, rank: int) -> str:
+    return NO_UPDATE if effective == 0 else share_verdict(effective / rank)
 
 
-@dataclass(frozen=True)
-class Comparison:
-    other: str
-    other_rank: float  # mean r of the other adapter's shared modules
-    this_rank: float
-    modules: tuple[ModuleOverlap, ...]
-    only_here: int
-    only_there: int
-
-    @property
-    def mean_overlap(self) -> float:
-        return statistics.fmean(m.overlap for m in self.modules)
-
-    @property
-    def mean_random(self) -> float:
-        return statistics.fmean(m.random_baseline for m in self.modules)
-
-    @property
-    def mean_other_in_this(self) -> float:
-        return statistics.fmean(m.other_in_this for m in self.modules)
-
-    @property
-    def mean_this_in_other(self) -> float:
-        return statistics.fmean(m.this_in_other for m in self.modules)
-
-    @property
-    def reading(self) -> str:
-        """What the figures say about the larger rank: how much of its update the smaller one's subspace holds."""
-        if self.other_rank == self.this_rank:
-            return f"same rank; top directions overlap {self.mean_overlap:.2f} (random {self.mean_random:.2f})"
-        larger, inside = ("other", self.mean_other_in_this) if self.other_rank > self.this_rank else ("this", self.mean_this_in_other)
-        high = max(self.other_rank, self.this_rank)
-        if inside >= 0.9:
-            return f"{inside:.0%} of the rank-{high:g} ({larger}) update lies in the lower-rank one's subspace: the higher rank bought little"
-        return f"{1 - inside:.0%} of the rank-{high:g} ({larger}) update lies outside the lower-rank one's subspace: the higher rank used directions the lower one lacks"
-
-    def to_json(self) -> dict:
-        return {
-            "other": self.other, "other_rank": self.other_rank, "this_rank": self.this_rank,
-            "mean_overlap": self.mean_overlap, "mean_random_baseline": self.mean_random,
-            "mean_other_in_this": self.mean_other_in_this, "mean_this_in_other": self.mean_this_in_other,
-            "reading": self.reading, "only_here": self.only_here, "only_there": self.only_there,
-            "modules": [m.to_json() for m in self.modules],
-        }
-
-
-def compare(mine: dict[str, tuple[Spectrum, ModuleStats]], theirs: dict[str, tuple[Spectrum, ModuleStats]], other: str) -> Comparison:
-    shared = [m for m in mine if m in theirs and mine[m][1].effective_rank and theirs[m][1].effective_rank]
-    if not shared:
-        raise LoraftError(f"--against: {other} adapts none of this adapter's modules (with a nonzero update); nothing to compare")
-    rows = []
-    for module in shared:
-        (sa, ma), (sb, mb) = mine[module], theirs[module]
-        if sa.left.shape[0] != sb.left.shape[0]:
-            raise LoraftError(f"--against: {module} has output size {sa.left.shape[0]} here and {sb.left.shape[0]} in {other}; not the same model")
-        k = min(ma.effective_rank, mb.effective_rank)
-        rows.append(ModuleOverlap(module, k, subspace_overlap(sa.left, sb.left, k), k / sa.left.shape[0],
-                                  energy_inside(sb, sa), energy_inside(sa, sb)))
-    return Comparison(
-        other=other,
-        other_rank=statistics.fmean(theirs[m][1].rank for m in shared),
-        this_rank=statistics.fmean(mine[m][1].rank for m in shared),
-        modules=tuple(rows),
-        only_here=len(set(mine) - set(theirs)),
-        only_there=len(set(theirs) - set(mine)),
-    )
+def share_verdict(share: float) -> str:
+    """Verdict on the share of its rank an update uses (effective rank / r)."""
+    if share >= SATURATED_FRACTION:
+        return SATURATED
+    if share <= UNUSED_FRACTION:
+        return UNUSED
+    return BALANCED

@@ -20,12 +20,10 @@ from lora_ft.rank_diagnostics import (
     SATURATED,
     UNUSED,
     adapter_statistics,
-    effective_rank,
     gradient_report,
     inspect_adapter,
-    spectrum_from_factors,
-    subspace_overlap,
 )
+from lora_ft.model.spectra import effective_rank, spectrum_from_factors, subspace_overlap
 from lora_ft.rank_report import write_report
 
 HIDDEN, KV = 32, 16
