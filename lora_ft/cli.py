@@ -110,7 +110,7 @@ def handled(func):
             with command_environment():
                 return func(*args, **kwargs)
         except LoraftError as exc:
-            from lora_ft.config import redact
+            from lora_ft.config_io import redact
             from lora_ft.errors import Interrupted
 
             prefix = "interrupted" if isinstance(exc, Interrupted) else "error"
@@ -125,7 +125,7 @@ def handled(func):
         except Exception as exc:
             if DEBUG.get():
                 raise
-            from lora_ft.config import redact
+            from lora_ft.config_io import redact
 
             typer.echo(f"internal error: {type(exc).__name__}: {redact(str(exc))} (rerun with --debug for the traceback)", err=True)
             raise typer.Exit(EXIT_INTERNAL) from None
@@ -146,7 +146,7 @@ def _writer_of(folder: Optional[Path], option: str, verb: str):
 
 
 def _load(config: Path, overrides: Optional[List[str]]):
-    from lora_ft.config import load_config
+    from lora_ft.config_io import load_config
 
     return load_config(config, overrides or [])
 
@@ -205,7 +205,7 @@ def validate(
     """
     import json
 
-    from lora_ft.config import config_to_yaml, redact
+    from lora_ft.config_io import config_to_yaml, redact
     from lora_ft.train import preflight
 
     cfg = _load(config, set_)
@@ -239,7 +239,7 @@ def data_show(
 
     Example: loraft data show recipes/quickstart.yaml --rows 2
     """
-    from lora_ft.config import ConfigError
+    from lora_ft.errors import ConfigError
     from lora_ft.data_show import print_rows, show_rows
     from lora_ft.model.loading import load_tokenizer, resolve_model_source
 

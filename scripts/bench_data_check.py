@@ -127,7 +127,7 @@ def tiny_tokenizer(folder: Path) -> Path:
 
 
 def measure(data: Path, tokenizer_name: str, tokens_check: str, profile: bool) -> dict:
-    from lora_ft.config import validate_dict
+    from lora_ft.config_io import validate_dict
     from lora_ft.data_check import check_data
 
     if tokenizer_name == "gguf":

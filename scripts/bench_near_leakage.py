@@ -76,7 +76,7 @@ def make_data(folder: Path, n_train: int, n_eval: int, n_copies: int, seed: int 
 
 
 def measure(folder: Path, tokenizer, truth: dict, threshold: float) -> dict:
-    from lora_ft.config import validate_dict
+    from lora_ft.config_io import validate_dict
     from lora_ft.data_check import check_data
 
     cfg = validate_dict({

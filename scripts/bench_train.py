@@ -221,7 +221,7 @@ def _loraft_trainer(mode, batch, seq, steps, rows, clock, gc, liger, offload=Fal
 
 
 def _loraft_model(mode, batch, seq, gc, liger, fused, kernels="auto", offload=False):
-    from lora_ft.config import validate_dict
+    from lora_ft.config_io import validate_dict
     from lora_ft.model.loading import attach_lora, load_base_model, resolve_model_source
     from lora_ft.model.speed import apply_speed_plan, plan_speed
 

@@ -23,7 +23,7 @@ class _Stop(Exception):
 
 
 def main(config: str) -> dict:
-    from lora_ft.config import load_config
+    from lora_ft.config_io import load_config
 
     cfg = load_config(config)
     data_files = {pathlib.Path(s.path).expanduser().resolve() for s in (cfg.data.train, cfg.data.eval) if s is not None}

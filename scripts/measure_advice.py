@@ -112,7 +112,7 @@ def main() -> None:
 
     import torch
 
-    from lora_ft.config import load_config, validate_dict
+    from lora_ft.config_io import load_config, validate_dict
     from lora_ft.train import preflight
 
     torch.set_num_threads(args.threads)  # on a shared 2-core machine one thread each avoids spinning against the others

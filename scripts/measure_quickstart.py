@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from lora_ft.config import load_config
+    from lora_ft.config_io import load_config
     from lora_ft.generate import load_for_inference
     from lora_ft.train import train
 

@@ -55,7 +55,7 @@ def main() -> None:
         sys.exit(f"needs stories260K (or another small Hugging Face model folder): --base PATH; {args.base} is not one "
                  "(it is ../shared/models/stories260K beside the developers' checkout)")
 
-    from lora_ft.config import validate_dict
+    from lora_ft.config_io import validate_dict
     from lora_ft.evaluate import EvalSettings, evaluate
     from lora_ft.train import preflight, train
 

@@ -144,7 +144,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A finished tiny run folder (`tiny_run_config` as it is), trained once for the whole session.
 
     Read-only for tests: copy it before changing anything in it."""
-    from lora_ft.config import validate_dict
+    from lora_ft.config_io import validate_dict
     from lora_ft.train import train
 
     return train(validate_dict(tiny_run_config(tmp_path_factory.mktemp("tiny_run"), tiny_model_dir))).run_dir

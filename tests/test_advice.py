@@ -11,7 +11,9 @@ import pytest
 import yaml
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3MoeConfig
 
-from lora_ft.config import AdviceRule, ConfigError, PreferenceMethod, validate_dict
+from lora_ft.config import AdviceRule, PreferenceMethod
+from lora_ft.config_io import validate_dict
+from lora_ft.errors import ConfigError
 from lora_ft.model.loading import count_lora_params
 from lora_ft.training.advice import (
     RULES,
@@ -315,7 +317,7 @@ def test_train_records_the_advice_and_inspect_reads_the_run_against_it(tiny_run,
 
 def test_turning_advice_off_or_a_run_from_before_advice_existed_still_resumes(tmp_path):
     from lora_ft.artifacts.checkpoints import config_changes
-    from lora_ft.config import config_to_yaml
+    from lora_ft.config_io import config_to_yaml
 
     saved = yaml.safe_load(config_to_yaml(config()))
     del saved["advice"]  # config.yaml of a run started before this key existed

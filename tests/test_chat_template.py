@@ -10,7 +10,8 @@ import torch
 from conftest import build_tokenizer, copy_rows, write_jsonl
 from lora_ft.data.chat_template import check_end_of_turn, require_end_of_turn
 from lora_ft.data.conversation import end_of_turn_token, stop_ids_for
-from lora_ft.config import DataSpec, validate_dict
+from lora_ft.config import DataSpec
+from lora_ft.config_io import validate_dict
 from lora_ft.data.rows import Example, encode
 from lora_ft.errors import DataError
 from lora_ft.model.loading import read_chat_template

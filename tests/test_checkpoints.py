@@ -23,7 +23,7 @@ from lora_ft.artifacts.checkpoints import (
     list_checkpoints,
     validate_checkpoint,
 )
-from lora_ft.config import load_config
+from lora_ft.config_io import load_config
 from lora_ft.errors import LoraftError
 from lora_ft.artifacts.run_dir import file_sha256
 from lora_ft.train import train

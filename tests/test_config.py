@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from lora_ft.config import ConfigError, load_config, redact, reference_yaml, validate_dict
+from lora_ft.config_io import load_config, redact, reference_yaml, validate_dict
+from lora_ft.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +133,7 @@ def test_secrets_are_redacted():
 
 def test_reference_yaml_lists_every_key_and_is_in_sync():
     committed = (REPO / "configs" / "reference.yaml").read_text()
-    assert committed == reference_yaml(), "regenerate: python -m lora_ft.config > configs/reference.yaml"
+    assert committed == reference_yaml(), "regenerate: python -m lora_ft.config_io > configs/reference.yaml"
     for key in ("rank:", "alpha:", "target_modules:", "learning_rate:", "gradient_checkpointing:", "packing:", "train_on:"):
         assert key in committed
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import build_tokenizer, copy_rows, write_jsonl
-from lora_ft.config import validate_dict
+from lora_ft.config_io import validate_dict
 from lora_ft.data.conversation import FILE, Conversation, Example, encode, stop_ids_for
 from lora_ft.errors import LoraftError
 

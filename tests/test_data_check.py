@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import write_jsonl
-from lora_ft.config import validate_dict
+from lora_ft.config_io import validate_dict
 from lora_ft.data_check import check_data, normalise
 from lora_ft.errors import DataError
 from lora_ft.data.near_dup import bands_for, near_duplicate_pairs, near_matches
@@ -314,7 +314,7 @@ def test_every_malformed_row_is_listed_with_file_and_line(make_config, tmp_path)
 
 
 def test_checks_survive_the_redacted_config_the_run_folder_keeps(make_config):
-    from lora_ft.config import config_to_yaml
+    from lora_ft.config_io import config_to_yaml
 
     checks = {"lengths": "fail", "duplicates": "off", "leakage": "warn", "near_duplicate_threshold": 0.9}
     cfg = validate_dict(make_config(clean_rows(3), checks=checks))

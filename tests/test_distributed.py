@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from lora_ft.config import ConfigError, validate_dict
+from lora_ft.config_io import validate_dict
+from lora_ft.errors import ConfigError
 from lora_ft.training.distributed import accelerate_config, effective_batch
 
 

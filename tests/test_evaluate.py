@@ -8,7 +8,7 @@ import math
 import pytest
 
 from conftest import copy_rows, write_jsonl
-from lora_ft.config import validate_dict
+from lora_ft.config_io import validate_dict
 from lora_ft.evaluate import DEFAULT_REGRESSION, EvalSettings, Gates, evaluate
 from lora_ft.metrics import example_losses, heldout_loss
 from lora_ft.metrics import (

@@ -316,7 +316,7 @@ def test_llama_cpp_with_the_exported_gguf_computes_the_adapter_peft_computes(tmp
     from transformers import AutoTokenizer
 
     from conftest import write_jsonl
-    from lora_ft.config import load_config
+    from lora_ft.config_io import load_config
     from lora_ft.data.conversation import Conversation
     from lora_ft.model.loading import load_base_model
     from lora_ft.train import train

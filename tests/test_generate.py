@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from lora_ft.config import validate_dict
+from lora_ft.config_io import validate_dict
 from lora_ft.data.conversation import Conversation, stop_ids_for
 from lora_ft.errors import LoraftError
 from lora_ft.serving.inference import BASE, GenerationSettings, generate_batched, load_for_inference

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_tokenizer, save_tiny_model
 from lora_ft.artifacts.checkpoints import latest_valid_checkpoint, list_checkpoints, validate_checkpoint
-from lora_ft.config import load_config
+from lora_ft.config_io import load_config
 from lora_ft.training.guards import NumericFault, SpikeDetector
 from lora_ft.train import train
 from test_checkpoints import STEPS, loss_steps, small_config, start_cli, wait_for_step, write_config

@@ -75,7 +75,7 @@ def leftovers(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def trained_adapter(tmp_path_factory, tiny_model_dir) -> Path:
     """A real loraft run folder: 30 steps of train() on the tiny model."""
-    from lora_ft.config import validate_dict
+    from lora_ft.config_io import validate_dict
     from lora_ft.train import train
 
     root = tmp_path_factory.mktemp("trained")

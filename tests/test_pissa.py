@@ -15,7 +15,7 @@ IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 40, 100, 250]])
 @pytest.fixture(scope="module")
 def pissa_run(tmp_path_factory, tiny_model_dir):
     from conftest import copy_rows, write_jsonl
-    from lora_ft.config import validate_dict
+    from lora_ft.config_io import validate_dict
     from lora_ft.train import train
 
     root = tmp_path_factory.mktemp("pissa")

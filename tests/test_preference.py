@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import write_jsonl
-from lora_ft.config import validate_dict
+from lora_ft.config_io import validate_dict
 from lora_ft.data.pairs import answer_ids, encode_pair, read_pairs
 from lora_ft.data_check import check_data
 from lora_ft.errors import ConfigError
@@ -314,7 +314,7 @@ def test_a_damaged_or_pickled_start_adapter_exits_2_naming_the_file(damage, tmp_
 
 
 def test_the_run_folders_resolved_config_loads_back(tmp_path, tiny_model_dir, write_yaml):
-    from lora_ft.config import config_to_yaml, load_config
+    from lora_ft.config_io import config_to_yaml, load_config
 
     cfg = validate_dict(pref_config(tmp_path, tiny_model_dir, repeat_pairs(4)))
     path = tmp_path / "resolved.yaml"
@@ -347,7 +347,7 @@ def resumable_config(tmp_path, model_dir) -> dict:
 def test_dpo_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_model_dir):
     import signal
 
-    from lora_ft.config import load_config
+    from lora_ft.config_io import load_config
     from lora_ft.train import train
     from test_checkpoints import adapter, loss_steps, max_difference, start_cli, wait_for_step, write_config
 

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 from conftest import copy_rows, write_jsonl
-from lora_ft.config import validate_dict
+from lora_ft.config_io import validate_dict
 from test_stop_tokens import bases, config  # noqa: F401  (bases: a fixture; a base whose EOS row never trained)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from lora_ft.config import load_config
+from lora_ft.config_io import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -373,7 +373,7 @@ def trained_run(tmp_path_factory, tiny_model_dir):
     """One real `loraft train` run on the tiny model (about 3 s), shared by the tests below."""
     from conftest import tiny_run_config
 
-    from lora_ft.config import validate_dict
+    from lora_ft.config_io import validate_dict
     from lora_ft.train import train
 
     root = tmp_path_factory.mktemp("inspect_run")

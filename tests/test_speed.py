@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama, build_tokenizer
-from lora_ft.config import validate_dict
+from lora_ft.config_io import validate_dict
 from lora_ft.model.speed import SpeedPlan, _layers_to_checkpoint, activation_gib_per_layer, apply_checkpointing, apply_speed_plan
 
 
@@ -223,7 +223,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
 def test_the_default_plans_checkpointing_by_memory_and_shipped_configs_use_it():
     from transformers import LlamaConfig
 
-    from lora_ft.config import load_config
+    from lora_ft.config_io import load_config
 
     assert validate_dict({"model": {"name": "x"}}).training.gradient_checkpointing == "auto"
     for name in ("llama8b", "llama8b-qlora"):
@@ -245,7 +245,7 @@ def test_padding_free_batches_train_the_same_rows_to_the_same_losses(tiny_config
     step and the per-token loss are those of padded batches, so the loss curve is the same."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from lora_ft.config import validate_dict
+    from lora_ft.config_io import validate_dict
     from lora_ft.train import train
     from lora_ft.training.progress import read_metrics
 

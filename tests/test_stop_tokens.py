@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_tiny_llama, build_tokenizer, copy_rows, tiny_run_config, write_jsonl
-from lora_ft.config import validate_dict
+from lora_ft.config_io import validate_dict
 from lora_ft.model.stop_tokens import STOP_WARN_SHARE
 
 EOT, HEADER = "<|im_end|>", "<|im_start|>"  # the tiny ChatML tokenizer's EOS / end of turn, and its turn header

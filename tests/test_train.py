@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_ft.config import validate_dict
+from lora_ft.config_io import validate_dict
 from lora_ft.errors import LoraftError
 from lora_ft.train import train
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_ft.config import load_config, validate_dict
+from lora_ft.config_io import load_config, validate_dict
 from lora_ft.errors import ConfigError
 from lora_ft.yaml_io import load_yaml
 
@@ -31,7 +31,7 @@ def test_documented_word_off_is_read_as_written(tmp_path):
 
 def test_set_override_with_off_is_read_as_the_word():
     path_free = {"model": {"name": "m"}, "data": {"train": "t.jsonl"}}
-    from lora_ft.config import apply_override
+    from lora_ft.config_io import apply_override
 
     apply_override(path_free, "data.checks.balance=off")
     assert validate_dict(path_free).data.checks.balance == "off"

@@ -380,7 +380,7 @@ class AdapterRun:
     @classmethod
     def load(cls, adapter_dir: str | Path, what: str = "--adapter") -> "AdapterRun":
         from lora_ft.artifacts.manifests import RunManifest, read_manifest
-        from lora_ft.config import validate_dict
+        from lora_ft.config_io import validate_dict
         from lora_ft.yaml_io import load_yaml
 
         path = Path(adapter_dir).expanduser()

@@ -317,7 +317,7 @@ def config_changes(saved_path: Path, cfg) -> list[str]:
     """Dotted keys whose value differs between the saved (redacted) config and `cfg`, safe keys excluded."""
     import yaml
 
-    from lora_ft.config import redact
+    from lora_ft.config_io import redact
     from lora_ft.yaml_io import load_yaml
 
     try:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from lora_ft.config import redact
+from lora_ft.config_io import redact
 from lora_ft.errors import DataError, LoraftError
 
 FILE = "conversation.json"

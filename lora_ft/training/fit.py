@@ -18,7 +18,8 @@ from transformers import set_seed
 from lora_ft.artifacts.checkpoints import data_hashes, report_resume, resume_hint, truncate_metrics
 from lora_ft.artifacts.fingerprint import fingerprint_model_path
 from lora_ft.artifacts.run_dir import CONFIG, METRICS, RunDir
-from lora_ft.config import RunConfig, config_to_yaml, redact
+from lora_ft.config import RunConfig
+from lora_ft.config_io import config_to_yaml, redact
 from lora_ft.errors import Interrupted
 from lora_ft.model.coverage import check_same_coverage
 from lora_ft.model.loading import attach_lora, load_base_model

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lora_ft.config import validate_dict
+from lora_ft.config_io import validate_dict
 from lora_ft.train import train
 
 pytestmark = pytest.mark.gpu
