@@ -402,7 +402,8 @@ def merge(
 
     Example: loraft merge --adapter runs/quickstart --out merged/quickstart
     """
-    from lora_ft.merge import DTYPES, merge as run_merge
+    from lora_ft.merge import merge as run_merge
+    from lora_ft.merge_plan import DTYPES
 
     if dtype != "auto" and dtype not in DTYPES:
         raise LoraftError(f"--dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")

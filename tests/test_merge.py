@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import make_run_manifest, save_tiny_model, tiny_run_config
-from lora_ft import merge as merge_module
+from lora_ft import merge_plan
 from lora_ft.artifacts.adapter import ModuleFactors
 from lora_ft.artifacts.fingerprint import fingerprint_model_path
 from lora_ft.artifacts.manifests import write_manifest
@@ -202,7 +202,7 @@ def test_multi_shard_base_merges_shard_by_shard_holding_one_base_tensor_at_a_tim
     alive: dict[int, int] = {}
     peak = {"tensors": 0, "bytes": 0}
     order: list[int] = []
-    original = merge_module.read_tensor
+    original = merge_plan.read_tensor
 
     def tracked(path, name):
         k = shards.index(Path(path))
@@ -220,7 +220,7 @@ def test_multi_shard_base_merges_shard_by_shard_holding_one_base_tensor_at_a_tim
         peak["bytes"] = max(peak["bytes"], sum(alive.values()))
         return tensor
 
-    monkeypatch.setattr(merge_module, "read_tensor", tracked)
+    monkeypatch.setattr(merge_plan, "read_tensor", tracked)
     code, _, _ = run_cli("merge", "--adapter", adapter, "--out", out)
     assert code == 0
     assert order == list(range(len(shards))), "each input shard is read once, in order"
@@ -341,7 +341,7 @@ def test_qlora_dequantized_merges_into_the_4bit_round_trip_of_every_linear_weigh
     # bitsandbytes' CPU kernels stand in for its CUDA ones here (merge itself insists on CUDA; the GPU test below uses it)
     import bitsandbytes.functional as bnbf
 
-    monkeypatch.setattr(merge_module, "_roundtrip_device", lambda: "cpu")
+    monkeypatch.setattr(merge_plan, "_roundtrip_device", lambda: "cpu")
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", quantization=QLORA)
     manifest = json.loads((adapter / "manifest.json").read_text())
     (adapter / "manifest.json").write_text(json.dumps({**manifest, "precision": "fp32"}))
@@ -374,7 +374,7 @@ def test_dequantized_choice_is_refused_for_an_adapter_trained_without_quantizati
 
 
 def test_failure_mid_merge_leaves_nothing_at_out(tmp_path, run_cli, trained_adapter, monkeypatch):
-    original = merge_module._merged_tensor
+    original = merge_plan._merged_tensor
     calls = {"n": 0}
 
     def failing(job):
@@ -383,7 +383,7 @@ def test_failure_mid_merge_leaves_nothing_at_out(tmp_path, run_cli, trained_adap
             raise OSError("disk full (simulated)")
         return original(job)
 
-    monkeypatch.setattr(merge_module, "_merged_tensor", failing)
+    monkeypatch.setattr(merge_plan, "_merged_tensor", failing)
     out = tmp_path / "merged"
     code, _, stderr = run_cli("merge", "--adapter", trained_adapter, "--out", out)
     assert code == 1 and "disk full" in stderr
@@ -404,7 +404,7 @@ def test_logits_check_failure_exits_1_and_leaves_nothing(tmp_path, run_cli, trai
     # A merge that gets every module 'right' by its own check but is wrong as a whole: the logits check catches it.
     original = ModuleFactors.delta
     monkeypatch.setattr(ModuleFactors, "delta", lambda self: original(self) * 2)
-    monkeypatch.setattr(merge_module, "check_module", lambda *args: (0.0, 0.0))
+    monkeypatch.setattr(merge_plan, "check_module", lambda *args: (0.0, 0.0))
     out = tmp_path / "merged"
     code, _, stderr = run_cli("merge", "--adapter", trained_adapter, "--out", out)
     assert code == 1 and "verify: merged logits differ from base+adapter" in stderr
