@@ -18,7 +18,7 @@ from lora_ft.artifacts.locks import hold
 from lora_ft.artifacts.manifests import RunManifest
 from lora_ft.artifacts.run_dir import METRICS
 from lora_ft.config import RunConfig
-from lora_ft.data_check import heldout_caveat
+from lora_ft.data.check_report import heldout_caveat
 from lora_ft.training.distributed import is_main_process
 from lora_ft.training.preflight import Preflight, preflight
 
