@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lora_ft.merge import ShardWriter  # noqa: E402
+from lora_ft.artifacts.shards import ShardWriter  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 128256
 HEAD_DIM = HIDDEN // HEADS

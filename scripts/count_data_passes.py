@@ -8,10 +8,10 @@ encode a row for training (the ones asking for offsets, data/rows.py `encode`).
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import io
 import pathlib
-import sys
 import tempfile
 
 import transformers
@@ -66,4 +66,6 @@ def main(config: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(main(sys.argv[1] if len(sys.argv) > 1 else "recipes/quickstart.yaml"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default="recipes/quickstart.yaml", help="the run config (default: the quickstart)")
+    print(main(parser.parse_args().config))

@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lora_ft.config import load_config  # noqa: E402
+from lora_ft.config_io import load_config  # noqa: E402
 from lora_ft.data_check import check_data  # noqa: E402
 from lora_ft.evaluate import EvalSettings, evaluate  # noqa: E402
 from lora_ft.train import train  # noqa: E402

@@ -52,7 +52,7 @@ def per_field(rows: list[dict], outputs: list[str]) -> dict:
 
 def answers(inference, rows: list[dict]) -> list[str]:
     """Greedy answers of the adapter alone, prompted exactly as training rendered the rows (as `loraft eval` does)."""
-    from lora_ft.generate import GenerationSettings
+    from lora_ft.serving.inference import GenerationSettings
 
     label = inference.labels[0]
     prompts = [inference.render([{"role": "user", "content": row["prompt"]}], label) for row in rows]
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     import torch
 
     from lora_ft.config_io import load_config
-    from lora_ft.generate import load_for_inference
+    from lora_ft.serving.inference import load_for_inference
     from lora_ft.train import train
 
     with tempfile.TemporaryDirectory(prefix="loraft-quickstart-") as tmp:
