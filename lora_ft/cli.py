@@ -325,6 +325,10 @@ def eval_(
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward/generate batch."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder to create with report.json, report.md and report.png (must not exist)."),
     force: bool = ForceOption,
+    full_precision_base: bool = typer.Option(
+        False, "--full-precision-base",
+        help="Score a QLoRA run on the full-precision base (what merge, export and serve compute on) instead of its 4-bit base as trained.",
+    ),
 ):
     """Compare base and base+adapter on held-out task data and on a regression set; exit 3 when a gate fails.
 
@@ -349,7 +353,7 @@ def eval_(
     with _writer_of(out, "--out", "eval"):
         report = evaluate(
             adapter, base=base, data=data or (), regression=[] if no_regression else (regression or None),
-            settings=settings, gates=gates, force=force,
+            settings=settings, gates=gates, force=force, full_precision_base=full_precision_base,
         )
         typer.echo(report.summary())
         if out is not None:

@@ -105,7 +105,7 @@ class EvalReport:
     adapter: str
     base: str
     base_matches: bool | None
-    settings: dict
+    settings: dict  # includes base_weights: "full precision" or "4-bit nf4, as trained"
     task: dict  # {"sources", "rows", "metrics": {name: {base, adapter, delta, n}}, "examples": [...]}
     regression: dict | None  # {"sources", "rows", "mean_delta", "wins", "losses", "ties", "metrics", "worst", ...}
     failures: list[str]
@@ -120,7 +120,8 @@ class EvalReport:
         return 0 if self.passed else EXIT_GATE
 
     def summary(self) -> str:
-        lines = [f"adapter {self.adapter}", f"base    {self.base}" + ("  (fingerprint NOT matching: --force)" if self.base_matches is False else "")]
+        weights = self.settings.get("base_weights", "full precision")
+        lines = [f"adapter {self.adapter}", f"base    {self.base} ({weights})" + ("  (fingerprint NOT matching: --force)" if self.base_matches is False else "")]
         lines.append("")
         lines.append(f"{'metric':<22}{'base':>10}{'adapter':>10}{'delta':>10}{'rows':>7}")
         for name, row in self.task["metrics"].items():
@@ -296,6 +297,7 @@ def evaluate(
     settings: EvalSettings = EvalSettings(),
     gates: Gates = Gates(),
     force: bool = False,
+    full_precision_base: bool = False,
     inference=None,
     progress=None,
 ) -> EvalReport:
@@ -303,12 +305,14 @@ def evaluate(
 
     `regression=None` uses the shipped default set; an empty list skips the regression check.
     `inference` reuses an already loaded model (tests, notebooks); by default one is loaded here.
+    A QLoRA run is scored on its base quantized as in training, so eval's figures are the train summary's;
+    `full_precision_base` scores it on the full-precision base that merge, export and serve use instead.
     """
     from lora_ft.serving.inference import load_for_inference
 
     if inference is None:
         _say(progress, f"loading the base and the adapter in {adapter} ...")
-        inference = load_for_inference(adapter, base, force)
+        inference = load_for_inference(adapter, base, force, as_trained=not full_precision_base)
     wanted = Path(adapter).expanduser().resolve()
     label = next((name for name, run in inference.runs.items() if run.path == wanted), inference.labels[0])
     run = inference.runs[label]
@@ -343,7 +347,8 @@ def evaluate(
         adapter=str(run.path),
         base=inference.base_name,
         base_matches=inference.base_matches,
-        settings={"batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens, "greedy": True, "regex": settings.regex},
+        settings={"batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens, "greedy": True, "regex": settings.regex,
+                  "base_weights": getattr(inference, "base_weights", "full precision")},
         task=task,
         regression=regression_report,
         failures=failures,

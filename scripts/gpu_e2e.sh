@@ -15,4 +15,12 @@ for name in llama8b llama8b-qlora; do
   cp /tmp/runs/$name/manifest.json "$OUT/$name.manifest.json" 2>/dev/null
   echo "{\"config\": \"configs/$name.yaml\", \"exit_code\": $code, \"wall_s\": $SECONDS}" > "$OUT/$name.status.json"
 done
+# Issue 21 (c): eval scores the QLoRA run on its 4-bit base as the train summary did; --full-precision-base is
+# the base merge and serve compute on. Both reports land in $OUT beside the manifest's figures.
+for how in as-trained full-precision; do
+  flag=(); [ "$how" = full-precision ] && flag=(--full-precision-base)
+  python3 -m lora_ft eval --adapter /tmp/runs/llama8b-qlora --no-regression --max-new-tokens 8 "${flag[@]}" \
+    --out /tmp/eval-$how 2>&1 | tee "$OUT/llama8b-qlora.eval-$how.log"
+  cp /tmp/eval-$how/report.json "$OUT/llama8b-qlora.eval-$how.json" 2>/dev/null
+done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv"

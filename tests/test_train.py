@@ -161,3 +161,27 @@ def test_the_train_summary_and_eval_agree_on_heldout_loss_and_stop_probability(t
         assert metrics["loss"][who] == pytest.approx(held[who]["loss"], rel=1e-5)
         assert metrics["stop_probability"][who] == pytest.approx(stop[who]["mean_probability"], rel=1e-5)
     assert metrics["stop_probability"]["n"] == stop["adapter"]["answers"] == 8
+
+
+def test_eval_of_a_qlora_run_on_a_machine_without_cuda_scores_the_full_precision_base_and_says_so(tiny_run, tmp_path):
+    """A QLoRA run is scored on its 4-bit base as trained (tests/gpu); without CUDA that base cannot load, so eval
+    uses the full-precision base, names it in the report, and still answers instead of refusing."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    from lora_ft.evaluate import EvalSettings, evaluate
+
+    if torch.cuda.is_available():
+        pytest.skip("this is the no-CUDA fallback; tests/gpu covers the 4-bit base")
+    run = Path(shutil.copytree(tiny_run, tmp_path / "qlora-run"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["quantization"] = {"bits": 4, "quant_type": "nf4", "compute_dtype": "float32"}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    report = evaluate(run, regression=[], settings=EvalSettings(max_new_tokens=2), progress=False)
+    assert report.settings["base_weights"] == "full precision (the run trained on a quantized base, which needs CUDA)"
+    assert "(full precision (the run trained on a quantized base" in report.summary().splitlines()[1]
+    held = json.loads((run / "manifest.json").read_text())["metrics"]["heldout"]
+    assert report.task["metrics"]["loss"]["adapter"] == pytest.approx(held["adapter"]["loss"], rel=1e-5)

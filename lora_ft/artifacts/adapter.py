@@ -434,10 +434,13 @@ class AdapterRun:
         """The QuantizationSpec training loaded the base with; None for a full-precision or foreign adapter."""
         return self.manifest.base_model.quantization if self.manifest is not None else None
 
-    def resolve_base(self, base: str | None, *, force: bool = False):
+    def resolve_base(self, base: str | None, *, force: bool = False, as_trained: bool = False):
         """Find the base model (default: the one the adapter names) and refuse one whose weights differ from the
         adapter's base: the fingerprint in manifest.json, or without a manifest the base adapter_config.json names
         (when it can be found here; when it cannot, --force is needed to use another base).
+
+        The base loads in full precision (what merge, export and serve compute on) unless `as_trained`: then a
+        QLoRA run's base is quantized again exactly as training saw it (what the train summary measured).
 
         Returns (ModelSpec, ModelSource, fingerprint_matches: bool | None).
         """
@@ -449,7 +452,7 @@ class AdapterRun:
         if not name:
             raise LoraftError("--base: the adapter records no base model; pass --base MODEL")
         if self.config is not None and name == self.config.model.name:
-            spec = self.config.model.model_copy(update={"quantization": None})
+            spec = self.config.model if as_trained else self.config.model.model_copy(update={"quantization": None})
         else:
             spec = ModelSpec(name=name)
         source = resolve_model_source(spec)

@@ -81,6 +81,7 @@ class Inference:
     base_name: str
     base_matches: bool | None  # fingerprint check: True, False (forced), None (nothing recorded)
     runs: dict[str, AdapterRun] = field(default_factory=dict)
+    base_weights: str = "full precision"  # or e.g. "4-bit nf4, as trained" (load_for_inference's as_trained)
 
     @property
     def device(self):
@@ -159,11 +160,13 @@ def load_for_inference(
     force: bool = False,
     *,
     precision: str = "auto",
+    as_trained: bool = False,
 ) -> Inference:
     """Base + adapter(s) through AdapterRun.resolve_base (which refuses a wrong base) and PEFT.
 
     `adapter_dir` may be one folder, a list of up to two folders trained on the same base, or None with
-    `base` set (the base alone, with its own tokenizer and template).
+    `base` set (the base alone, with its own tokenizer and template). `as_trained` loads a QLoRA run's base
+    4-bit as training saw it (see AdapterRun.resolve_base); by default bases load in full precision.
     """
     import torch
 
@@ -178,18 +181,22 @@ def load_for_inference(
     runs = [AdapterRun.load(d) for d in dirs]
     labels = _labels(runs)
     if runs:
-        spec, source, matches = runs[0].resolve_base(base, force=force)
+        spec, source, matches = runs[0].resolve_base(base, force=force, as_trained=as_trained)
         for other in runs[1:]:
             # The second adapter must fit the same base weights (same fingerprint rule as merge).
             other.resolve_base(spec.name if base is None else base, force=force)
     else:
         spec = ModelSpec(name=base)
         source, matches = resolve_model_source(spec), None
+    unquantized = ""
+    if spec.quantization is not None and not torch.cuda.is_available():
+        # bitsandbytes' 4-bit base needs CUDA: score on the full-precision base and say so.
+        spec, unquantized = spec.model_copy(update={"quantization": None}), " (the run trained on a quantized base, which needs CUDA)"
     if precision == "auto" and runs and runs[0].config is not None:
         precision = runs[0].config.training.precision
     precision = resolve_precision(precision)
     model = load_base_model(spec, source, precision)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and spec.quantization is None:  # a quantized base is placed by its device_map
         model = model.to("cuda")
     conversations = {BASE: Conversation.of_base(load_tokenizer(spec, source), model=model)}
     if runs:
@@ -204,7 +211,9 @@ def load_for_inference(
         conversations[BASE] = conversations[labels[0]]
         model.set_adapter(labels[0])
     model.eval()
-    return Inference(model, conversations, labels, spec.name, matches, dict(zip(labels, runs)))
+    q = spec.quantization
+    weights = "full precision" + unquantized if q is None else f"{q.bits}-bit{' ' + q.quant_type if q.bits == 4 else ''}, as trained"
+    return Inference(model, conversations, labels, spec.name, matches, dict(zip(labels, runs)), weights)
 
 
 def _labels(runs: list[AdapterRun]) -> list[str]:
