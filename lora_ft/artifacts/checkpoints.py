@@ -19,9 +19,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from lora_ft import __version__
+from lora_ft.config_io import redact
 from lora_ft.errors import LoraftError
-from lora_ft.artifacts.run_dir import atomic_write_json, file_sha256
+from lora_ft.artifacts.run_dir import atomic_write_json, atomic_write_text, file_sha256
+from lora_ft.yaml_io import load_yaml
 
 PREFIX = "checkpoint-"
 STAGING = ".partial"
@@ -315,11 +319,6 @@ def check_same_data(run, sources: list[dict]) -> None:
 
 def config_changes(saved_path: Path, cfg) -> list[str]:
     """Dotted keys whose value differs between the saved (redacted) config and `cfg`, safe keys excluded."""
-    import yaml
-
-    from lora_ft.config_io import redact
-    from lora_ft.yaml_io import load_yaml
-
     try:
         saved = load_yaml(Path(saved_path).read_text(encoding="utf-8"), saved_path) or {}
     except (OSError, yaml.YAMLError, LoraftError):
@@ -347,8 +346,6 @@ def _flatten(value, prefix: str = "") -> dict:
 
 def truncate_metrics(path: Path, step: int) -> int:
     """Drop metrics records after `step` (they will be logged again); returns how many were dropped."""
-    from lora_ft.artifacts.run_dir import atomic_write_text
-
     path = Path(path)
     if not path.is_file():
         return 0

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from safetensors import safe_open
+
+from lora_ft.errors import ModelError
 
 SAMPLE_ROWS = 8
 FINGERPRINT_VERSION = "lf1"
@@ -60,8 +63,6 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def iter_safetensors_rows(files: list[Path]) -> Iterator[tuple[str, TensorRows]]:
-    from safetensors import safe_open
-
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():
@@ -97,7 +98,5 @@ def fingerprint_model_path(model_dir: Path, gguf_file: str | None = None) -> str
         return fingerprint_gguf(Path(model_dir) / gguf_file)
     files = weight_files(model_dir)
     if not files:
-        from lora_ft.errors import ModelError
-
         raise ModelError(f"{model_dir}: no .safetensors weights to fingerprint")
     return fingerprint_tensors(iter_safetensors_rows(files))

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from lora_ft.artifacts.run_dir import check_writable_folder, remove_leftovers
 from lora_ft.errors import LoraftError
 
 
@@ -31,8 +32,6 @@ def lock_path(folder: str | Path) -> Path:
 @contextmanager
 def hold(folder: str | Path, command: str, *, what: str = "output folder") -> Iterator[Path]:
     """Hold the folder's lock for the duration of the block; LoraftError if another process holds it."""
-    from lora_ft.artifacts.run_dir import check_writable_folder
-
     folder = Path(folder).expanduser().absolute()
     check_writable_folder(folder, what)
     created = _make_parents(folder.parent)
@@ -116,8 +115,6 @@ def _make_parents(folder: Path) -> list[Path]:
 def sweep_leftovers(final: str | Path, warn) -> None:
     """Before writing `final`: remove the staging folders a killed earlier writer left beside it, and say so.
     The holder of `final`'s lock removes every one; anyone else only those whose process is gone."""
-    from lora_ft.artifacts.run_dir import remove_leftovers
-
     owner = (holder_of(final) or {}).get("pid") == os.getpid()
     for item in remove_leftovers(Path(final), owner=owner):
         warn(f"removed {item.name}, left beside {Path(final).name} by an earlier run that was killed")

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lora_ft.artifacts.run_dir import atomic_write_text
 from lora_ft.config import QuantizationSpec, ServingSpec
 from lora_ft.errors import LoraftError
 from lora_ft.artifacts.findings import Finding
@@ -206,8 +207,6 @@ M = TypeVar("M", bound=Record)
 
 def write_manifest(folder: str | Path, manifest: RunManifest | MergeManifest) -> Path:
     """Write the manifest into `folder` atomically (temporary name, then rename)."""
-    from lora_ft.artifacts.run_dir import atomic_write_text
-
     path = Path(folder) / manifest.FILE
     atomic_write_text(path, manifest.model_dump_json(indent=2) + "\n")
     return path

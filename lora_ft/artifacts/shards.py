@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from lora_ft.errors import ModelError
 
@@ -42,8 +43,6 @@ def base_shards(base_dir: Path) -> list[Path]:
 
 def shard_index(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], torch.dtype]]:
     """Every tensor's shard, shape and dtype, from the headers alone."""
-    from safetensors import safe_open
-
     located = {}
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
@@ -56,8 +55,6 @@ def shard_index(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], tor
 def read_tensor(path: Path, name: str) -> torch.Tensor:
     """One tensor from a shard, opened for this tensor alone so that its memory map (whose touched
     pages count as resident memory) never spans more than the tensor in hand."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         return handle.get_tensor(name)
 
