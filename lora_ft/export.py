@@ -27,7 +27,8 @@ from lora_ft import __version__
 from lora_ft.serving.engines import RULES, AdapterFeatures, EngineRule, check_target, gguf_arch, go_uint32, max_lora_rank, rule_for
 from lora_ft.errors import LoraftError, VerificationError
 from lora_ft.artifacts.export_manifest import EXPORT_MANIFEST, EngineRuleRecord, ExportManifest, ExportVerification
-from lora_ft.artifacts.adapter import ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterConfig, AdapterRun, ModuleFactors, read_state
+from lora_ft.artifacts.adapter import ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterConfig, ModuleFactors, read_state
+from lora_ft.artifacts.adapter_run import AdapterRun
 from lora_ft.artifacts.run_dir import MANIFEST, STATE, atomic_dir, atomic_write_json, file_sha256, partial_dir, require_new_out
 from lora_ft.artifacts.locks import sweep_leftovers
 from lora_ft.data.conversation import Conversation

@@ -34,7 +34,8 @@ from lora_ft.artifacts.manifests import (
 )
 from lora_ft.merge_check import full_check_unfits, verify_logits
 from lora_ft.merge_plan import DTYPE_NAMES, MergePlan, Written, plan_merge, qlora_choice, write_merged
-from lora_ft.artifacts.adapter import AdapterRun, AdapterWeights
+from lora_ft.artifacts.adapter import AdapterWeights
+from lora_ft.artifacts.adapter_run import AdapterRun
 from lora_ft.artifacts.locks import sweep_leftovers
 from lora_ft.artifacts.run_dir import atomic_dir, atomic_write_json, require_new_out
 

@@ -15,7 +15,7 @@ import torch
 
 from lora_ft.errors import LoraftError, VerificationError
 
-from lora_ft.artifacts.adapter import AdapterRun
+from lora_ft.artifacts.adapter_run import AdapterRun
 
 # MergePlan and TensorJob (annotations only) are merge.py's; importing them here would make a cycle.
 

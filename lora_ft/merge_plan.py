@@ -14,7 +14,8 @@ import torch
 from lora_ft.errors import LoraftError, VerificationError
 from lora_ft.merge_check import check_module
 from lora_ft.model.loading import DTYPES
-from lora_ft.artifacts.adapter import AdapterRun, AdapterWeights, ModuleFactors
+from lora_ft.artifacts.adapter import AdapterWeights, ModuleFactors
+from lora_ft.artifacts.adapter_run import AdapterRun
 from lora_ft.artifacts.run_dir import atomic_write_json
 from lora_ft.artifacts.shards import INDEX, ShardWriter, base_shards, read_tensor, shard_index
 

@@ -21,7 +21,8 @@ from typing import Mapping
 
 import torch
 
-from lora_ft.artifacts.adapter import AdapterConfig, AdapterRun, ModuleFactors, group_state, read_state
+from lora_ft.artifacts.adapter import AdapterConfig, ModuleFactors, group_state, read_state
+from lora_ft.artifacts.adapter_run import AdapterRun
 from lora_ft.errors import LoraftError
 from lora_ft.model.spectra import DEFAULT_ENERGY, Comparison, Spectrum, compare, effective_rank, spectra_of
 from lora_ft.model.weight_norms import base_weight_norms, uncached_hub_id

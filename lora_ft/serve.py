@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from lora_ft.errors import LoraftError
-from lora_ft.artifacts.adapter import AdapterRun, check_adapter_name
+from lora_ft.artifacts.adapter_run import AdapterRun, check_adapter_name
 from lora_ft.serving.batching import Job, ModelPool, QueueFull, Sampling, Scheduler, ServedModel
 
 LOG = logging.getLogger("loraft.serve")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from lora_ft.artifacts.adapter import AdapterConfig, AdapterRun, lora_scale
+from lora_ft.artifacts.adapter import AdapterConfig, lora_scale
+from lora_ft.artifacts.adapter_run import AdapterRun
 from lora_ft.errors import LoraftError
 
 ALPHA, R = 8.0, 4  # the tiny run's lora.alpha and lora.rank

@@ -108,7 +108,7 @@ def small_regression(tmp_path_factory):
 
 def test_per_example_losses_do_not_depend_on_batching(loaded, tiny_run):
     from lora_ft.evaluate import build_items
-    from lora_ft.artifacts.adapter import AdapterRun
+    from lora_ft.artifacts.adapter_run import AdapterRun
 
     run = AdapterRun.load(tiny_run)
     from lora_ft.data.rows import read_rows

@@ -27,7 +27,7 @@ from lora_ft.export import (
     unpermute_rows,
     write_gguf,
 )
-from lora_ft.artifacts.adapter import AdapterRun
+from lora_ft.artifacts.adapter_run import AdapterRun
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -119,7 +119,7 @@ def test_a_failed_runtime_load_leaves_the_server_as_before_and_the_name_free(cli
 
 
 def test_a_load_that_fails_inside_peft_is_undone(pool, tiny_run, monkeypatch):
-    from lora_ft.artifacts.adapter import AdapterRun
+    from lora_ft.artifacts.adapter_run import AdapterRun
 
     run = AdapterRun.load(tiny_run)
     real = pool.model.load_adapter

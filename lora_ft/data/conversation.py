@@ -132,7 +132,7 @@ class Conversation:
 
     @classmethod
     def of_run(cls, run, tokenizer, *, model=None) -> "Conversation":
-        """The conversation of a finished run folder (`run`: an artifacts.adapter.AdapterRun, `tokenizer` the one
+        """The conversation of a finished run folder (`run`: an artifacts.adapter_run.AdapterRun, `tokenizer` the one
         saved there): its conversation.json; for a run saved before that file existed, rebuilt from what the run
         recorded: the row format it trained on (manifest), its data.system_prompt (config.yaml) and its stop ids
         (generation_config.json)."""

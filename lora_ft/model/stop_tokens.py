@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from lora_ft.artifacts.adapter import saved_token_rows
 from lora_ft.data.conversation import PROBE, Example, end_of_turn_token, render_with_spans
-from lora_ft.errors import ConfigError, DataError, LoraftError
+from lora_ft.errors import ConfigError, DataError
 
 # A row whose norm is below this share of the median norm of ordinary rows was never trained. Llama 3 base
 # leaves its untrained rows at exactly 0 (~1e-23 in bf16); trained rows of any vocabulary sit within a small
@@ -493,28 +494,7 @@ def stop_warning(adapter: StopScore | None, check: StopTokenCheck, plan: TokenTr
 
 
 # ---------------------------------------------------------------------------------------------
-# Trained rows in a saved adapter (merge and inspect)
-
-
-TOKEN_DELTA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
-
-
-def saved_token_rows(state: dict, adapter_config: dict) -> dict[str, tuple[list[int], torch.Tensor]]:
-    """module path -> (token ids, their trained rows) from an adapter's tensors and adapter_config.json."""
-    indices = adapter_config.get("trainable_token_indices")
-    if not indices:
-        return {}
-    found = {}
-    for key, value in state.items():
-        match = TOKEN_DELTA.match(key)
-        if match is None:
-            continue
-        module = match["module"]
-        ids = indices.get(module, indices.get(module.rsplit(".", 1)[-1])) if isinstance(indices, dict) else indices
-        if ids is None or len(ids) != value.shape[0]:
-            raise LoraftError(f"adapter: {key} holds {value.shape[0]} rows but adapter_config.json lists {ids}; the adapter is damaged")
-        found[module] = (list(ids), value)
-    return found
+# Trained rows in a saved adapter (inspect; artifacts/adapter.py reads them for merge and export)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lora_ft.artifacts.adapter import AdapterRun, check_adapter_name, fits_model, remove_adapter
+from lora_ft.artifacts.adapter_run import AdapterRun, check_adapter_name, fits_model, remove_adapter
 from lora_ft.data.conversation import Conversation
 from lora_ft.errors import LoraftError
 

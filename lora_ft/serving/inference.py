@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from lora_ft.artifacts.adapter import AdapterRun
+from lora_ft.artifacts.adapter_run import AdapterRun
 from lora_ft.data.conversation import Conversation
 from lora_ft.errors import LoraftError
 

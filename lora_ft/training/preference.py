@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from lora_ft.artifacts.adapter import AdapterRun, read_state
+from lora_ft.artifacts.adapter import read_state
+from lora_ft.artifacts.adapter_run import AdapterRun
 from lora_ft.config import RunConfig
 from lora_ft.errors import ConfigError
 
