@@ -238,8 +238,8 @@ def test_gguf_rows_are_read_one_by_one_and_dequantized_as_the_whole_tensor_would
     import gguf
     import numpy as np
 
+    from lora_ft.model.embedding_rows import RowReader
     from lora_ft.model.loading import ModelSource
-    from lora_ft.model.stop_tokens import RowReader
 
     table = np.random.default_rng(0).standard_normal((40, 64)).astype(np.float32)
     quantized = gguf.quants.quantize(table, gguf.GGMLQuantizationType.Q8_0)

@@ -7,8 +7,8 @@ ships `<|eot_id|>` and its header tokens at (near) zero, and stories260K's `</s>
 without raising its twins as much, so greedy decoding never stops, and nothing else complains.
 
 - `check_stop_tokens` reads only the rows it needs (those tokens, the never-used kinds of rows and an even
-  sample of the vocabulary) from the base's safetensors or GGUF file, before any weights load, and flags a
-  row that is near zero or the same vector as several other rows.
+  sample of the vocabulary) from the base's safetensors or GGUF file (model/embedding_rows.py) before any
+  weights load, and flags a row that is near zero or the same vector as several other rows.
 - `plan_token_training` turns `lora.train_tokens` into PEFT's `trainable_token_indices` (auto: the flagged
   rows only), so those rows train and are saved with the adapter; merge, eval, generate and inspect read
   them from there.
@@ -18,14 +18,15 @@ without raising its twins as much, so greedy decoding never stops, and nothing e
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from lora_ft.artifacts.adapter import saved_token_rows
 from lora_ft.data.conversation import PROBE, Example, end_of_turn_token, render_with_spans
 from lora_ft.errors import ConfigError, DataError
+from lora_ft.model.embedding_rows import EmbeddingModules, RowReader, embedding_modules
 
 # A row whose norm is below this share of the median norm of ordinary rows was never trained. Llama 3 base
 # leaves its untrained rows at exactly 0 (~1e-23 in bf16); trained rows of any vocabulary sit within a small
@@ -42,7 +43,6 @@ SAMPLE_ROWS = 2048
 # After training: fewer held-out answers than this share end where greedy decoding would stop -> warn.
 STOP_WARN_SHARE = 0.5
 BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-GGUF_NAMES = {"input": "token_embd.weight", "output": "output.weight"}
 
 ROLE_ORDER = ("EOS", "end of turn", "BOS", "turn marker")
 
@@ -86,105 +86,6 @@ def relied_tokens(tokenizer) -> list[ReliedToken]:
             add(token_id, "BOS" if token_id == tokenizer.bos_token_id else "turn marker")
     tokens = [ReliedToken(tokenizer.convert_ids_to_tokens(i), i, tuple(sorted(r, key=ROLE_ORDER.index))) for i, r in roles.items()]
     return sorted(tokens, key=lambda t: (ROLE_ORDER.index(t.roles[0]), t.id))
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading embedding rows without loading the model
-
-
-@dataclass(frozen=True)
-class EmbeddingModules:
-    """Module paths of the input and output embeddings (PEFT's trainable_token_indices keys)."""
-
-    input: str
-    output: str | None
-    tied: bool
-    output_bias: bool = False  # PEFT 0.21 drops it when training output rows (huggingface/peft#3649)
-
-
-def embedding_modules(model_config, trust_remote_code: bool = False) -> EmbeddingModules:
-    from lora_ft.model.shapes import meta_model
-
-    model = meta_model(model_config, trust_remote_code)
-    names = {id(m): n for n, m in model.named_modules()}
-    head = model.get_output_embeddings()
-    tied = bool(getattr(model_config, "tie_word_embeddings", False))
-    bias = head is not None and getattr(head, "bias", None) is not None
-    return EmbeddingModules(names[id(model.get_input_embeddings())], names.get(id(head)) if head is not None else None, tied, bias)
-
-
-class RowReader:
-    """Rows of the base's embedding matrices, read one at a time from safetensors (memory-mapped) or GGUF
-    (dequantized row by row), so an 8B model costs a few MB."""
-
-    def __init__(self, source):
-        self.source = source
-        self._gguf = None
-        self._located: dict[str, tuple[Path, str]] | None = None
-
-    def rows(self, module: str, role: str, ids) -> torch.Tensor | None:
-        """(len(ids), hidden) float32, or None when the weights hold no such tensor."""
-        ids = [int(i) for i in ids]
-        if self.source.gguf_file is not None:
-            return self._gguf_rows(role, ids)
-        found = self._find(module)
-        if found is None:
-            return None
-        from safetensors import safe_open
-
-        path, key = found
-        with safe_open(str(path), framework="pt") as handle:
-            piece = handle.get_slice(key)
-            n = piece.get_shape()[0]
-            if ids == list(range(n)):
-                return piece[:].float()
-            return torch.cat([piece[i : i + 1] for i in ids]).float()
-
-    def n_rows(self, module: str, role: str) -> int | None:
-        if self.source.gguf_file is not None:
-            tensor = self._gguf_tensor(role)
-            return None if tensor is None else int(tensor.data.shape[0])
-        found = self._find(module)
-        if found is None:
-            return None
-        from safetensors import safe_open
-
-        with safe_open(str(found[0]), framework="pt") as handle:
-            return int(handle.get_slice(found[1]).get_shape()[0])
-
-    def _find(self, module: str) -> tuple[Path, str] | None:
-        from lora_ft.artifacts.shards import base_shards, shard_index
-
-        if self._located is None:
-            try:
-                located = shard_index(base_shards(Path(self.source.path)))
-            except Exception:  # no safetensors (a pickle-only base): nothing to read, the check says so
-                located = {}
-            self._located = {name: (path, name) for name, (path, _, _) in located.items()}
-        wanted = f"{module}.weight"
-        for name, found in self._located.items():
-            if name == wanted or name.endswith("." + wanted) or wanted.endswith("." + name):
-                return found
-        return None
-
-    def _gguf_tensor(self, role: str):
-        if self._gguf is None:
-            import gguf
-
-            reader = gguf.GGUFReader(str(Path(self.source.path) / self.source.gguf_file))
-            self._gguf = {t.name: t for t in reader.tensors}
-        return self._gguf.get(GGUF_NAMES[role])
-
-    def _gguf_rows(self, role: str, ids: list[int]) -> torch.Tensor | None:
-        import gguf
-        import numpy as np
-
-        tensor = self._gguf_tensor(role)
-        if tensor is None:
-            return None
-        # Quantization blocks run along a row, so rows dequantize independently.
-        rows = gguf.quants.dequantize(np.asarray(tensor.data[ids]), tensor.tensor_type)
-        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,8 +340,6 @@ class StopScore:
 
 def stop_score(model, encoded, stop_ids, *, pad_token_id: int, batch_size: int = 8, disable_adapter: bool = False) -> StopScore | None:
     """None when no answer ends with a stop token (truncated rows, or a format without one)."""
-    from contextlib import nullcontext
-
     stop = sorted(set(stop_ids))
     ends = [(item, last) for item in encoded if (last := _answer_end(item.labels, stop)) is not None]
     if not ends:
