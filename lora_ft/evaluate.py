@@ -1,7 +1,8 @@
 """Evaluation stage: does the adapter beat its base on the task, and what got worse?
 
 Reads a finished run folder (adapter, saved tokenizer/template, config.yaml) and data with reference
-answers; writes nothing unless asked (`--out DIR`: report.json, report.md, report.png, atomically).
+answers; writes nothing unless asked (`--out DIR`: report.json, report.md, report.png, atomically; rendered by
+eval_report.py).
 Base and adapter are measured in the same process on exactly the same tokens (the adapter is
 disabled for the base), so every delta is the adapter's doing.
 
@@ -18,22 +19,26 @@ disabled for the base), so every delta is the adapter's doing.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from rich.console import Console
+
+from lora_ft.config import DataSource, DataSpec
 from lora_ft.data.conversation import Example
 from lora_ft.data.pairs import pair_rows_for_eval
-from lora_ft.errors import EXIT_GATE, LoraftError
+from lora_ft.data.rows import detect_format, load_rows, map_fields, read_rows
+from lora_ft.errors import LoraftError
+from lora_ft.eval_report import TIE_NATS, EvalReport
 from lora_ft.metrics import DEFAULT_MAX_REGRESSION, GENERATION_METRICS, example_losses, loss_summary, score_generation
+from lora_ft.model.stop_tokens import stop_score
+from lora_ft.serving.inference import BASE, GenerationSettings, load_for_inference
 from lora_ft.training.preference import pair_score
 
 PREFERENCE_METRICS = ("preference_accuracy", "preference_margin")  # on preference pairs (training/preference.py)
 
 DEFAULT_REGRESSION = Path(__file__).parent / "resources" / "regression_default.jsonl"
-# A per-example loss change within this many nats/token is a tie: LoRA always moves the loss a little.
-TIE_NATS = 0.05
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,8 +59,6 @@ class EvalItem:
 def build_items(rows, spec, conversation, *, max_seq_length: int, regex: str | None = None) -> list[EvalItem]:
     """Rows -> items, rendered exactly as training renders them: the run's conversation (row rule, system prompt,
     template, masking) with the data settings' field mapping, format and train_on."""
-    from lora_ft.data.rows import detect_format, map_fields
-
     if not rows:
         return []
     fmt = detect_format(rows, spec)
@@ -83,7 +86,7 @@ def build_items(rows, spec, conversation, *, max_seq_length: int, regex: str | N
 
 
 # ---------------------------------------------------------------------------------------------
-# The report
+# The stage
 
 
 @dataclass(frozen=True)
@@ -98,186 +101,6 @@ class Gates:
         unknown = set(self.minimums) - set(known)
         if unknown:
             raise LoraftError(f"--min-*: unknown metric {', '.join(sorted(unknown))}; known: {', '.join(known)}")
-
-
-@dataclass(frozen=True)
-class EvalReport:
-    adapter: str
-    base: str
-    base_matches: bool | None
-    settings: dict  # includes base_weights: "full precision" or "4-bit nf4, as trained"
-    task: dict  # {"sources", "rows", "metrics": {name: {base, adapter, delta, n}}, "examples": [...]}
-    regression: dict | None  # {"sources", "rows", "mean_delta", "wins", "losses", "ties", "metrics", "worst", ...}
-    failures: list[str]
-    gates: dict
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.passed else EXIT_GATE
-
-    def summary(self) -> str:
-        weights = self.settings.get("base_weights", "full precision")
-        lines = [f"adapter {self.adapter}", f"base    {self.base} ({weights})" + ("  (fingerprint NOT matching: --force)" if self.base_matches is False else "")]
-        lines.append("")
-        lines.append(f"{'metric':<22}{'base':>10}{'adapter':>10}{'delta':>10}{'rows':>7}")
-        for name, row in self.task["metrics"].items():
-            lines.append(_table_line(name, row))
-        if self.regression:
-            r = self.regression
-            lines.append("")
-            lines.append(f"regression set ({r['rows']} rows: {', '.join(r['sources'])})")
-            for name, row in r["metrics"].items():
-                lines.append(_table_line(name, row))
-            lines.append(
-                f"per-example loss: adapter better on {r['wins']}, worse on {r['losses']}, tied on {r['ties']} "
-                f"(tie = within {TIE_NATS} nats/token); mean change {r['mean_delta']:+.4f} nats/token "
-                f"(gate: at most {self.gates['max_regression']:+.4f})"
-            )
-            for worst in r["worst"][:3]:
-                lines.append(
-                    f"  worse by {worst['delta']:+.3f}  {worst['where']}: {_short(worst['prompt'])!r}  "
-                    f"base {_short(worst.get('base_output', ''))!r}  adapter {_short(worst.get('adapter_output', ''))!r}"
-                )
-        lines.append("")
-        checked = self.gates_checked()
-        if self.failures:
-            lines += [f"GATE FAILED: {reason}" for reason in self.failures]
-            lines.append(f"gates checked: {'; '.join(checked)}")
-        elif checked:
-            lines.append(f"gates passed: {'; '.join(checked)}")
-        else:
-            lines.append("no gates ran: add --min-<metric> X (e.g. --min-exact-match 0.9) or a regression set")
-        return "\n".join(lines)
-
-    def gates_checked(self) -> list[str]:
-        """Each gate that ran, with the adapter's figure: what the exit code was decided on."""
-        checked = []
-        for name, minimum in self.gates["minimums"].items():
-            row = self.task["metrics"].get(name)
-            checked.append(f"{name} >= {minimum:g} (adapter {row['adapter']:.4f})" if row else f"{name} >= {minimum:g} (no rows)")
-        if self.regression and self.regression.get("deltas"):
-            checked.append(f"regression mean loss change <= {self.gates['max_regression']:+g} ({self.regression['mean_delta']:+.4f})")
-        return checked
-
-    def to_json(self) -> dict:
-        return {
-            "adapter": self.adapter,
-            "base": self.base,
-            "base_fingerprint_matches": self.base_matches,
-            "settings": self.settings,
-            "task": self.task,
-            "regression": self.regression,
-            "gates": {**self.gates, "passed": self.passed, "failures": self.failures, "exit_code": self.exit_code},
-        }
-
-    def write(self, out: str | Path) -> Path:
-        """report.json, report.md and report.png in a new folder `out`, all or nothing (a temp folder renamed into place)."""
-        from lora_ft.artifacts.run_dir import atomic_dir, require_new_out
-
-        out = require_new_out(out)
-        with atomic_dir(out) as tmp:
-            (tmp / "report.json").write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            (tmp / "report.md").write_text(self.markdown(), encoding="utf-8")
-            self.chart(tmp / "report.png")
-        return out
-
-    def markdown(self) -> str:
-        lines = [f"# loraft eval: `{Path(self.adapter).name}` vs its base", "", f"- adapter: `{self.adapter}`", f"- base: `{self.base}`"]
-        lines += [f"- task data: {', '.join(self.task['sources'])} ({self.task['rows']} rows)"]
-        lines += [f"- result: **{'passed' if self.passed else 'FAILED'}**" + "".join(f"\n  - {f}" for f in self.failures), ""]
-        lines += ["| metric | base | adapter | delta | rows |", "|---|---:|---:|---:|---:|"]
-        lines += [_md_line(name, row) for name, row in self.task["metrics"].items()]
-        if self.regression:
-            r = self.regression
-            lines += ["", f"## Regression set ({r['rows']} rows)", "", "| metric | base | adapter | delta | rows |", "|---|---:|---:|---:|---:|"]
-            lines += [_md_line(name, row) for name, row in r["metrics"].items()]
-            lines += [
-                "",
-                f"Per-example loss: adapter better on **{r['wins']}**, worse on **{r['losses']}**, tied on **{r['ties']}** "
-                f"(tie: within {TIE_NATS} nats/token). Mean change {r['mean_delta']:+.4f} nats/token; "
-                f"gate {self.gates['max_regression']:+.4f}.",
-                "",
-                "### Worst regressions",
-                "",
-                "| where | loss change | prompt | reference | base output | adapter output |",
-                "|---|---:|---|---|---|---|",
-            ]
-            lines += [
-                f"| {w['where']} | {w['delta']:+.3f} | {_cell(w['prompt'])} | {_cell(w['reference'])} | "
-                f"{_cell(w.get('base_output', ''))} | {_cell(w.get('adapter_output', ''))} |"
-                for w in r["worst"]
-            ]
-        examples = [e for e in self.task["examples"] if "base_output" in e][:10]
-        if examples:
-            lines += ["", "## Task examples", "", "| where | reference | base output | adapter output |", "|---|---|---|---|"]
-            lines += [f"| {e['where']} | {_cell(e['reference'])} | {_cell(e['base_output'])} | {_cell(e['adapter_output'])} |" for e in examples]
-        return "\n".join(lines) + "\n"
-
-    def chart(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rates = {k: v for k, v in self.task["metrics"].items() if k in GENERATION_METRICS}
-        if self.regression:
-            rates.update({f"regr. {k}": v for k, v in self.regression["metrics"].items() if k in GENERATION_METRICS})
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100, gridspec_kw={"width_ratios": [3, 2]})
-        names = list(rates)
-        xs = range(len(names))
-        axes[0].bar([x - 0.2 for x in xs], [rates[n]["base"] for n in names], 0.4, label="base", color="tab:gray")
-        axes[0].bar([x + 0.2 for x in xs], [rates[n]["adapter"] for n in names], 0.4, label="adapter", color="tab:blue")
-        axes[0].set_xticks(list(xs), names, rotation=30, ha="right")
-        axes[0].set_ylim(0, 1.05)
-        axes[0].set_title("generation metrics (higher is better)")
-        axes[0].legend()
-        deltas = [d for d in (self.regression or {}).get("deltas", [])]
-        if deltas:
-            axes[1].hist(deltas, bins=20, color="tab:red", alpha=0.8)
-            axes[1].axvline(0, color="black", linewidth=0.8)
-            axes[1].set_title("regression set: per-example loss change")
-            axes[1].set_xlabel("adapter - base (nats/token; > 0 is worse)")
-        else:
-            axes[1].axis("off")
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-
-
-def _table_line(name: str, row: dict) -> str:
-    def fmt(value, sign=""):
-        if value is None:
-            return f"{'-':>10}"
-        # a wrecked adapter's perplexity runs to 1e7+: keep the columns aligned
-        return f" {value:>{sign}9.3g}" if abs(value) >= 1e5 else f" {value:>{sign}9.4f}"
-
-    delta = fmt(row.get("delta"), "+")
-    return f"{name:<22}{fmt(row['base'])}{fmt(row['adapter'])}{delta}{row['n']:>7}"
-
-
-def _md_line(name: str, row: dict) -> str:
-    def fmt(value):
-        return "-" if value is None else f"{value:.4f}"
-
-    delta = "-" if row.get("delta") is None else f"{row['delta']:+.4f}"
-    return f"| {name} | {fmt(row['base'])} | {fmt(row['adapter'])} | {delta} | {row['n']} |"
-
-
-def _short(text: str, n: int = 50) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _cell(text) -> str:
-    return _short(text, 120).replace("|", "\\|")
-
-
-# ---------------------------------------------------------------------------------------------
-# The stage
 
 
 @dataclass(frozen=True)
@@ -308,8 +131,6 @@ def evaluate(
     A QLoRA run is scored on its base quantized as in training, so eval's figures are the train summary's;
     `full_precision_base` scores it on the full-precision base that merge, export and serve use instead.
     """
-    from lora_ft.serving.inference import load_for_inference
-
     if inference is None:
         _say(progress, f"loading the base and the adapter in {adapter} ...")
         inference = load_for_inference(adapter, base, force, as_trained=not full_precision_base)
@@ -334,8 +155,6 @@ def evaluate(
     regression_files = [DEFAULT_REGRESSION] if regression is None else list(regression)
     if regression_files:
         rows = _read_all(regression_files)
-        from lora_ft.config import DataSpec
-
         # General-capability prompts are asked as a user would, without the task's system prompt.
         spec = DataSpec(train={"path": str(regression_files[0])})
         reg_items = build_items(rows, spec, replace(conversation, system_prompt=None), max_seq_length=max_seq_length)
@@ -357,8 +176,6 @@ def evaluate(
 
 
 def _task_rows(run, data: Sequence[str | Path]):
-    from lora_ft.data.rows import load_rows, read_rows
-
     if data:
         return [str(p) for p in data], _read_all(data)
     cfg = run.config
@@ -374,9 +191,6 @@ def _task_rows(run, data: Sequence[str | Path]):
 
 
 def _read_all(paths) -> list:
-    from lora_ft.config import DataSource
-    from lora_ft.data.rows import read_rows
-
     rows = []
     for path in paths:
         if not Path(path).expanduser().is_file():
@@ -390,8 +204,6 @@ def _read_all(paths) -> list:
 
 def _data_spec(run, source: str):
     """The run's data settings (field mapping, system prompt, masking) for any eval file."""
-    from lora_ft.config import DataSpec
-
     if run.config is not None and run.config.data is not None:
         return run.config.data
     return DataSpec(train={"path": source})
@@ -399,8 +211,6 @@ def _data_spec(run, source: str):
 
 def _compare(inference, label: str, items: list[EvalItem], settings: EvalSettings, progress, what: str, worst: int = 0) -> dict:
     """Loss and generation metrics of base and adapter on the same items; per-example rows for the report."""
-    from lora_ft.serving.inference import BASE, GenerationSettings
-
     tokenizer = inference.tokenizer(label)
     scored = [i for i in items if i.encoded is not None]
     _say(progress, f"{what}: loss of base and adapter on {len(scored)} of {len(items)} rows ...")
@@ -455,8 +265,6 @@ def _compare(inference, label: str, items: list[EvalItem], settings: EvalSetting
 
 def _preference_metrics(inference, label: str, encoded, settings: EvalSettings) -> dict:
     """Held-out preference accuracy (length-normalised log p of chosen above rejected) and mean margin, base and adapter."""
-    from lora_ft.serving.inference import BASE
-
     scores = {}
     for who in (BASE, label):
         with inference.use(who):
@@ -475,8 +283,6 @@ def _say(progress, line: str) -> None:
     Nothing when stderr is piped or captured, where an error stays the one line it is."""
     if progress is False:
         return
-    from rich.console import Console
-
     console = progress if progress is not None else Console(stderr=True)
     if console.is_terminal:
         console.print(line, highlight=False)
@@ -484,9 +290,6 @@ def _say(progress, line: str) -> None:
 
 def _stop_metrics(inference, label: str, scored: list[EvalItem], settings: EvalSettings) -> dict:
     """How likely base and adapter are to stop where each reference answer ends (stop_tokens.stop_score)."""
-    from lora_ft.serving.inference import BASE
-    from lora_ft.model.stop_tokens import stop_score
-
     tokenizer = inference.tokenizer(label)
     found = {}
     for who in (BASE, label):
@@ -504,8 +307,6 @@ def _stop_metrics(inference, label: str, scored: list[EvalItem], settings: EvalS
 
 
 def _examples(items, scored, losses, generated, outputs, label) -> list[dict]:
-    from lora_ft.serving.inference import BASE
-
     by_where = {i.where: {"where": i.where, "prompt": i.prompt, "reference": i.reference} for i in items}
     for item, b, a in zip(scored, losses.get(BASE, []), losses.get(label, [])):
         entry = by_where[item.where]
