@@ -2,8 +2,8 @@
 computes exactly the trained update, then read back and verified.
 
 Reads the run folder (adapter, manifest, tokenizer) and the engine rule (serving/engines.py); writes --out:
-PEFT folders for vllm/sglang/transformers, a LoRA GGUF for llamacpp (+ a Modelfile for ollama), or the
-merged model. Normalisation: an integer lora_alpha where that is exact, else the scale folded into
+PEFT folders for vllm/sglang/transformers, a LoRA GGUF for llamacpp (serving/gguf_lora.py writes and reads it;
++ a Modelfile for ollama), or the merged model. Normalisation: an integer lora_alpha where that is exact, else the scale folded into
 lora_B; rsLoRA and per-module rank/alpha patterns folded for engines that ignore them; a base the target
 can resolve (a pkg:// base becomes its real file path); no checkpoints. Verification: the written files
 are re-read the way the engine reads them (its keys, names, layout and scaling formula), applied to the
@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from safetensors.torch import load_file, save_file
 
 from lora_ft import __version__
-from lora_ft.serving.engines import RULES, AdapterFeatures, EngineRule, check_target, gguf_arch, go_uint32, max_lora_rank, rule_for
+from lora_ft.serving.engines import AdapterFeatures, EngineRule, check_target, gguf_arch, go_uint32, max_lora_rank, rule_for
+from lora_ft.serving.gguf_lora import attention_heads, read_gguf, write_gguf
 from lora_ft.errors import LoraftError, VerificationError
 from lora_ft.artifacts.export_manifest import EXPORT_MANIFEST, EngineRuleRecord, ExportManifest, ExportVerification
 from lora_ft.artifacts.adapter import ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterConfig, ModuleFactors, read_state
@@ -32,6 +35,8 @@ from lora_ft.artifacts.adapter_run import AdapterRun
 from lora_ft.artifacts.run_dir import MANIFEST, STATE, atomic_dir, atomic_write_json, file_sha256, partial_dir, require_new_out
 from lora_ft.artifacts.locks import sweep_leftovers
 from lora_ft.data.conversation import Conversation
+from lora_ft.merge import merge
+from lora_ft.model.loading import load_base_model, load_model_config
 
 FP32_TOLERANCE = 1e-4  # as merge: fp32 arithmetic on both sides, only summation order differs
 ADAPTER_GGUF = "adapter.gguf"
@@ -86,8 +91,6 @@ def export(run_dir: str | Path, target: str, out: str | Path, *, console=None) -
     if rule.layout == "merged":
         return _export_merged(run, rule, out, spec, source, matches)
 
-    from lora_ft.model.loading import load_model_config
-
     model_config = load_model_config(spec, source)
     base_for_target = source.display if source.gguf_file or Path(os.path.expanduser(spec.name)).exists() or spec.name.startswith("pkg://") else spec.name
     conversions: list[str] = []
@@ -104,7 +107,7 @@ def export(run_dir: str | Path, target: str, out: str | Path, *, console=None) -
                 if source.gguf_file is None:
                     conversions.append("the base is not a GGUF file: convert it with llama.cpp's convert_hf_to_gguf.py; "
                                        "the adapter's tensors are named as that converter names the base's")
-                write_gguf(staging / ADAPTER_GGUF, modules, alpha, arch, _heads(model_config) if permute else None)
+                write_gguf(staging / ADAPTER_GGUF, modules, alpha, arch, attention_heads(model_config) if permute else None)
                 if rule.name == "ollama":
                     _write_modelfile(staging, base_for_target, run)
         views = read_target(rule, staging, model_config, source)
@@ -135,8 +138,6 @@ def export(run_dir: str | Path, target: str, out: str | Path, *, console=None) -
 
 
 def _stderr():
-    from rich.console import Console
-
     return Console(stderr=True, soft_wrap=True)
 
 
@@ -214,8 +215,6 @@ def normalise(rule: EngineRule, config: AdapterConfig, modules: list[ModuleFacto
 
 
 def _write_peft_folder(folder: Path, config: dict, normalised, base_for_target: str, run: AdapterRun) -> None:
-    from safetensors.torch import save_file
-
     config["base_model_name_or_path"] = base_for_target
     if normalised is None:
         shutil.copy2(run.path / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)
@@ -233,70 +232,6 @@ def _write_peft_folder(folder: Path, config: dict, normalised, base_for_target: 
     for name in TOKENIZER_FILES:  # the tokenizer and stop ids exactly as trained
         if (run.path / name).is_file():
             shutil.copy2(run.path / name, folder / name)
-
-
-def _heads(model_config) -> tuple[int, int]:
-    heads = model_config.num_attention_heads
-    return heads, getattr(model_config, "num_key_value_heads", None) or heads
-
-
-def gguf_names(modules: list[str], arch: str, n_layers: int) -> dict[str, str]:
-    """HF module name -> the base GGUF tensor name, through gguf-py's own tensor map (as convert_hf_to_gguf)."""
-    import gguf
-
-    arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
-    tmap = gguf.get_tensor_name_map(arch_id, n_layers)
-    names = {}
-    for module in modules:
-        name = tmap.get_name(module)
-        if name is None:
-            raise LoraftError(f"--to llamacpp: gguf has no {arch} tensor name for {module}; use --to merged")
-        names[module] = name + ".weight"
-    return names
-
-
-def permute_rows(B: torch.Tensor, n_head: int) -> torch.Tensor:
-    """convert_hf_to_gguf.py LlamaModel.permute on the output rows (B's rows; LoraTorchTensor leaves A alone)."""
-    return B.reshape(n_head, 2, B.shape[0] // n_head // 2, *B.shape[1:]).swapaxes(1, 2).reshape(B.shape)
-
-
-def unpermute_rows(B: torch.Tensor, n_head: int) -> torch.Tensor:
-    return B.reshape(n_head, B.shape[0] // n_head // 2, 2, *B.shape[1:]).swapaxes(1, 2).reshape(B.shape)
-
-
-def _qk_heads(module: str, heads: tuple[int, int] | None) -> int | None:
-    if heads is None:
-        return None
-    if module.endswith("q_proj"):
-        return heads[0]
-    if module.endswith("k_proj"):
-        return heads[1]
-    return None
-
-
-def write_gguf(path: Path, modules: list[ModuleFactors], alpha: float, arch: str, heads: tuple[int, int] | None) -> None:
-    """A LoRA GGUF as convert_lora_to_gguf.py writes one: general.type=adapter, adapter.type=lora,
-    adapter.lora.alpha (float32), tensors <base name>.lora_a (r, in) and .lora_b (out, r) in fp32,
-    Q/K rows of B permuted like the base's Q/K weights were."""
-    import gguf
-
-    n_layers = 1 + max((int(x) for m in modules for x in re.findall(r"\.layers\.(\d+)\.", m.module)), default=0)
-    names = gguf_names([m.module for m in modules], arch, n_layers)
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-    for m in sorted(modules, key=lambda m: names[m.module]):
-        B = m.B.float()
-        n = _qk_heads(m.module, heads)
-        if n is not None:
-            B = permute_rows(B, n)
-        writer.add_tensor(names[m.module] + ".lora_a", m.A.float().contiguous().numpy())
-        writer.add_tensor(names[m.module] + ".lora_b", B.contiguous().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def _write_modelfile(folder: Path, base_gguf: str, run: AdapterRun) -> None:
@@ -346,8 +281,6 @@ def read_target(rule: EngineRule, folder: Path, model_config, source) -> list[Mo
 def read_peft(rule: EngineRule, folder: Path) -> list[ModuleFactors]:
     """A PEFT folder as vLLM's PEFTHelper.from_dict / SGLang's LoRAConfig read it: only the keys they read,
     their refusals, their tensor-name rule and their scaling formula."""
-    from safetensors.torch import load_file
-
     text = (folder / "adapter_config.json").read_text(encoding="utf-8")
     raw = json.loads(text)
     kept = {k: raw[k] for k in rule.reads_keys if k in raw}
@@ -382,72 +315,6 @@ def read_peft(rule: EngineRule, folder: Path) -> list[ModuleFactors]:
     return modules
 
 
-def gguf_base_index(model_config, source) -> tuple[str, dict[str, str], dict[str, tuple[int, ...]], tuple[int, int] | None]:
-    """(architecture, GGUF name -> HF module, GGUF name -> ne shape, Q/K heads if permuted) of the base.
-
-    With a GGUF base the names and shapes are the file's own (what llama-adapter.cpp checks against);
-    otherwise those convert_hf_to_gguf.py would give it."""
-    from lora_ft.model.shapes import linear_module_names, meta_model
-
-    arch, permute = gguf_arch(model_config.model_type)
-    model = meta_model(model_config)
-    leaves = set(linear_module_names(model))
-    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in leaves]
-    to_gguf = gguf_names(linear, arch, model_config.num_hidden_layers)
-    shapes = {to_gguf[n]: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in linear}
-    if source.gguf_file is not None:
-        import gguf
-
-        reader = gguf.GGUFReader(str(source.path / source.gguf_file))
-        file_arch = reader.fields["general.architecture"].contents()
-        if file_arch != arch:
-            raise LoraftError(f"--to llamacpp: the base GGUF is {file_arch!r}, the adapter's architecture {arch!r}")
-        shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
-    return arch, {v: k for k, v in to_gguf.items()}, shapes, _heads(model_config) if permute else None
-
-
-def read_gguf(path: Path, model_config, source) -> list[ModuleFactors]:
-    """A LoRA GGUF as llama-adapter.cpp loads it and build_lora_mm applies it: type keys, architecture,
-    <base>.lora_a/.lora_b pairs whose base tensor exists with a.ne[0] == W.ne[0], b.ne[1] == W.ne[1],
-    a.ne[1] == b.ne[0]; scale alpha / b.ne[0]. Q/K rows are mapped back to HF's layout for the check."""
-    import gguf
-
-    arch, to_module, shapes, heads = gguf_base_index(model_config, source)
-    reader = gguf.GGUFReader(str(path))
-    fields = {k: reader.fields[k].contents() for k in ("general.type", "adapter.type", "adapter.lora.alpha", "general.architecture") if k in reader.fields}
-    if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
-        raise VerificationError(f"llamacpp: {path.name} lacks general.type=adapter / adapter.type=lora")
-    if fields.get("general.architecture") != arch:
-        raise VerificationError(f"llamacpp: model arch and LoRA arch mismatch ({fields.get('general.architecture')} vs {arch})")
-    alpha = float(fields.get("adapter.lora.alpha", 0.0))
-    pairs: dict[str, dict[str, object]] = {}
-    for t in reader.tensors:
-        base, _, suffix = t.name.rpartition(".")
-        if suffix not in ("lora_a", "lora_b"):
-            raise VerificationError(f"llamacpp: tensor {t.name} has an unexpected suffix")
-        pairs.setdefault(base, {})[suffix] = t
-    modules = []
-    for base, parts in sorted(pairs.items()):
-        if len(parts) != 2:
-            raise VerificationError(f"llamacpp: LoRA tensor pair for {base} is missing one component")
-        if base not in shapes or base not in to_module:
-            raise VerificationError(f"llamacpp: LoRA tensor {base} does not exist in base model")
-        a, b = parts["lora_a"], parts["lora_b"]
-        a_ne, b_ne, w_ne = [int(x) for x in a.shape], [int(x) for x in b.shape], shapes[base]
-        if w_ne[0] != a_ne[0] or w_ne[1] != b_ne[1]:
-            raise VerificationError(f"llamacpp: tensor {base} has incorrect shape")
-        if a_ne[1] != b_ne[0]:
-            raise VerificationError("llamacpp: lora_a tensor is not transposed")
-        A = torch.from_numpy(a.data.copy()).float().reshape(a_ne[1], a_ne[0])
-        B = torch.from_numpy(b.data.copy()).float().reshape(b_ne[1], b_ne[0])
-        module = to_module[base]
-        n = _qk_heads(module, heads)
-        if n is not None:
-            B = unpermute_rows(B, n)
-        modules.append(ModuleFactors(module, A, B, RULES["llamacpp"].scale(alpha, b_ne[0], b_ne[0], False)))
-    return modules
-
-
 # ---------------------------------------------------------------------------------------------
 # Verification: the engine's view of the written files against PEFT base+adapter
 
@@ -474,9 +341,8 @@ def logits_gap(run: AdapterRun, spec, source, modules: list[ModuleFactors] | Non
     """(max |engine view - PEFT base+adapter|, max |base - base+adapter|, prompts, tokens), all fp32.
 
     `modules` is what an engine adds to each layer (scale * B @ A x); with None, PEFT loads `peft_folder`."""
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: ~2 s and bitsandbytes' notes on stderr, which export's refusals need not pay
 
-    from lora_ft.model.loading import load_base_model
 
     tokenizer = run.tokenizer()
     prompts = [torch.tensor([ids]) for p in VERIFY_PROMPTS if (ids := tokenizer(p)["input_ids"])]
@@ -520,8 +386,6 @@ def _add_lora(model, m: ModuleFactors):
 
 
 def _export_merged(run: AdapterRun, rule: EngineRule, out: Path, spec, source, matches) -> ExportResult:
-    from lora_ft.merge import merge
-
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = partial_dir(out)
     try:

@@ -16,17 +16,8 @@ import torch
 
 from lora_ft import export as export_module
 from lora_ft.serving.engines import RULES, go_uint32
-from lora_ft.export import (
-    FP32_TOLERANCE,
-    export,
-    logits_gap,
-    permute_rows,
-    read_gguf,
-    read_peft,
-    trained_modules,
-    unpermute_rows,
-    write_gguf,
-)
+from lora_ft.export import FP32_TOLERANCE, export, logits_gap, read_peft, trained_modules
+from lora_ft.serving.gguf_lora import permute_rows, read_gguf, unpermute_rows, write_gguf
 from lora_ft.artifacts.adapter_run import AdapterRun
 
 REPO = Path(__file__).resolve().parents[1]
