@@ -3,8 +3,8 @@
 Reads run folders (adapter, tokenizer and chat template as trained, stop ids, base fingerprint); writes
 nothing. The engine (loading, batching across adapters, isolation) is `serving/batching.py`; this module is the
 HTTP side, on the stack `transformers serve` uses: FastAPI + uvicorn, with the `openai` package's own response
-types so that what we send is what OpenAI clients parse. `model` in a request names an adapter; the base's
-own name means no adapter. Pitfalls guarded here: every error is a JSON body in OpenAI's error shape and the
+types so that what we send is what OpenAI clients parse; what a request may say, and how a bad one is refused,
+is `serving/api_requests.py`. `model` in a request names an adapter; the base's own name means no adapter. Pitfalls guarded here: every error is a JSON body in OpenAI's error shape and the
 server keeps serving; the queue is bounded (503 when full); SIGTERM lets the requests in flight finish and
 exits 0 (uvicorn re-raises the signal it caught after its graceful shutdown, so our own handler absorbs it).
 """
@@ -15,23 +15,30 @@ import asyncio
 import json
 import logging
 import secrets
+import signal
 import socket
 import sys
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from lora_ft.errors import LoraftError
+from lora_ft.serving.api_requests import (
+    APIError, ChatRequest, CompletionRequest, GenerateRequest, LoadLoraRequest, UnloadLoraRequest, parse_body,
+)
 from lora_ft.artifacts.adapter_run import AdapterRun, check_adapter_name
-from lora_ft.serving.batching import Job, ModelPool, QueueFull, Sampling, Scheduler, ServedModel
+from lora_ft.serving.batching import Job, ModelPool, QueueFull, Scheduler, ServedModel
 
 LOG = logging.getLogger("loraft.serve")
 
@@ -76,10 +83,6 @@ def parse_adapters(values: Sequence[str]) -> dict[str, Path]:
 def serve(adapters: dict[str, Path], *, base: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           settings: ServeSettings = ServeSettings(), announce=print, force: bool = False) -> None:
     """Load everything, then serve until Ctrl-C or SIGTERM; the requests in flight finish first."""
-    import signal
-
-    import uvicorn
-
     _check_port_free(host, port)
     if sys.stderr.isatty():  # progress on a terminal only: piped, a refusal stays one line
         announce(f"loading {base or 'the base'} with {len(adapters)} adapter(s): {', '.join(adapters) or 'none'} ...")
@@ -99,8 +102,6 @@ def serve(adapters: dict[str, Path], *, base: str | None = None, host: str = "12
 
 
 def _uvicorn_config(app, host: str, port: int):
-    import uvicorn
-
     return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
 
 
@@ -118,8 +119,6 @@ class BackgroundServer:
 
     def __init__(self, pool: ModelPool, settings: ServeSettings = ServeSettings(), *, host: str = "127.0.0.1",
                  mix_adapters: bool = True):
-        import uvicorn
-
         self.scheduler = Scheduler(pool, max_batch_size=settings.max_batch_size, queue_size=settings.queue_size,
                                    mix_adapters=mix_adapters).start()
         self.server = uvicorn.Server(_uvicorn_config(build_app(pool, self.scheduler, settings), host, 0))
@@ -146,93 +145,11 @@ class BackgroundServer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Requests (what OpenAI's API accepts and we support; anything else is a 400 naming the field)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class _Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[_TextPart]
-    name: str | None = None
-
-    def as_dict(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
-
-class _StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _Generate(_Strict):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = Field(None, description="up to 4 strings; generation ends before the first one")
-    stream: bool = False
-    stream_options: _StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    user: str | None = None
-
-    def stop_strings(self) -> tuple[str, ...]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise _APIError(400, "stop: give at most 4 non-empty strings", param="stop")
-        return tuple(stops)
-
-    def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_p)
-
-
-class ChatRequest(_Generate):
-    messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class CompletionRequest(_Generate):
-    prompt: str | list[str]
-
-
-class LoadLoraRequest(_Strict):
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
-
-
-class UnloadLoraRequest(_Strict):
-    lora_name: str = Field(min_length=1)
-    lora_int_id: int | None = None  # vLLM's body may carry it; names are what we go by
-
-
-class _APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def response(self):
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-# ---------------------------------------------------------------------------------------------
 # The app
 
 
 def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
     """The FastAPI app: /v1/models, /v1/chat/completions, /v1/completions, and the runtime adapter routes."""
-    from contextlib import asynccontextmanager
-
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -240,8 +157,8 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
 
     app = FastAPI(title="loraft serve", lifespan=lifespan)
 
-    @app.exception_handler(_APIError)
-    async def api_error(request, exc: _APIError):
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
         return exc.response()
 
     @app.exception_handler(_ClientGone)
@@ -250,20 +167,20 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
-        return _APIError(exc.status_code, str(exc.detail)).response()
+        return APIError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):
         trace = uuid.uuid4().hex[:16]  # our bug: the client gets the id, the log gets the traceback
         LOG.error("internal error %s on %s %s", trace, request.method, request.url.path, exc_info=exc)
-        return _APIError(500, f"internal error (trace id {trace}); the server log has the details", code="internal_error").response()
+        return APIError(500, f"internal error (trace id {trace}); the server log has the details", code="internal_error").response()
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), settings.api_key.encode()):
-            raise _APIError(401, "invalid or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
+            raise APIError(401, "invalid or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
 
     guarded = [Depends(authorize)]
 
@@ -280,7 +197,7 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
         body = await _parse(request, ChatRequest, settings)
         served = _served(pool, body.model)
         if not served.has_template:
-            raise _APIError(400, f"model {served.name!r} has no chat template; use /v1/completions", param="model")
+            raise APIError(400, f"model {served.name!r} has no chat template; use /v1/completions", param="model")
         messages = [m.as_dict() for m in body.messages]
         _cannot_fit(pool, served, sum(len(m["content"]) for m in messages), "messages")
         prompt = await _tokenize(served.render_chat, messages)
@@ -297,9 +214,9 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
         served = _served(pool, body.model)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
-            raise _APIError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+            raise APIError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
         if body.stream and len(texts) > 1:
-            raise _APIError(400, "prompt: streaming takes one prompt per request", param="prompt")
+            raise APIError(400, "prompt: streaming takes one prompt per request", param="prompt")
         _cannot_fit(pool, served, max(len(text) for text in texts), "prompt")
         prompts = [await _tokenize(served.render_text, text) for text in texts]
         limits = [_max_new_tokens(pool, settings, body.max_tokens, len(ids)) for ids in prompts]
@@ -307,7 +224,7 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
         try:
             for ids, limit in zip(prompts, limits):
                 submitted.append(_submit(scheduler, served, ids, limit, body))
-        except _APIError:
+        except APIError:
             for job, _ in submitted:
                 job.cancelled = True
             raise
@@ -328,7 +245,7 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
             run = await asyncio.to_thread(AdapterRun.load, body.lora_path)
             await asyncio.wrap_future(scheduler.call(lambda: (pool.check(body.lora_name, run), pool.attach(body.lora_name, run))))
         except LoraftError as exc:
-            raise _APIError(400, str(exc).replace("--adapter: ", "lora_path: "), param="lora_path") from None
+            raise APIError(400, str(exc).replace("--adapter: ", "lora_path: "), param="lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", dependencies=guarded)
@@ -336,7 +253,7 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
         _runtime_lora_enabled(settings)
         body = await _parse(request, UnloadLoraRequest, settings)
         if pool.adapters.pop(body.lora_name, None) is None:  # new requests for it get 404 from now on
-            raise _APIError(404, f"the LoRA adapter {body.lora_name!r} is not loaded", param="lora_name", code="model_not_found")
+            raise APIError(404, f"the LoRA adapter {body.lora_name!r} is not loaded", param="lora_name", code="model_not_found")
         await asyncio.wrap_future(scheduler.call(lambda: pool.detach(body.lora_name)))  # after the requests queued for it
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
@@ -345,67 +262,11 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
 
 def _runtime_lora_enabled(settings: ServeSettings) -> None:
     if not settings.allow_runtime_lora:
-        raise _APIError(404, "loading and unloading adapters at run time is off; start loraft serve with --allow-runtime-lora")
+        raise APIError(404, "loading and unloading adapters at run time is off; start loraft serve with --allow-runtime-lora")
 
 
 async def _parse(request, schema: type[BaseModel], settings: ServeSettings):
-    """The body as `schema`, its cost bounded before any work: size (413), nesting depth, text that is not UTF-8."""
-    raw = await _body(request, settings.max_body_bytes)
-    depth = _json_depth(raw)
-    if depth > settings.max_json_depth:
-        raise _APIError(400, f"the body nests JSON {depth} levels deep; at most {settings.max_json_depth} are accepted")
-    try:
-        data = json.loads(raw or b"null")
-        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\\ud800) is not text
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _APIError(400, f"the body is not valid JSON: {exc}") from None
-    except UnicodeEncodeError:
-        raise _APIError(400, "the body holds a lone UTF-16 surrogate (e.g. \\ud800), which is not text; send valid Unicode") from None
-    if not isinstance(data, dict):
-        raise _APIError(400, "the body must be a JSON object")
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        message = "unknown or unsupported field" if first["type"] == "extra_forbidden" else first["msg"]
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise _APIError(400, f"{where}: {message}{more}", param=where) from None
-
-
-async def _body(request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _APIError(413, f"the body is {int(declared)} bytes; this server accepts at most {limit}", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _APIError(413, f"the body is over {limit} bytes; this server accepts at most {limit}", code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _json_depth(raw: bytes) -> int:
-    """The deepest nesting of [ and { in a JSON text (outside strings), read without parsing it."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
+    return await parse_body(request, schema, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
 
 
 _LONGEST_TOKEN: dict[int, int] = {}
@@ -420,7 +281,7 @@ def _cannot_fit(pool: ModelPool, served: ServedModel, chars: int, param: str) ->
         _LONGEST_TOKEN[key] = max(map(len, served.tokenizer.get_vocab()), default=1)
     least = chars // _LONGEST_TOKEN[key]
     if least > pool.context_length:
-        raise _APIError(
+        raise APIError(
             400, f"this model's maximum context length is {pool.context_length} tokens; the prompt's {chars} characters "
             f"need at least {least}: shorten the prompt", param=param, code="context_length_exceeded",
         )
@@ -429,35 +290,33 @@ def _cannot_fit(pool: ModelPool, served: ServedModel, chars: int, param: str) ->
 async def _tokenize(render, value) -> list[int]:
     """Prompt ids, built on a worker thread (a long prompt never stalls the event loop); a conversation the chat
     template refuses is the client's mistake (400)."""
-    from jinja2 import TemplateError
-
     try:
         return await asyncio.to_thread(render, value)
     except TemplateError as exc:
-        raise _APIError(400, f"messages: the chat template refuses this conversation: {exc}", param="messages") from None
+        raise APIError(400, f"messages: the chat template refuses this conversation: {exc}", param="messages") from None
     except LoraftError as exc:  # the conversation format's own refusal (e.g. the template raised)
-        raise _APIError(400, str(exc), param="messages") from None
+        raise APIError(400, str(exc), param="messages") from None
     except UnicodeError as exc:
-        raise _APIError(400, f"the text cannot be encoded: {exc}") from None
+        raise APIError(400, f"the text cannot be encoded: {exc}") from None
 
 
 def _served(pool: ModelPool, name: str) -> ServedModel:
     served = pool.get(name)
     if served is None:
-        raise _APIError(404, f"the model {name!r} does not exist; this server has {', '.join(pool.names)}", param="model",
+        raise APIError(404, f"the model {name!r} does not exist; this server has {', '.join(pool.names)}", param="model",
                         code="model_not_found")
     return served
 
 
 def _max_new_tokens(pool: ModelPool, settings: ServeSettings, asked: int | None, prompt_tokens: int) -> int:
     if prompt_tokens == 0:
-        raise _APIError(400, "the prompt is empty", param="prompt")
+        raise APIError(400, "the prompt is empty", param="prompt")
     if asked is not None and asked > settings.max_tokens:
-        raise _APIError(400, f"max_tokens: {asked} is more than this server allows ({settings.max_tokens}, --max-tokens)",
+        raise APIError(400, f"max_tokens: {asked} is more than this server allows ({settings.max_tokens}, --max-tokens)",
                         param="max_tokens")
     limit = min(settings.max_tokens, max(pool.context_length - prompt_tokens, 1)) if asked is None else asked
     if prompt_tokens + limit > pool.context_length:
-        raise _APIError(
+        raise APIError(
             400, f"this model's maximum context length is {pool.context_length} tokens; the request needs {prompt_tokens + limit} "
             f"({prompt_tokens} in the prompt, {limit} to generate): shorten the prompt or lower max_tokens",
             param="max_tokens", code="context_length_exceeded",
@@ -476,18 +335,18 @@ class _Channel:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
 
 
-def _submit(scheduler: Scheduler, served: ServedModel, prompt: list[int], limit: int, body: _Generate):
+def _submit(scheduler: Scheduler, served: ServedModel, prompt: list[int], limit: int, body: GenerateRequest):
     channel = _Channel()
     job = Job(served, prompt, limit, body.sampling(), body.stop_strings(), channel, stream=body.stream)
     try:
         scheduler.submit(job)
     except QueueFull as exc:
-        raise _APIError(503, str(exc), code="queue_full") from None
+        raise APIError(503, str(exc), code="queue_full") from None
     return job, channel
 
 
 async def _events(job: Job, channel: _Channel):
-    """Yield the job's text deltas; end when it is done; a failed generation raises _APIError(500)."""
+    """Yield the job's text deltas; end when it is done; a failed generation raises APIError(500)."""
     try:
         while True:
             kind, value = await channel.queue.get()
@@ -496,7 +355,7 @@ async def _events(job: Job, channel: _Channel):
             elif kind == "done":
                 return
             else:
-                raise _APIError(500, str(value))
+                raise APIError(500, str(value))
     finally:
         if job.finish_reason is None:
             job.cancelled = True  # the client went away: stop generating for it
@@ -568,7 +427,7 @@ def _sse(payload: BaseModel | dict) -> str:
     return f"data: {data}\n\n"
 
 
-async def _stream(job: Job, channel: _Channel, body: _Generate, chunk):
+async def _stream(job: Job, channel: _Channel, body: GenerateRequest, chunk):
     """Server-sent events: chunk(delta, finish_reason) for each piece, the usage chunk if asked, then [DONE]."""
     try:
         async for delta in _events(job, channel):
@@ -576,7 +435,7 @@ async def _stream(job: Job, channel: _Channel, body: _Generate, chunk):
         yield _sse(chunk(None, job.finish_reason))
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _sse(chunk(None, None, usage=_usage([job])))
-    except _APIError as exc:  # the status line is already sent: the error travels as an event
+    except APIError as exc:  # the status line is already sent: the error travels as an event
         yield _sse({"error": {"message": exc.message, "type": "server_error", "param": None, "code": None}})
     yield "data: [DONE]\n\n"
 
