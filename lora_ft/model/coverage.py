@@ -17,12 +17,16 @@ parameter, with its expert count and layout (merge and inspect need it).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from lora_ft.config import ATTENTION_MODULES, MLP_MODULES, LoraSpec
-from lora_ft.errors import ConfigError, ModelError
+from lora_ft.errors import ConfigError, ModelError, VerificationError
+from lora_ft.model.shapes import meta_model, resolve_target_modules
 
 ATTENTION, DENSE_MLP, ROUTED, SHARED, ROUTER, EMBEDDINGS, OTHER = (
     "attention", "dense MLP", "routed experts", "shared experts", "router", "embeddings", "other",
@@ -119,8 +123,6 @@ def target_plan(lora: LoraSpec, model, linear: list[str]) -> TargetPlan:
     """PEFT's targets for this model. Dense models: as before (all-linear goes to PEFT as is). MoE models:
     explicit leaf names, so PEFT's transformers-4 rewrite of all-linear (which adapts the router, and only
     for some families the experts) never decides; the experts by `target_experts`, the router by `target_router`."""
-    from lora_ft.model.shapes import resolve_target_modules
-
     experts = expert_parameter_names(model)
     router_linear, router_params = router_targets(model)
     if not experts and not router_linear and not router_params:
@@ -243,8 +245,6 @@ class Coverage:
 def coverage(peft_model, plan: TargetPlan | None = None) -> Coverage:
     """Per block type: weight-matrix parameters, those the adapter changes, and trainable parameters, measured
     on the wrapped model itself (what PEFT did, not what was asked)."""
-    from peft.tuners.lora import LoraLayer
-
     base = peft_model.get_base_model()
     reached = set()
     wrapped = parameter_wrappers(peft_model)
@@ -275,8 +275,6 @@ def coverage(peft_model, plan: TargetPlan | None = None) -> Coverage:
 
 def check_same_coverage(peft_model, planned: Coverage) -> None:
     """The model with its weights must be wrapped exactly as the meta model validate reported."""
-    from lora_ft.errors import VerificationError
-
     actual = coverage(peft_model, None)  # by name: a 4-bit weight is packed, so its parameter count differs
     if actual.adapted != planned.adapted:
         raise VerificationError(
@@ -348,12 +346,6 @@ def parameter_wrappers(peft_model) -> dict[str, WrappedParameter]:
 
 def wrappers_for_adapter(model_config, adapter_config: dict, trust_remote_code: bool = False) -> dict[str, WrappedParameter]:
     """The ParamWrapper layout of a saved adapter, rebuilt on the base's meta model (no weights)."""
-    import warnings
-
-    from peft import LoraConfig, get_peft_model
-
-    from lora_ft.model.shapes import meta_model
-
     if not adapter_config.get("target_parameters"):
         return {}
     keys = set(LoraConfig.__dataclass_fields__)

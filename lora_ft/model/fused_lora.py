@@ -25,6 +25,7 @@ import os
 import types
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 
@@ -62,7 +63,7 @@ def _set_rng_state(device: torch.device, state) -> None:
 @functools.cache
 def _kernels():
     try:
-        from lora_ft.model import lora_kernels
+        from lora_ft.model import lora_kernels  # lazy: it imports triton, an optional package (none on CPU-only installs)
     except ImportError:  # no Triton (CPU-only installs)
         return None
     return lora_kernels
@@ -237,8 +238,6 @@ def _base_kind(base: nn.Module) -> str | None:
 def fuse_lora_layers(model: nn.Module, *, triton: bool = True) -> int:
     """Route every plain LoRA projection of `model` through the fused path; returns how many were fused.
     `triton`: use the Triton dropout kernels where they apply (CUDA, 16-bit, dropout on); else torch ops."""
-    from peft.tuners.lora import LoraLayer
-
     fused = 0
     for module in model.modules():
         if not isinstance(module, LoraLayer) or hasattr(module, "_loraft_peft_forward"):

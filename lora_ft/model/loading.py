@@ -10,16 +10,25 @@ against the model's real linear layers before anything heavy loads.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers.modeling_gguf_pytorch_utils as gguf_utils
+from huggingface_hub import snapshot_download
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import logging as hf_logging
 
 from lora_ft.config import LoraSpec, ModelSpec, QuantizationSpec
 from lora_ft.errors import ConfigError, ModelError
+from lora_ft.model.coverage import check_expert_options, check_plan_applied, coverage, target_plan
 from lora_ft.model.shapes import first_line as _first_line, linear_module_names, meta_model
+from lora_ft.model.stop_tokens import expose_output_bias
 
 TEMPLATES_DIR = Path(__file__).parents[1] / "templates"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -83,8 +92,6 @@ def check_weight_format(spec: ModelSpec, source: ModelSource) -> None:
 
 
 def package_file(name: str) -> Path:
-    import importlib.util
-
     package, _, relative = name[len(PACKAGE_SCHEME) :].partition("/")
     found = importlib.util.find_spec(package) if package.isidentifier() else None
     if found is None or not found.submodule_search_locations:
@@ -94,8 +101,6 @@ def package_file(name: str) -> Path:
 
 
 def _download(spec: ModelSpec) -> Path:
-    from huggingface_hub import snapshot_download
-
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
     if spec.allow_pickle_weights:
         patterns.append("*.bin")
@@ -114,8 +119,6 @@ def _download(spec: ModelSpec) -> Path:
 
 
 def load_tokenizer(spec: ModelSpec, source: ModelSource):
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             str(source.path), trust_remote_code=spec.trust_remote_code, **source.load_kwargs
@@ -181,8 +184,6 @@ def read_chat_template(value: str) -> str:
 
 
 def load_model_config(spec: ModelSpec, source: ModelSource):
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(
             str(source.path), trust_remote_code=spec.trust_remote_code, **source.load_kwargs
@@ -194,8 +195,6 @@ def load_model_config(spec: ModelSpec, source: ModelSource):
 def build_lora_config(lora: LoraSpec, target_modules, target_parameters=None, train_tokens: dict[str, list[int]] | None = None):
     """`train_tokens`: embedding module path -> token ids whose rows train too (stop_tokens.plan_token_training);
     PEFT ties an output layer that shares the input embedding's weight to the same rows."""
-    from peft import LoraConfig
-
     init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[lora.init]
     return LoraConfig(
         r=lora.rank,
@@ -227,8 +226,6 @@ def count_lora_params(model_config, lora: LoraSpec, trust_remote_code: bool = Fa
     """Trainable/total parameters of the LoRA-wrapped model, its linear layer names and what the targets
     reach by block type (coverage.Coverage), computed on the meta device. Options PEFT cannot combine
     with expert parameters are a ConfigError here, before any weight loads."""
-    from lora_ft.model.coverage import coverage
-
     model = meta_model(model_config, trust_remote_code)
     available = linear_module_names(model)
     peft_model, plan = _wrap(model, lora, available, initialise=False, train_tokens=train_tokens)
@@ -240,12 +237,6 @@ def count_lora_params(model_config, lora: LoraSpec, trust_remote_code: bool = Fa
 def _wrap(model, lora: LoraSpec, available: list[str], *, initialise: bool = True, train_tokens=None):
     """get_peft_model with loraft's targets (coverage.target_plan), checked before and after PEFT sees them.
     `initialise=False` (the meta model, for counting): plain init, since PiSSA/OLoRA decompose real weights."""
-    import warnings
-
-    from peft import get_peft_model
-
-    from lora_ft.model.coverage import check_expert_options, check_plan_applied, target_plan
-
     plan = target_plan(lora, model, available)
     check_expert_options(lora, plan)
     with warnings.catch_warnings():
@@ -290,8 +281,6 @@ def check_device_support(spec: ModelSpec, precision: str) -> None:
 
 
 def bnb_config(q: QuantizationSpec):
-    from transformers import BitsAndBytesConfig
-
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -304,8 +293,6 @@ def bnb_config(q: QuantizationSpec):
 
 
 def load_base_model(spec: ModelSpec, source: ModelSource, precision: str, *, device_map=None):
-    from transformers import AutoModelForCausalLM
-
     kwargs: dict = {
         "dtype": resolve_dtype(spec, precision),
         "trust_remote_code": spec.trust_remote_code,
@@ -335,9 +322,6 @@ def quiet_weight_loading():
     """Hide transformers' bars while the base loads ("Loading weights", and a GGUF's "Converting and
     de-quantizing GGUF tensors...", a plain tqdm its logging settings do not reach): the commands show their own
     "loading" line or status instead, and nothing lands on the chat screen."""
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    from transformers.utils import logging as hf_logging
-
     original = getattr(gguf_utils, "tqdm", None)
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -372,8 +356,6 @@ def attach_lora(model, lora: LoraSpec, train_tokens: dict[str, list[int]] | None
         param.requires_grad_(False)
     peft_model = _wrap(model, lora, linear_module_names(model), train_tokens=train_tokens)[0]
     if train_tokens:
-        from lora_ft.model.stop_tokens import expose_output_bias
-
         expose_output_bias(peft_model)
     return peft_model
 

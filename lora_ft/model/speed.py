@@ -11,10 +11,17 @@ allows and recompute only the rest.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
+
 from lora_ft.config import RunConfig
+from lora_ft.errors import ConfigError
+from lora_ft.model.fused_lora import fuse_lora_layers, triton_available
 from lora_ft.model.memory import (  # noqa: F401  (activation_gib_per_layer re-exported)
     QUANTIZED_UNFUSED_ACTIVATION_SCALE, activation_gib_per_layer, fewest_layers_to_checkpoint, logits_gib,
 )
@@ -77,29 +84,19 @@ def batching(cfg: RunConfig) -> str:
 
 
 def liger_available() -> bool:
-    import importlib.util
-
-    import torch
-
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
 def check_speed_choices(cfg: RunConfig) -> None:
     """Speed settings this machine cannot honour, found before any weights load."""
-    import torch
-
     t = cfg.training
     if t.liger is True and not liger_available():
-        from lora_ft.errors import ConfigError
-
         raise ConfigError("training.liger: true needs CUDA and the liger-kernel package; pip install liger-kernel or set liger: auto")
     if t.fused_lora:
         _lora_kernels(t.lora_kernels, torch.cuda.is_available())
 
 
 def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None, trainable: int = 0, precision: str = "bf16") -> SpeedPlan:
-    import torch
-
     t = cfg.training
     cuda = torch.cuda.is_available()
     check_speed_choices(cfg)
@@ -124,12 +121,8 @@ def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None
 
 
 def _lora_kernels(choice: str, cuda: bool) -> str:
-    from lora_ft.model.fused_lora import triton_available
-
     available = cuda and triton_available()
     if choice == "triton" and not available:
-        from lora_ft.errors import ConfigError
-
         raise ConfigError("training.lora_kernels: triton needs CUDA and the triton package; set lora_kernels: auto")
     return "triton" if choice != "torch" and available else "torch"
 
@@ -153,7 +146,6 @@ def check_fits(cfg: RunConfig, model_config, weights_gib: float, trainable: int,
     need = fixed + t.batch_size * t.max_seq_length * per_token
     if need <= gpu_gib:
         return
-    from lora_ft.errors import ConfigError
 
     longest = max(0, int((gpu_gib - fixed) / per_token / t.batch_size)) // 1024 * 1024
     raise ConfigError(
@@ -167,8 +159,6 @@ def check_fits(cfg: RunConfig, model_config, weights_gib: float, trainable: int,
 def _layers_to_checkpoint(cfg: RunConfig, model_config, layers: int, weights_gib, trainable: int, logits_gib: float = 0.0) -> int:
     """Fewest checkpointed layers whose activations fit the budget (checkpoint the first ones), by the one
     memory model (model/memory.py) that validate and train print."""
-    import torch
-
     t = cfg.training
     budget = t.memory_budget_gib or 0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30
     if weights_gib is None:
@@ -180,8 +170,6 @@ def _layers_to_checkpoint(cfg: RunConfig, model_config, layers: int, weights_gib
 def apply_speed_plan(model, plan: SpeedPlan) -> None:
     """Fuse the LoRA projections (if planned) and set per-layer checkpointing on a PEFT-wrapped model."""
     if plan.fused_lora:
-        from lora_ft.model.fused_lora import fuse_lora_layers
-
         fuse_lora_layers(model, triton=plan.lora_kernels == "triton")
     apply_checkpointing(model, plan.checkpoint_layers)
 
@@ -195,7 +183,6 @@ def apply_checkpointing(model, layers_to_checkpoint: int) -> None:
     model.config.use_cache = False
     if layers_to_checkpoint <= 0:
         return
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -211,7 +198,6 @@ def liger_patches_scoped(model_config, active: bool):
     if not active:
         yield
         return
-    import importlib
 
     model_type = getattr(model_config, "model_type", "")
     try:
@@ -233,8 +219,6 @@ def one_torch_thread():
     """Run many small CPU ops on one thread. Merge's shard pass and inspect's hundreds of r x r SVDs are bound
     by memory, not arithmetic; on a shared 2-core machine torch's OpenMP threads spun 20-50x slower than one
     (measured: merge shard pass 17.6 s -> 1.9 s; quickstart spectra 42 s -> 0.5 s)."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -270,8 +254,6 @@ class SyncFreeSteps:
                                  optimizer=self.optimizer)
         if not self.args.logging_nan_inf_filter:
             # The Trainer's filter, on the device: a non-finite loss counts as the running mean of the window.
-            import torch
-
             window = 1 + self.state.global_step - self._globalstep_last_logged
             loss = torch.where(torch.isfinite(loss), loss, (self._tr_loss / window).to(loss.dtype))
         return loss
@@ -279,7 +261,6 @@ class SyncFreeSteps:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self._plain_loss(model, return_outputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        import torch
 
         # TRL 1.16's SFTTrainer.compute_loss for its default case (fused LM head, nll loss), metrics kept on the device.
         inputs["use_cache"] = False
@@ -308,8 +289,6 @@ class SyncFreeSteps:
 
     def _track_num_input_tokens(self, inputs):
         """The Trainer's count of input tokens, summed on the device (it read each step's with `.item()`)."""
-        import torch
-
         mode = self.args.include_num_input_tokens_seen
         name = getattr(self.model, "main_input_name", "input_ids")
         if mode == "no" or name not in inputs:
@@ -337,8 +316,6 @@ class SyncFreeSteps:
 
     def read_device_metrics(self) -> None:
         """Bring the device-side counters to the host (one sync each) and let the guard judge its steps."""
-        import torch
-
         guard = getattr(self, "guard", None)
         if guard is not None:
             guard.flush()

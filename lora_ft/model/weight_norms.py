@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors import safe_open
 
 from lora_ft.errors import LoraftError
+from lora_ft.model.loading import load_base_model
 
 
 def base_weight_norms(run, shapes: Mapping[str, tuple[int, int]], base: str | None = None) -> tuple[dict[str, float], str]:
@@ -40,15 +43,12 @@ def uncached_hub_id(name: str) -> bool:
     """A Hub id we would have to download (gigabytes) just for its norms: not worth it for inspect."""
     if name.startswith(("pkg://", ".", "/", "~")) or os.path.exists(os.path.expanduser(name)) or name.endswith(".gguf"):
         return False
-    from huggingface_hub import try_to_load_from_cache
 
     return not isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
 def _safetensors_weights(model_dir: Path):
     """Yield (name, tensor) for every 2-D tensor, one shard open at a time."""
-    from safetensors import safe_open
-
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise LoraftError(f"{model_dir}: no .safetensors weights")
@@ -61,8 +61,6 @@ def _safetensors_weights(model_dir: Path):
 
 def _gguf_weights(spec, source):
     """A .gguf base has no safetensors to read: transformers dequantizes it into a model, once."""
-    from lora_ft.model.loading import load_base_model
-
     model = load_base_model(spec, source, "fp32")
     for key, tensor in model.state_dict().items():
         if tensor.dim() == 2:
