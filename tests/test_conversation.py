@@ -9,7 +9,8 @@ import pytest
 
 from conftest import build_tokenizer, copy_rows, write_jsonl
 from lora_ft.config_io import validate_dict
-from lora_ft.data.conversation import FILE, Conversation, Example, encode, stop_ids_for
+from lora_ft.data.conversation import FILE, Conversation, stop_ids_for
+from lora_ft.data.encoding import Example, encode
 from lora_ft.errors import LoraftError
 
 SYSTEM = "Answer with one word."

@@ -10,14 +10,11 @@ litgpt's prompt style) so that every later command prompts the adapter exactly a
   later goes in front of every conversation that has no system message of its own.
 - messages -> ids: for training, with the character spans of the assistant turns as the loss (`encode`); for
   generation, up to the assistant's turn (`prompt_ids`); for a preference pair, a prompt and one answer
-  (`encode_answer`). One BOS rule for text without a template: BOS in front when the tokenizer puts one there.
+  (`encode_answer`). The rendering, the loss spans and the BOS rule (BOS in front of text without a template
+  when the tokenizer puts one there) are data/encoding.py's; the run's choices above feed it.
 - the end-of-turn token (the special token the template writes after an assistant message) and the stop ids
   (EOS, that token, the known end-of-turn tokens of common templates present in the vocabulary, and the base's
   own EOS ids): training measures "does the adapter stop" on them, and eval, generate, chat and serve stop on them.
-
-Loss masks are computed here, not by TRL: we render the conversation and find each assistant turn by the
-character span it adds to the rendered text, then label the tokens inside those spans (offset mapping). That
-works for any template, with or without `{% generation %}` markers.
 """
 
 from __future__ import annotations
@@ -28,11 +25,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lora_ft.config_io import redact
+from lora_ft.data.encoding import Encoded, Example, encode, leading_bos, render_chat, render_with_spans
 from lora_ft.errors import DataError, LoraftError
 
 FILE = "conversation.json"
 VERSION = 1
-IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
 FORMAT_FIELDS = {
     "chat": ("messages",),
@@ -45,35 +42,6 @@ PROMPT_FORMATS = ("alpaca", "prompt_completion", "pairs", "kto")
 # End-of-turn tokens of common chat templates; each one present in the vocabulary is a stop id.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>", "<|end|>", "<|eom_id|>")
 PROBE = "\u2063loraft-probe\u2063"  # invisible separators: no template rewrites them
-
-
-@dataclass(frozen=True)
-class Example:
-    """A row in canonical form: either a conversation (with the row's tool definitions, if any), or a plain text.
-
-    Without a chat template a prompt row is the two messages {role: prompt} and {role: completion}."""
-
-    messages: tuple[dict, ...] | None
-    text: str | None
-    where: str
-    tools: tuple[dict, ...] | None = None  # passed to apply_chat_template(tools=...)
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-    where: str
-    full_length: int  # tokens before truncation
-    trained_before_truncation: int
-
-    @property
-    def truncated(self) -> bool:
-        return self.full_length > len(self.input_ids)
-
-    @property
-    def trained_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +75,7 @@ class Conversation:
             system_prompt=system_prompt if chat and fmt in PROMPT_FORMATS else None,
             end_of_turn=end_of_turn_token(tokenizer),
             stop_ids=stop_ids,
-            bos=_bos(tokenizer),
+            bos=leading_bos(tokenizer),
             stop_tokens=_names(tokenizer, stop_ids),
             tokenizer=tokenizer,
         )
@@ -274,7 +242,7 @@ class Conversation:
             return self.text_ids(messages[0]["content"])
         if not self.chat:
             raise LoraftError("chat messages need a chat template, and this tokenizer has none; send a plain prompt")
-        text = _render(self.tokenizer, messages, add_generation_prompt=True, where="messages", what="conversation")
+        text = render_chat(self.tokenizer, messages, add_generation_prompt=True, where="messages", what="conversation")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def text_ids(self, text: str) -> list[int]:
@@ -347,14 +315,6 @@ def _names(tokenizer, ids: Sequence[int]) -> tuple[str, ...]:
 def _generation_eos(model) -> Any:
     """A loaded model's own generation EOS ids (an id, a list, or None)."""
     return getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-
-
-def _bos(tokenizer) -> str | None:
-    """BOS when the tokenizer puts it in front of text on its own (Llama, Mistral), else None (ChatML models)."""
-    if tokenizer.bos_token is None:
-        return None
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return tokenizer.bos_token if probe and probe[0] == tokenizer.bos_token_id else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,90 +400,3 @@ def _tools(data: dict, where: str) -> tuple[dict, ...] | None:
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise DataError(f"{where}: field 'tools' must be a list of tool definitions (objects)")
     return tuple(tools) or None
-
-
-# ---------------------------------------------------------------------------------------------
-# Messages -> text and trained spans -> ids
-
-
-def render_with_spans(example: Example, tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The text the model sees and the character spans of every assistant turn (or completion, or text)."""
-    bos = _bos(tokenizer) or ""
-    if example.text is not None:
-        text = bos + example.text + (tokenizer.eos_token or "")
-        return text, [(len(bos), len(text))]
-    messages = list(example.messages)
-    if messages[0]["role"] == "prompt":
-        prompt, completion = messages[0]["content"], messages[1]["content"]
-        text = bos + prompt + completion + (tokenizer.eos_token or "")
-        return text, [(len(bos) + len(prompt), len(text))]
-    tools, where = example.tools, example.where
-    full = _render(tokenizer, messages, add_generation_prompt=False, where=where, tools=tools)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True, where=where, tools=tools) if i else ""
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, where=where, tools=tools)
-        if not full.startswith(through) or not through.startswith(before):
-            raise DataError(
-                f"{example.where}: the chat template renders turns differently in context; "
-                "set model.chat_template to a template that renders conversations incrementally"
-            )
-        end = len(through.rstrip("\n "))  # the newline after an end-of-turn token is not part of the answer
-        spans.append((len(before), max(end, len(before))))
-    return full, spans
-
-
-def _render(tokenizer, messages, *, add_generation_prompt: bool, where: str, tools=None, what: str = "row") -> str:
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except Exception as exc:
-        raise DataError(f"{where}: the chat template failed on this {what} ({str(exc).splitlines()[0][:200]})") from None
-
-
-def encode(example: Example, tokenizer, *, train_on: str, max_seq_length: int) -> Encoded:
-    text, spans = render_with_spans(example, tokenizer)
-    if train_on == "last_assistant" and spans:
-        spans = spans[-1:]
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoding["input_ids"]
-    if train_on == "all":
-        labels = list(ids)
-    else:
-        labels = [IGNORE] * len(ids)
-        for index, (start, end) in enumerate(encoding["offset_mapping"]):
-            if end > start and any(start < s_end and end > s_start for s_start, s_end in spans):
-                labels[index] = ids[index]
-    trained = sum(1 for label in labels if label != IGNORE)
-    return Encoded(ids[:max_seq_length], labels[:max_seq_length], example.where, len(ids), trained)
-
-
-def ignored_fields(example: Example, tokenizer) -> list[str]:
-    """Fields of this conversation the chat template does not render: one name per occurrence (a message's
-    field, or `tools` for the row's tool list). Found by rendering the conversation without each one in
-    turn: the same text means the template never read it. A template that fails without a field uses it."""
-    if example.messages is None or example.messages[0]["role"] == "prompt":
-        return []
-    messages = list(example.messages)
-    extras = [(i, key) for i, m in enumerate(messages) for key in m if key not in ("role", "content")]
-    if not extras and not example.tools:
-        return []
-    full = _render(tokenizer, messages, add_generation_prompt=False, where=example.where, tools=example.tools)
-
-    def unchanged(variant: list[dict], tools) -> bool:
-        try:
-            return tokenizer.apply_chat_template(variant, tools=list(tools) if tools else None, tokenize=False) == full
-        except Exception:
-            return False
-
-    ignored = []
-    for i, key in extras:
-        without = {k: v for k, v in messages[i].items() if k != key}
-        if unchanged(messages[:i] + [without] + messages[i + 1 :], example.tools):
-            ignored.append(key)
-    if example.tools and unchanged(messages, None):
-        ignored.append("tools")
-    return ignored

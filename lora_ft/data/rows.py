@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lora_ft.config import DataSource, DataSpec
-# The conversation format lives in conversation.py; its row and encoding names are re-exported for the stages here.
-from lora_ft.data.conversation import (  # noqa: F401
-    FORMAT_FIELDS, IGNORE, PROMPT_FORMATS, Conversation, Encoded, Example, encode, ignored_fields, render_with_spans,
-)
+# The conversation format lives in conversation.py, rendering and loss masks in encoding.py; their row and encoding
+# names are re-exported for the stages here.
+from lora_ft.data.conversation import FORMAT_FIELDS, PROMPT_FORMATS, Conversation  # noqa: F401
+from lora_ft.data.encoding import IGNORE, Encoded, Example, encode, ignored_fields, render_with_spans  # noqa: F401
 from lora_ft.errors import DataError
 
 

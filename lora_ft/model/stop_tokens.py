@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lora_ft.artifacts.adapter import saved_token_rows
-from lora_ft.data.conversation import PROBE, Example, end_of_turn_token, render_with_spans
+from lora_ft.data.conversation import PROBE, end_of_turn_token
+from lora_ft.data.encoding import Example, render_with_spans
 from lora_ft.errors import ConfigError, DataError
 from lora_ft.model.embedding_rows import EmbeddingModules, RowReader, embedding_modules
 
