@@ -194,17 +194,17 @@ def test_serve_generate_chat_and_eval_build_the_same_prompt_ids(runs, trained_on
 
 
 def test_train_and_eval_measure_stopping_on_the_stop_ids_generation_stops_on(runs, monkeypatch):
-    from lora_ft.serving import inference as gen
+    from lora_ft import evaluate as evaluate_module  # stop_score is looked up there (imported at its top)
     from lora_ft.evaluate import evaluate
-    from lora_ft.model import stop_tokens
+    from lora_ft.serving import inference as gen
     from lora_ft.serving.batching import ModelPool
 
     run = runs["prompt"]
     manifest = json.loads((run / "manifest.json").read_text())
     trained = manifest["stop_tokens"]["after_training"]["stop_ids"]
     measured = []
-    original = stop_tokens.stop_score
-    monkeypatch.setattr(stop_tokens, "stop_score", lambda model, encoded, ids, **kw: measured.append(sorted(ids)) or original(model, encoded, ids, **kw))
+    original = evaluate_module.stop_score
+    monkeypatch.setattr(evaluate_module, "stop_score", lambda model, encoded, ids, **kw: measured.append(sorted(ids)) or original(model, encoded, ids, **kw))
     inference = gen.load_for_inference(run)
     evaluate(run, regression=[], inference=inference, progress=False)
     assert measured and all(ids == sorted(trained) for ids in measured)
