@@ -3,8 +3,8 @@
 Reads run folders (adapter, tokenizer and chat template as trained, stop ids, base fingerprint); writes
 nothing. The engine (loading, batching across adapters, isolation) is `serving/batching.py`; this module is the
 HTTP side, on the stack `transformers serve` uses: FastAPI + uvicorn, with the `openai` package's own response
-types so that what we send is what OpenAI clients parse; what a request may say, and how a bad one is refused,
-is `serving/api_requests.py`. `model` in a request names an adapter; the base's own name means no adapter. Pitfalls guarded here: every error is a JSON body in OpenAI's error shape and the
+types so that what we send is what OpenAI clients parse (`serving/api_responses.py`); what a request may say,
+and how a bad one is refused, is `serving/api_requests.py`. `model` in a request names an adapter; the base's own name means no adapter. Pitfalls guarded here: every error is a JSON body in OpenAI's error shape and the
 server keeps serving; the queue is bounded (503 when full); SIGTERM lets the requests in flight finish and
 exits 0 (uvicorn re-raises the signal it caught after its graceful shutdown, so our own handler absorbs it).
 """
@@ -12,7 +12,6 @@ exits 0 (uvicorn re-raises the signal it caught after its graceful shutdown, so 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import signal
@@ -38,6 +37,9 @@ from lora_ft.serving.api_requests import (
     APIError, ChatRequest, CompletionRequest, GenerateRequest, LoadLoraRequest, UnloadLoraRequest, parse_body,
 )
 from lora_ft.artifacts.adapter_run import AdapterRun, check_adapter_name
+from lora_ft.serving.api_responses import (
+    chat_chunks, chat_completion, completion, completion_chunks, json_response, sse, usage,
+)
 from lora_ft.serving.batching import Job, ModelPool, QueueFull, Scheduler, ServedModel
 
 LOG = logging.getLogger("loraft.serve")
@@ -204,9 +206,9 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
         limit = _max_new_tokens(pool, settings, body.max_completion_tokens or body.max_tokens, len(prompt))
         job, channel = _submit(scheduler, served, prompt, limit, body)
         if body.stream:
-            return StreamingResponse(_chat_stream(job, channel, body), media_type="text/event-stream")
+            return StreamingResponse(_stream(job, channel, body, chat_chunks(body.model)), media_type="text/event-stream")
         await _finished(request, job, channel)
-        return _json(_chat_completion(job, body.model))
+        return json_response(chat_completion(job, body.model))
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(request: Request):
@@ -230,11 +232,11 @@ def build_app(pool: ModelPool, scheduler: Scheduler, settings: ServeSettings):
             raise
         if body.stream:
             job, channel = submitted[0]
-            return StreamingResponse(_completion_stream(job, channel, body), media_type="text/event-stream")
+            return StreamingResponse(_stream(job, channel, body, completion_chunks(body.model)), media_type="text/event-stream")
         jobs = [job for job, _ in submitted]
         for job, channel in submitted:
             await _finished(request, job, channel, jobs)
-        return _json(_completion(submitted, body.model))
+        return json_response(completion(jobs, body.model))
 
     @app.post("/v1/load_lora_adapter", dependencies=guarded)
     async def load_lora_adapter(request: Request):
@@ -388,91 +390,17 @@ class _ClientGone(Exception):
     """The client closed the connection before its answer was ready; its generation was cancelled."""
 
 
-def _json(model: BaseModel):
-    return Response(model.model_dump_json(exclude_unset=True), media_type="application/json")
-
-
-def _usage(jobs: Sequence[Job]):
-    from openai.types import CompletionUsage
-
-    prompt = sum(len(job.prompt_ids) for job in jobs)
-    completion = sum(len(job.tokens) for job in jobs)
-    return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-def _chat_completion(job: Job, model: str):
-    from openai.types.chat import ChatCompletion, ChatCompletionMessage
-    from openai.types.chat.chat_completion import Choice
-
-    message = ChatCompletionMessage(role="assistant", content=job.text)
-    return ChatCompletion(
-        id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion", created=int(time.time()), model=model,
-        choices=[Choice(index=0, message=message, finish_reason=job.finish_reason)], usage=_usage([job]),
-    )
-
-
-def _completion(submitted: Sequence[tuple[Job, _Channel]], model: str):
-    from openai.types import Completion, CompletionChoice
-
-    jobs = [job for job, _ in submitted]
-    choices = [CompletionChoice(index=i, text=job.text, finish_reason=job.finish_reason, logprobs=None) for i, job in enumerate(jobs)]
-    return Completion(
-        id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()), model=model, choices=choices,
-        usage=_usage(jobs),
-    )
-
-
-def _sse(payload: BaseModel | dict) -> str:
-    data = payload.model_dump_json(exclude_unset=True) if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {data}\n\n"
-
-
 async def _stream(job: Job, channel: _Channel, body: GenerateRequest, chunk):
     """Server-sent events: chunk(delta, finish_reason) for each piece, the usage chunk if asked, then [DONE]."""
     try:
         async for delta in _events(job, channel):
-            yield _sse(chunk(delta, None))
-        yield _sse(chunk(None, job.finish_reason))
+            yield sse(chunk(delta, None))
+        yield sse(chunk(None, job.finish_reason))
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield _sse(chunk(None, None, usage=_usage([job])))
+            yield sse(chunk(None, None, usage=usage([job])))
     except APIError as exc:  # the status line is already sent: the error travels as an event
-        yield _sse({"error": {"message": exc.message, "type": "server_error", "param": None, "code": None}})
+        yield sse({"error": {"message": exc.message, "type": "server_error", "param": None, "code": None}})
     yield "data: [DONE]\n\n"
-
-
-def _chat_stream(job: Job, channel: _Channel, body: ChatRequest):
-    from openai.types.chat import ChatCompletionChunk
-    from openai.types.chat.chat_completion_chunk import Choice, ChoiceDelta
-
-    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    first = [True]
-
-    def chunk(delta, finish_reason, usage=None):
-        head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model}
-        if usage is not None:
-            return ChatCompletionChunk(**head, choices=[], usage=usage)
-        content = {"content": delta} if delta is not None else {}
-        if first[0]:
-            content["role"], first[0] = "assistant", False
-        return ChatCompletionChunk(**head, choices=[Choice(index=0, delta=ChoiceDelta(**content), finish_reason=finish_reason)])
-
-    return _stream(job, channel, body, chunk)
-
-
-def _completion_stream(job: Job, channel: _Channel, body: CompletionRequest):
-    from openai.types import Completion, CompletionChoice
-
-    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-    def chunk(delta, finish_reason, usage=None):
-        head = {"id": ident, "object": "text_completion", "created": created, "model": body.model}
-        if usage is not None:
-            return Completion(**head, choices=[], usage=usage)
-        # OpenAI streams finish_reason null until the last chunk, which CompletionChoice's type does not allow.
-        choice = CompletionChoice.model_construct(index=0, text=delta or "", finish_reason=finish_reason, logprobs=None)
-        return Completion.model_construct(**head, choices=[choice])
-
-    return _stream(job, channel, body, chunk)
 
 
 def _model_card(pool: ModelPool, name: str) -> dict:

@@ -317,7 +317,7 @@ def test_a_slow_prompt_never_stalls_health_or_other_clients(server, client, monk
 def test_our_own_bug_is_a_500_with_a_trace_id_that_the_log_carries(client, monkeypatch, caplog):
     from lora_ft import serve as serve_module
 
-    monkeypatch.setattr(serve_module, "_chat_completion", lambda job, model: 1 / 0)
+    monkeypatch.setattr(serve_module, "chat_completion", lambda job, model: 1 / 0)
     with caplog.at_level("ERROR", logger="loraft.serve"), pytest.raises(openai.InternalServerError) as failed:
         client.chat.completions.create(model="red", messages=USER, max_tokens=2)
     trace = failed.value.body["message"].split("trace id ")[1].split(")")[0]
