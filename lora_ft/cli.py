@@ -2,24 +2,22 @@
 
 Heavy imports (torch, transformers) happen inside commands so `loraft --help` is instant. A
 `LoraftError` becomes one line on stderr and its exit code (2 for user errors); `--debug` shows
-the traceback of anything else.
+the traceback of anything else (cli_common.py: what every command runs in).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
-from contextvars import ContextVar
-from functools import wraps
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import typer
 
 from lora_ft import __version__
 from lora_ft.artifacts.run_dir import require_new_out
-from lora_ft.errors import EXIT_INTERNAL, LoraftError
+from lora_ft.cli_common import DEBUG, ConfigArg, SetOption, handled, read_config, writer_of
+from lora_ft.errors import LoraftError
 
 app = typer.Typer(
     add_completion=False,
@@ -29,9 +27,6 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before spending GPU time on it.")
 app.add_typer(data_app, name="data")
-
-ConfigArg = typer.Argument(..., exists=False, help="The run's YAML config.", show_default=False)
-SetOption = typer.Option(None, "--set", help="Override a key: --set training.max_steps=10 (repeatable).")
 
 
 def _version(value: bool):
@@ -48,107 +43,6 @@ def main(
 ):
     token = DEBUG.set(debug or os.environ.get("LORAFT_DEBUG") == "1")
     ctx.call_on_close(lambda: DEBUG.reset(token))  # this invocation only: the next one starts from False
-
-
-# --debug of the invocation now running (set by `main`, reset when it ends; read by `handled`).
-DEBUG: ContextVar[bool] = ContextVar("loraft_debug", default=False)
-
-# Set for the duration of one command and restored after it (a test or notebook that calls several keeps its own).
-# Expandable CUDA segments: long and variable-length batches otherwise fragment the caching allocator until a run
-# that fits on paper dies out of memory; set before CUDA starts, never over the user's own setting.
-COMMAND_ENV = {
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
-}
-QUIET_LOGGERS = ("transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "torch")
-# The library warnings a command hides, each by its message (a regex matched at the start) and category: ones we
-# looked at and decided say nothing the user can act on. Everything else shows, in the terminal and in the CLI tests,
-# so a deprecation of a library internal we override is seen the day it appears.
-QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
-    # PEFT (get_peft_model, peft 0.21) reads transformers 5's deprecated model.is_gradient_checkpointing
-    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
-    # merging an adapter that trains the tied embeddings: PEFT's note on what it does, which merge verifies anyway
-    (r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter", UserWarning),
-    (r"Setting `save_embedding_layers` to `True` as embedding layers found", UserWarning),
-    # the GGUF quickstart model ships without a config.json beside it (PEFT looks for one to compare vocabularies)
-    (r"Could not find a config file in", UserWarning),
-)
-
-
-@contextmanager
-def command_environment() -> Iterator[None]:
-    """What a command's terminal output needs from the libraries: no advisory chatter, no progress bars, their
-    loggers at ERROR and the warnings in QUIET_WARNINGS off, for this command only (nothing global)."""
-    import logging
-    import warnings
-
-    added = {k: v for k, v in COMMAND_ENV.items() if k not in os.environ}
-    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
-    os.environ.update(added)
-    try:
-        with warnings.catch_warnings():
-            for message, category in QUIET_WARNINGS:
-                warnings.filterwarnings("ignore", message=message, category=category)
-            for name in QUIET_LOGGERS:
-                logging.getLogger(name).setLevel(logging.ERROR)
-            yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-        for key in added:
-            os.environ.pop(key, None)
-
-
-def handled(func):
-    """Run a command in its environment; LoraftError becomes one line + its exit code, internal errors exit 1."""
-
-    @wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            with command_environment():
-                return func(*args, **kwargs)
-        except LoraftError as exc:
-            from lora_ft.config_io import redact
-            from lora_ft.errors import Interrupted
-
-            prefix = "interrupted" if isinstance(exc, Interrupted) else "error"
-            for line in str(exc).splitlines():
-                typer.echo(f"{prefix}: {redact(line)}", err=True)  # a config value may hold a token
-            raise typer.Exit(exc.exit_code) from None
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-        except Exception as exc:
-            if DEBUG.get():
-                raise
-            from lora_ft.config_io import redact
-
-            typer.echo(f"internal error: {type(exc).__name__}: {redact(str(exc))} (rerun with --debug for the traceback)", err=True)
-            raise typer.Exit(EXIT_INTERNAL) from None
-
-    return wrapper
-
-
-def _writer_of(folder: Optional[Path], option: str, verb: str):
-    """The exclusive lock on a command's output folder (one writer per folder); a no-op without one."""
-    import shlex
-    from contextlib import nullcontext
-
-    from lora_ft.artifacts.locks import hold
-
-    if folder is None:
-        return nullcontext()
-    return hold(folder, shlex.join(["loraft", verb, *sys.argv[2:]]) if len(sys.argv) > 2 else f"loraft {verb}", what=option)
-
-
-def _load(config: Path, overrides: Optional[List[str]]):
-    from lora_ft.config_io import load_config
-
-    return load_config(config, overrides or [])
 
 
 @app.command()
@@ -174,7 +68,7 @@ def train(
 
     from lora_ft.training.distributed import is_main_process, launch, world_size
 
-    cfg = _load(config, set_)  # a typo in the config is refused before anything heavy is imported
+    cfg = read_config(config, set_)  # a typo in the config is refused before anything heavy is imported
     from lora_ft.train import train as run_training
 
     if gpus > 1 and world_size() == 1:
@@ -208,7 +102,7 @@ def validate(
     from lora_ft.config_io import config_to_yaml, redact
     from lora_ft.train import preflight
 
-    cfg = _load(config, set_)
+    cfg = read_config(config, set_)
     check = preflight(cfg, resume=resume, overwrite=overwrite, need_data=False)
     if as_json:
         typer.echo(json.dumps({
@@ -243,7 +137,7 @@ def data_show(
     from lora_ft.data_show import print_rows, show_rows
     from lora_ft.model.loading import load_tokenizer, resolve_model_source
 
-    cfg = _load(config, set_)
+    cfg = read_config(config, set_)
     if cfg.data is None:
         raise ConfigError("data: missing; add data.train: path/to/train.jsonl")
     tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
@@ -270,7 +164,7 @@ def data_check(
     from lora_ft.errors import DataError
 
     console = Console()
-    result = check_data(_load(config, set_), console=console)
+    result = check_data(read_config(config, set_), console=console)
     console.print(result.summary())
     if report is not None:
         console.print(f"report: {', '.join(str(p) for p in result.write_report(report))}")
@@ -278,10 +172,6 @@ def data_check(
         console.print(result.write_fix(fix).summary(), markup=False)
     if result.failed:
         raise DataError(result.failure_line(str(config)))
-
-
-# ---------------------------------------------------------------------------------------------
-# merge
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +240,7 @@ def eval_(
     settings = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, regex=regex)
     if out is not None:
         require_new_out(out)  # before the models load, as merge and export do
-    with _writer_of(out, "--out", "eval"):
+    with writer_of(out, "--out", "eval"):
         report = evaluate(
             adapter, base=base, data=data or (), regression=[] if no_regression else (regression or None),
             settings=settings, gates=gates, force=force, full_precision_base=full_precision_base,
@@ -411,7 +301,7 @@ def merge(
 
     if dtype != "auto" and dtype not in DTYPES:
         raise LoraftError(f"--dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    with _writer_of(out, "--out", "merge"):
+    with writer_of(out, "--out", "merge"):
         result = run_merge(adapter, out, base=base, dtype=dtype, force=force, qlora_base=qlora_base, verify=not no_verify)
     typer.echo(result.summary())
 
@@ -431,7 +321,7 @@ def export_command(
     """
     from lora_ft.export import export
 
-    with _writer_of(out, "--out", "export"):
+    with writer_of(out, "--out", "export"):
         result = export(run_dir, to, out)
     typer.echo(result.summary())
 

@@ -583,7 +583,7 @@ def main():
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if getattr(args, "tool", None) == "loraft":
-        from lora_ft.cli import COMMAND_ENV  # what the loraft CLI sets before CUDA starts
+        from lora_ft.cli_common import COMMAND_ENV  # what the loraft CLI sets before CUDA starts
 
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", COMMAND_ENV["PYTORCH_CUDA_ALLOC_CONF"])
     if args.cmd == "one":

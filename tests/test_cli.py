@@ -43,7 +43,7 @@ def test_a_command_restores_environment_loggers_and_warning_filters(tiny_config,
     level, filters = logging.getLogger("transformers").level, list(warnings.filters)
     code, _, err = run_cli("validate", write_yaml(tiny_config))
     assert code == 1 and "looked" in err
-    # only the warning decided on by name (cli.QUIET_WARNINGS) is hidden; any other deprecation shows
+    # only the warning decided on by name (cli_common.QUIET_WARNINGS) is hidden; any other deprecation shows
     assert seen == {"env": "1", "level": logging.ERROR, "caught": ["`some_internal` is deprecated and will be removed in v6."]}
     assert "TRANSFORMERS_NO_ADVISORY_WARNINGS" not in os.environ
     assert logging.getLogger("transformers").level == level and warnings.filters == filters
