@@ -13,19 +13,10 @@ from pathlib import Path
 import torch
 
 from lora_ft.errors import LoraftError
-from lora_ft.rank_diagnostics import (
-    ADVICE,
-    GRAD_WINDOW,
-    BALANCED,
-    NO_UPDATE,
-    SATURATED,
-    SATURATED_FRACTION,
-    UNUSED,
-    UNUSED_FRACTION,
-    GroupStats,
-    InspectResult,
-    changed_most,
+from lora_ft.model.rank_stats import (
+    ADVICE, BALANCED, NO_UPDATE, SATURATED, SATURATED_FRACTION, UNUSED, UNUSED_FRACTION, GroupStats, changed_most,
 )
+from lora_ft.rank_diagnostics import GRAD_WINDOW, InspectResult
 
 TOP_MODULES = 10
 REPORT_FILES = ("inspect.json", "spectra.png", "update_norm_by_layer.png")

@@ -14,15 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_ft.rank_diagnostics import (
-    BALANCED,
-    NO_UPDATE,
-    SATURATED,
-    UNUSED,
-    adapter_statistics,
-    gradient_report,
-    inspect_adapter,
-)
+from lora_ft.model.rank_stats import BALANCED, NO_UPDATE, SATURATED, UNUSED, adapter_statistics
+from lora_ft.rank_diagnostics import gradient_report, inspect_adapter
 from lora_ft.model.spectra import effective_rank, spectrum_from_factors, subspace_overlap
 from lora_ft.rank_report import write_report
 

@@ -133,7 +133,7 @@ class RunManifest(Record):
     metrics: MetricsRecord
     environment: EnvironmentRecord
     serving: ServingSpec
-    adapter_stats: dict[str, Any] = Field(description="rank_diagnostics.adapter_statistics(): what `loraft inspect` reports.")
+    adapter_stats: dict[str, Any] = Field(description="model/rank_stats.adapter_statistics(): what `loraft inspect` reports.")
     preference: dict[str, Any] | None = Field(
         None, description="Preference runs (training/preference.py): method, its keys, the reference, the chain of runs "
         "it started from (model.adapter), held-out preference accuracy base and adapter."

@@ -309,10 +309,10 @@ def epochs_rule(cfg: RunConfig, data: DataSize | None, epochs: float | None, bat
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """What the run did, as rank_diagnostics reads it (its verdict names and thresholds stay there)."""
+    """What the run did, as rank_diagnostics reads it (verdict names and thresholds: model/rank_stats.py)."""
 
     rank: int
-    rank_verdict: str | None  # rank_diagnostics' verdict, as shown
+    rank_verdict: str | None  # model/rank_stats.py's verdict, as shown
     saturated: bool
     unused: bool
     median_rank_used: float | None

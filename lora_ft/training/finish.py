@@ -88,7 +88,7 @@ def finalize(start: RunStart, check: Preflight, loaded: LoadedModel, trainer, he
     typed manifest last: a run folder with a manifest is a finished run."""
     cfg, data, run, speed = check.cfg, check.training_data, start.run, loaded.speed
     scores, stop, original = heldout.scores, heldout.stop, loaded.original
-    from lora_ft.rank_diagnostics import adapter_statistics, model_weight_norms
+    from lora_ft.model.rank_stats import adapter_statistics, model_weight_norms
 
     stage = run.staging()
     model = trainer.model

@@ -134,7 +134,7 @@ def original_base(model, data, tokenizer, cfg: RunConfig) -> dict:
     """What PiSSA/OLoRA take away once the adapter is attached (W becomes a residual, so disabling the
     adapter no longer gives the base): the weight norms and the held-out loss of the original base."""
     from lora_ft.metrics import heldout_loss
-    from lora_ft.rank_diagnostics import original_weight_norms
+    from lora_ft.model.rank_stats import original_weight_norms
 
     heldout = None
     if data.eval is not None:
