@@ -1,13 +1,17 @@
 """The `loraft` command line: each command picks a library function, calls it, prints its summary.
 
-Heavy imports (torch, transformers) happen inside commands so `loraft --help` is instant. A
+Each command imports its library inside it, so `loraft --help` is instant (cli.py imports in ~0.04 s): each
+such import is marked `# lazy:` with what it would add to every invocation (the config loader: pydantic and
+yaml; a verb's stage: torch and transformers, seconds, never paid by a config refused before it). A
 `LoraftError` becomes one line on stderr and its exit code (2 for user errors); `--debug` shows
 the traceback of anything else (cli_common.py: what every command runs in).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -17,7 +21,9 @@ import typer
 from lora_ft import __version__
 from lora_ft.artifacts.run_dir import require_new_out
 from lora_ft.cli_common import DEBUG, ConfigArg, SetOption, handled, read_config, writer_of
+from lora_ft.cli_data import data_app
 from lora_ft.errors import LoraftError
+from lora_ft.metrics import DEFAULT_MAX_REGRESSION
 
 app = typer.Typer(
     add_completion=False,
@@ -25,7 +31,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Fine-tune causal language models with LoRA and QLoRA from one YAML file.",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Look at training data before spending GPU time on it.")
 app.add_typer(data_app, name="data")
 
 
@@ -64,12 +69,10 @@ def train(
 
     Example: loraft train recipes/quickstart.yaml --set training.max_steps=20
     """
-    import shlex
-
-    from lora_ft.training.distributed import is_main_process, launch, world_size
+    from lora_ft.training.distributed import is_main_process, launch, world_size  # lazy: pydantic, yaml (0.1-0.3 s)
 
     cfg = read_config(config, set_)  # a typo in the config is refused before anything heavy is imported
-    from lora_ft.train import train as run_training
+    from lora_ft.train import train as run_training  # lazy: pydantic, yaml (0.1-0.3 s)
 
     if gpus > 1 and world_size() == 1:
         argv = ["train", str(config), *[f"--set={item}" for item in set_ or []]]
@@ -97,10 +100,8 @@ def validate(
 
     Example: loraft validate configs/llama8b.yaml
     """
-    import json
-
-    from lora_ft.config_io import config_to_yaml, redact
-    from lora_ft.train import preflight
+    from lora_ft.config_io import config_to_yaml, redact  # lazy: pydantic, yaml (0.1-0.3 s)
+    from lora_ft.train import preflight  # lazy: pydantic, yaml (0.1-0.3 s)
 
     cfg = read_config(config, set_)
     check = preflight(cfg, resume=resume, overwrite=overwrite, need_data=False)
@@ -121,68 +122,12 @@ def validate(
     typer.echo("ok: config is valid")
 
 
-@data_app.command("show")
-@handled
-def data_show(
-    config: Path = ConfigArg,
-    rows: int = typer.Option(3, "--rows", "-n", help="How many rows to show."),
-    split: str = typer.Option("train", "--split", help="train or eval."),
-    set_: Optional[List[str]] = SetOption,
-):
-    """Print rows as the model sees them: the rendered template, trained tokens marked, token counts, cuts.
-
-    Example: loraft data show recipes/quickstart.yaml --rows 2
-    """
-    from lora_ft.errors import ConfigError
-    from lora_ft.data_show import print_rows, show_rows
-    from lora_ft.model.loading import load_tokenizer, resolve_model_source
-
-    cfg = read_config(config, set_)
-    if cfg.data is None:
-        raise ConfigError("data: missing; add data.train: path/to/train.jsonl")
-    tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
-    print_rows(show_rows(cfg, tokenizer, rows, split), color=sys.stdout.isatty())
-
-
-@data_app.command("check")
-@handled
-def data_check(
-    config: Path = ConfigArg,
-    report: Optional[Path] = typer.Option(None, "--report", help="Write data_report.json and data_report.md to this folder."),
-    fix: Optional[Path] = typer.Option(None, "--fix", help="Write cleaned copies of the data to this new folder."),
-    set_: Optional[List[str]] = SetOption,
-):
-    """Check CONFIG's train and eval data as train will feed it: malformed rows, token lengths, duplicates,
-    contradictions, eval rows leaked from train, label balance. Exit 0 when no check set to fail in
-    data.checks fires, 2 otherwise (the report and the cleaned copy are written either way).
-
-    Example: loraft data check recipes/quickstart.yaml --report runs/quickstart-data
-    """
-    from rich.console import Console
-
-    from lora_ft.data_check import check_data
-    from lora_ft.errors import DataError
-
-    console = Console()
-    result = check_data(read_config(config, set_), console=console)
-    console.print(result.summary())
-    if report is not None:
-        console.print(f"report: {', '.join(str(p) for p in result.write_report(report))}")
-    if fix is not None:
-        console.print(result.write_fix(fix).summary(), markup=False)
-    if result.failed:
-        raise DataError(result.failure_line(str(config)))
-
-
 # ---------------------------------------------------------------------------------------------
 # eval, generate, chat: base vs adapter(s), through one loader (generate.load_for_inference)
 
 AdapterOption = typer.Option(None, "--adapter", help="Run folder of a trained adapter (give twice to compare two).")
 BaseOption = typer.Option(None, "--base", help="Base model (default: the one the run recorded; a different one is refused).")
 ForceOption = typer.Option(False, "--force", help="Use --base even though its weights differ from the recorded base.")
-
-
-from lora_ft.metrics import DEFAULT_MAX_REGRESSION  # noqa: E402  (no torch at import: --help stays instant)
 
 
 def _metric_option(name: str):
@@ -226,7 +171,7 @@ def eval_(
 
     Example: loraft eval --adapter runs/quickstart --min-exact-match 0.9 --min-json-fields 0.95 --out reports/quickstart
     """
-    from lora_ft.evaluate import EvalSettings, Gates, evaluate
+    from lora_ft.evaluate import EvalSettings, Gates, evaluate  # lazy: torch (seconds)
 
     minimums = {
         "exact_match": min_exact_match, "contains": min_contains, "regex": min_regex, "json_valid": min_json_valid,
@@ -253,7 +198,7 @@ def eval_(
 
 
 def _generation_settings(max_new_tokens: int, batch_size: int, sample: bool, temperature: float, top_p: float, seed: int):
-    from lora_ft.serving.inference import GenerationSettings
+    from lora_ft.serving.inference import GenerationSettings  # lazy: torch (seconds)
 
     return GenerationSettings(
         max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed
@@ -262,7 +207,7 @@ def _generation_settings(max_new_tokens: int, batch_size: int, sample: bool, tem
 
 def _models(adapter: Optional[List[Path]], base: Optional[str], base_only: bool, with_base: bool, force: bool):
     """Load once; return (inference, labels to run) for --adapter [--adapter] / --base-only / --with-base."""
-    from lora_ft.serving.inference import BASE, load_for_inference
+    from lora_ft.serving.inference import BASE, load_for_inference  # lazy: torch (seconds)
 
     if base_only and with_base:
         raise LoraftError("--base-only and --with-base contradict each other; keep one")
@@ -296,8 +241,8 @@ def merge(
 
     Example: loraft merge --adapter runs/quickstart --out merged/quickstart
     """
-    from lora_ft.merge import merge as run_merge
-    from lora_ft.merge_plan import DTYPES
+    from lora_ft.merge import merge as run_merge  # lazy: torch (seconds)
+    from lora_ft.merge_plan import DTYPES  # lazy: torch (seconds)
 
     if dtype != "auto" and dtype not in DTYPES:
         raise LoraftError(f"--dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
@@ -319,7 +264,7 @@ def export_command(
 
     Example: loraft export runs/quickstart --to llamacpp --out exports/quickstart-gguf
     """
-    from lora_ft.export import export
+    from lora_ft.export import export  # lazy: torch (seconds)
 
     with writer_of(out, "--out", "export"):
         result = export(run_dir, to, out)
@@ -341,8 +286,8 @@ def inspect_command(
 
     Example: loraft inspect runs/quickstart --report reports/quickstart
     """
-    from lora_ft.rank_diagnostics import inspect_adapter
-    from lora_ft.rank_report import render_summary, write_report
+    from lora_ft.rank_diagnostics import inspect_adapter  # lazy: torch (seconds)
+    from lora_ft.rank_report import render_summary, write_report  # lazy: torch (seconds)
 
     result = inspect_adapter(adapter_dir, against=against, base=base, energy=energy)
     if report is not None:
@@ -373,9 +318,7 @@ def generate(
 
     Example: loraft generate --adapter runs/quickstart --with-base --prompts recipes/data/quickstart_eval.jsonl --out answers.jsonl
     """
-    import json
-
-    from lora_ft.generate import generate_file
+    from lora_ft.generate import generate_file  # lazy: torch (seconds)
 
     if not prompts.is_file():  # before loading any model
         raise LoraftError(f"--prompts: data file not found: {prompts}")
@@ -470,7 +413,7 @@ def serve(
 
     Example: loraft serve --adapter quickstart=runs/quickstart --port 8000
     """
-    from lora_ft.serve import ServeSettings, parse_adapters, serve as run_server
+    from lora_ft.serve import ServeSettings, parse_adapters, serve as run_server  # lazy: torch (seconds)
 
     settings = ServeSettings(
         max_tokens=max_tokens, max_batch_size=max_batch_size, queue_size=queue_size, api_key=api_key,

@@ -102,7 +102,7 @@ def handled(func):
 
 
 def _redact(text: str) -> str:
-    from lora_ft.config_io import redact  # lazy: pydantic and yaml (+0.1 s), which --help and --version never need
+    from lora_ft.config_io import redact  # lazy: pydantic, yaml (0.1 s), never needed by --help
 
     return redact(text)
 
@@ -116,6 +116,6 @@ def writer_of(folder: Optional[Path], option: str, verb: str):
 
 def read_config(config: Path, overrides: Optional[List[str]]):
     """CONFIG with its --set overrides applied, validated (a bad key is refused here, before anything heavy)."""
-    from lora_ft.config_io import load_config  # lazy: pydantic and yaml (+0.1 s), which --help and --version never need
+    from lora_ft.config_io import load_config  # lazy: pydantic, yaml (0.1 s), never needed by --help
 
     return load_config(config, overrides or [])
