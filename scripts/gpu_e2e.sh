@@ -8,7 +8,7 @@ python3 scripts/make_random_model.py llama8b /tmp/llama8b
 common=(--set model.name=/tmp/llama8b --set data.train=recipes/data/quickstart_train.jsonl
         --set data.eval=recipes/data/quickstart_eval.jsonl --set data.eval_fraction=0
         --set training.max_steps=30 --set training.eval_steps=15 --set training.save_steps=15 --set training.logging_steps=5)
-for name in llama8b llama8b-qlora; do
+for name in ${E2E_RUNS:-llama8b llama8b-qlora}; do
   SECONDS=0
   python3 -m lora_ft train configs/$name.yaml "${common[@]}" --set output_dir=/tmp/runs/$name 2>&1 | tee "$OUT/$name.log"
   code=${PIPESTATUS[0]}

@@ -8,10 +8,11 @@ SFT here, DPO/KTO through training/preference.py (their TRL trainer under the sa
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cache
 
 import torch
-from transformers import EarlyStoppingCallback, PrinterCallback
+from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from lora_ft.artifacts.checkpoints import CheckpointWriter, is_disk_full
@@ -22,6 +23,13 @@ from lora_ft.training import preference
 from lora_ft.training.distributed import is_main_process
 from lora_ft.training.guards import NumericGuard, SignalCallback
 from lora_ft.training.progress import MetricsCallback
+
+# transformers 5.2x names the Trainer's checkpointing switch activation_checkpointing (gradient_checkpointing
+# is its deprecated alias); 5.17, the oldest we support, knows only gradient_checkpointing.
+_CHECKPOINTING = next(
+    name for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in {f.name for f in dataclasses.fields(TrainingArguments)}
+)
 
 
 class CheckpointedTraining:
@@ -138,8 +146,8 @@ def trainer_arguments(cfg: RunConfig, run: RunDir, precision: str, speed, *, has
         optim=speed.optimizer,
         max_grad_norm=t.max_grad_norm,
         # Checkpointing is set per layer by speed.apply_speed_plan before the Trainer sees the model (TRL's default
-        # is on; transformers 5 names it activation_checkpointing, gradient_checkpointing is its deprecated alias).
-        activation_checkpointing=False,
+        # is on).
+        **{_CHECKPOINTING: False},
         use_liger_kernel=speed.liger,
         activation_offloading=t.activation_offloading and torch.cuda.is_available(),
         bf16=precision == "bf16",
