@@ -21,8 +21,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
 
 from lora_ft.config import ATTENTION_MODULES, MLP_MODULES, LoraSpec
 from lora_ft.errors import ConfigError, ModelError, VerificationError
@@ -245,6 +243,8 @@ class Coverage:
 def coverage(peft_model, plan: TargetPlan | None = None) -> Coverage:
     """Per block type: weight-matrix parameters, those the adapter changes, and trainable parameters, measured
     on the wrapped model itself (what PEFT did, not what was asked)."""
+    from peft.tuners.lora import LoraLayer  # lazy: peft ~3 s + bitsandbytes notes on stderr; merge/export/generate import this module, never wrap
+
     base = peft_model.get_base_model()
     reached = set()
     wrapped = parameter_wrappers(peft_model)
@@ -346,6 +346,8 @@ def parameter_wrappers(peft_model) -> dict[str, WrappedParameter]:
 
 def wrappers_for_adapter(model_config, adapter_config: dict, trust_remote_code: bool = False) -> dict[str, WrappedParameter]:
     """The ParamWrapper layout of a saved adapter, rebuilt on the base's meta model (no weights)."""
+    from peft import LoraConfig, get_peft_model  # lazy: peft ~3 s + bitsandbytes notes on stderr; merge/export/generate import this module, never wrap
+
     if not adapter_config.get("target_parameters"):
         return {}
     keys = set(LoraConfig.__dataclass_fields__)

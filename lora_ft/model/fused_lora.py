@@ -25,7 +25,6 @@ import os
 import types
 
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 
@@ -238,6 +237,8 @@ def _base_kind(base: nn.Module) -> str | None:
 def fuse_lora_layers(model: nn.Module, *, triton: bool = True) -> int:
     """Route every plain LoRA projection of `model` through the fused path; returns how many were fused.
     `triton`: use the Triton dropout kernels where they apply (CUDA, 16-bit, dropout on); else torch ops."""
+    from peft.tuners.lora import LoraLayer  # lazy: peft ~3 s + bitsandbytes notes on stderr; merge/export/generate import this module, never wrap
+
     fused = 0
     for module in model.modules():
         if not isinstance(module, LoraLayer) or hasattr(module, "_loraft_peft_forward"):

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import transformers.modeling_gguf_pytorch_utils as gguf_utils
 from huggingface_hub import snapshot_download
-from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
@@ -195,6 +194,8 @@ def load_model_config(spec: ModelSpec, source: ModelSource):
 def build_lora_config(lora: LoraSpec, target_modules, target_parameters=None, train_tokens: dict[str, list[int]] | None = None):
     """`train_tokens`: embedding module path -> token ids whose rows train too (stop_tokens.plan_token_training);
     PEFT ties an output layer that shares the input embedding's weight to the same rows."""
+    from peft import LoraConfig  # lazy: peft ~3 s + bitsandbytes notes on stderr; merge/export/generate import this module, never wrap
+
     init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[lora.init]
     return LoraConfig(
         r=lora.rank,
@@ -237,6 +238,8 @@ def count_lora_params(model_config, lora: LoraSpec, trust_remote_code: bool = Fa
 def _wrap(model, lora: LoraSpec, available: list[str], *, initialise: bool = True, train_tokens=None):
     """get_peft_model with loraft's targets (coverage.target_plan), checked before and after PEFT sees them.
     `initialise=False` (the meta model, for counting): plain init, since PiSSA/OLoRA decompose real weights."""
+    from peft import get_peft_model  # lazy: peft ~3 s + bitsandbytes notes on stderr; merge/export/generate import this module, never wrap
+
     plan = target_plan(lora, model, available)
     check_expert_options(lora, plan)
     with warnings.catch_warnings():
