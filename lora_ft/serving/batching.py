@@ -28,9 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
 from lora_ft.artifacts.adapter_run import AdapterRun, check_adapter_name, fits_model, remove_adapter
+from lora_ft.artifacts.fingerprint import fingerprint_model_path
+from lora_ft.config import ModelSpec
 from lora_ft.data.conversation import Conversation
 from lora_ft.errors import LoraftError
+from lora_ft.model.loading import load_base_model, load_tokenizer, resolve_model_source, resolve_precision
 
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 TOKENIZER_LOCK = threading.Lock()
@@ -83,12 +89,6 @@ class ModelPool:
     def load(cls, adapters: dict[str, str | Path], base: str | None = None, *, precision: str = "auto",
              force: bool = False) -> "ModelPool":
         """Load the base (default: the first adapter's recorded base) and every adapter, checked against it."""
-        import torch
-
-        from lora_ft.config import ModelSpec
-        from lora_ft.artifacts.fingerprint import fingerprint_model_path
-        from lora_ft.model.loading import load_base_model, load_tokenizer, resolve_model_source, resolve_precision
-
         if not adapters and not base:
             raise LoraftError("give --adapter NAME=RUN_DIR (or --base MODEL to serve a base model alone)")
         for name in adapters:
@@ -141,7 +141,7 @@ class ModelPool:
             if self._is_peft():
                 self.model.load_adapter(str(run.path), adapter_name=name)
             else:
-                from peft import PeftModel
+                from peft import PeftModel  # lazy: peft ~3 s + bitsandbytes notes on stderr, not paid by generate's and serve's refusals
 
                 self.model = PeftModel.from_pretrained(self.model, str(run.path), adapter_name=name)
             self.model.eval()
@@ -394,8 +394,6 @@ def _run_control(item: _Control) -> None:
 
 def run_batch(model, jobs: list[Job]) -> None:
     """One `generate` call for jobs of possibly different adapters; each job receives its own tokens."""
-    import torch
-
     try:
         with torch.no_grad():
             _generate(model, jobs)
@@ -410,9 +408,6 @@ def run_batch(model, jobs: list[Job]) -> None:
 
 
 def _generate(model, jobs: list[Job]) -> None:
-    import torch
-    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-
     device = next(model.parameters()).device
     width = max(len(job.prompt_ids) for job in jobs)
     pad = jobs[0].served.tokenizer.pad_token_id or 0  # any id: padded positions are masked out

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from lora_ft.artifacts.adapter import UNSUPPORTED, AdapterConfig, lora_scale
-from lora_ft.errors import LoraftError
+from lora_ft.errors import ConfigError, LoraftError
 
 Target = Literal["vllm", "sglang", "llamacpp", "ollama", "merged", "transformers"]
 TARGETS: tuple[str, ...] = ("vllm", "sglang", "llamacpp", "ollama", "merged", "transformers")
@@ -285,8 +285,6 @@ def deployment_findings(serving, lora, model_type: str | None, base_is_gguf: boo
 
 def check_deployment(serving, lora, model_type: str | None, base_is_gguf: bool) -> list[str]:
     """Raise ConfigError on the first refusal (one line, with the fix); return the notes."""
-    from lora_ft.errors import ConfigError
-
     found = deployment_findings(serving, lora, model_type, base_is_gguf)
     errors = [f for f in found if f.level == "error"]
     if errors:

@@ -19,9 +19,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import GenerationConfig, TextIteratorStreamer
+
 from lora_ft.artifacts.adapter_run import AdapterRun
+from lora_ft.config import ModelSpec
 from lora_ft.data.conversation import Conversation
 from lora_ft.errors import LoraftError
+from lora_ft.model.loading import load_base_model, load_tokenizer, resolve_model_source, resolve_precision
 
 BASE = "base"
 
@@ -48,8 +55,6 @@ class GenerationSettings:
             raise LoraftError("--temperature: must be above 0 when sampling (use greedy decoding instead of 0)")
 
     def to_hf(self, eos_ids: Sequence[int], pad_id: int):
-        from transformers import GenerationConfig
-
         sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} if self.do_sample else {}
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens,
@@ -124,8 +129,6 @@ class Inference:
 
     def stream(self, messages: Sequence[dict], settings: GenerationSettings, label: str = BASE, *, system: bool = True) -> Iterator[str]:
         """Yield the reply's text as it is generated (for `loraft chat`)."""
-        from transformers import TextIteratorStreamer
-
         tokenizer = self.tokenizer(label)
         ids = self.render(messages, label, system=system)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
@@ -133,8 +136,6 @@ class Inference:
         failure: list[BaseException] = []
 
         def work():
-            import torch
-
             try:
                 torch.manual_seed(settings.seed)
                 with self.use(label), torch.no_grad():
@@ -168,11 +169,6 @@ def load_for_inference(
     `base` set (the base alone, with its own tokenizer and template). `as_trained` loads a QLoRA run's base
     4-bit as training saw it (see AdapterRun.resolve_base); by default bases load in full precision.
     """
-    import torch
-
-    from lora_ft.config import ModelSpec
-    from lora_ft.model.loading import load_base_model, load_tokenizer, resolve_model_source, resolve_precision
-
     dirs = [] if adapter_dir is None else [adapter_dir] if isinstance(adapter_dir, (str, Path)) else list(adapter_dir)
     if not dirs and not base:
         raise LoraftError("give --adapter DIR (or --base MODEL with --base-only)")
@@ -200,7 +196,7 @@ def load_for_inference(
         model = model.to("cuda")
     conversations = {BASE: Conversation.of_base(load_tokenizer(spec, source), model=model)}
     if runs:
-        from peft import PeftModel
+        from peft import PeftModel  # lazy: peft ~3 s + bitsandbytes notes on stderr, not paid by generate's and serve's refusals
 
         model = PeftModel.from_pretrained(model, str(runs[0].path), adapter_name=labels[0])
         for label, run in zip(labels[1:], runs[1:]):
@@ -241,8 +237,6 @@ def generate_batched(
     Prompts are sorted by length so each batch wastes little padding (and the longest batch runs
     first, so running out of memory shows at once); results are returned in the caller's order.
     """
-    import torch
-
     if not prompts:
         return []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -284,8 +278,6 @@ def _progress(progress, description: str, total: int):
     if progress is False:
         yield lambda n: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = progress if progress is not None else Console(stderr=True)
     with Progress(
