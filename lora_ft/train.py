@@ -53,11 +53,11 @@ class TrainResult:
         if base and m is not None and (caveat := heldout_caveat(m.data.heldout_overlap)):
             lines.append(f"caveat          {caveat}")
         if base and m is not None and m.base_model.quantization is not None:
-            # AdapterRun.resolve_base loads a QLoRA run's base without model.quantization for eval, generate, merge
-            # and serve: another base than the 4-bit one trained and scored here, so their figures differ.
+            # `loraft eval` scores a QLoRA run on this same 4-bit base (AdapterRun.resolve_base(as_trained=True));
+            # merge, export, generate and serve compute on the full-precision base, where the figures move.
             lines.append(f"note            held-out figures here are on the {m.base_model.quantization.bits}-bit base the "
-                         "adapter trained on; `loraft eval` scores it on the unquantized base it is merged into and "
-                         "served on, so its figures differ")
+                         "adapter trained on, as `loraft eval` scores it; merge and serve compute on the full-precision "
+                         "base: `loraft eval --full-precision-base` measures the adapter there")
         if self.stop.get("adapter"):
             b, a = self.stop["base"], self.stop["adapter"]
             lines.append(
