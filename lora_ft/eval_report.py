@@ -138,7 +138,7 @@ class EvalReport:
         import matplotlib  # lazy: matplotlib.use selects the process's backend; only when a chart is drawn
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
         rates = {k: v for k, v in self.task["metrics"].items() if k in GENERATION_METRICS}
         if self.regression:
