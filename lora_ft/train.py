@@ -14,6 +14,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console
+from rich.markup import escape
+
 from lora_ft.artifacts.locks import hold
 from lora_ft.artifacts.manifests import RunManifest
 from lora_ft.artifacts.run_dir import METRICS
@@ -40,7 +43,7 @@ class TrainResult:
             lines.append(f"speed           {speed_line(self.run_dir, m.metrics.peak_gpu_memory_gib)}")
         base, tuned = self.scores.get("base"), self.scores.get("adapter")
         if self.preference is not None:
-            from lora_ft.training import preference  # torch: imported only where a preference run is summarised
+            from lora_ft.training import preference  # lazy: ~6 s (torch, transformers, trl); not before train's 0.6 s refusals
 
             lines += preference.preference_summary(self.preference.get("heldout") or {})
         elif base and tuned:
@@ -80,7 +83,7 @@ class TrainResult:
 
 def speed_line(run_dir: Path, peak_gib: float | None) -> str:
     """Mean training tokens/s (metrics.jsonl's last record) next to the peak GPU memory."""
-    from lora_ft.training.progress import read_metrics  # progress imports transformers: not before the pre-flight
+    from lora_ft.training.progress import read_metrics  # lazy: ~6 s (torch, transformers, trl); not before train's 0.6 s refusals
 
     rates = [r["tokens_per_s_mean"] for r in read_metrics(run_dir / METRICS) if "tokens_per_s_mean" in r]
     rate = f"{rates[-1]:,.0f} tok/s (mean)" if rates else "tok/s not measured"
@@ -103,14 +106,14 @@ def train(
 
 
 def _run(check: Preflight, *, overwrite: bool, started: float, command: str, console) -> TrainResult:
-    # Imported once the pre-flight passed: TRL, PEFT and the model stack cost seconds to import, and a refusal
+    # Imported once the pre-flight passed: TRL, PEFT and the model stack take ~7 s to import, and a refusal
     # should not wait for them (issue 27).
-    from lora_ft.model.speed import liger_patches_scoped
-    from lora_ft.training import preference
-    from lora_ft.training.finish import finalize, score_heldout
-    from lora_ft.training.fit import fit, load_model, open_run, record_start
-    from lora_ft.training.guards import StopSignals
-    from lora_ft.training.sft import build_trainer
+    from lora_ft.model.speed import liger_patches_scoped  # lazy: torch + transformers' modeling, ~4.6 s; after the pre-flight
+    from lora_ft.training import preference  # lazy: ~6 s (torch, transformers, trl); not before train's 0.6 s refusals
+    from lora_ft.training.finish import finalize, score_heldout  # lazy: ~6 s (torch, transformers, trl); not before train's 0.6 s refusals
+    from lora_ft.training.fit import fit, load_model, open_run, record_start  # lazy: ~6 s (torch, transformers, trl); not before train's 0.6 s refusals
+    from lora_ft.training.guards import StopSignals  # lazy: ~6 s (torch, transformers, trl); not before train's 0.6 s refusals
+    from lora_ft.training.sft import build_trainer  # lazy: ~6 s (torch, transformers, trl); not before train's 0.6 s refusals
 
     start = open_run(check, overwrite=overwrite, started=started, command=command, console=console)
     _report_data(console, check.training_data)
@@ -136,8 +139,6 @@ def _run(check: Preflight, *, overwrite: bool, started: float, command: str, con
 def report_preflight(check: Preflight, console) -> None:
     """What train prints of the pre-flight (validate prints all of it): notes, warnings, then a failing data
     check stops the run (exit 2) with the one line validate ends with."""
-    from rich.markup import escape
-
     for finding in check.findings:
         if finding.source == "data check":
             if finding.level == "warn":
@@ -154,8 +155,6 @@ def report_preflight(check: Preflight, console) -> None:
 
 
 def _default_console():
-    from rich.console import Console
-
     return Console(stderr=True, soft_wrap=True)  # a warning stays one line when piped
 
 
@@ -173,7 +172,7 @@ def _report_data(console, data) -> None:
 
 
 def _release_gpu_cache() -> None:
-    import torch
+    import torch  # lazy: ~1.3 s; not before train's 0.6 s refusals
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -22,11 +22,16 @@ from lora_ft import __version__
 from lora_ft.artifacts.manifests import (
     BaseModelRecord, ChatRecord, DataRecord, DistributedRecord, LoraRecord, MetricsRecord, RunManifest, write_manifest,
 )
+from lora_ft.artifacts.manifests import AdviceRecord
 from lora_ft.artifacts.run_dir import METRICS
 from lora_ft.config import RunConfig
 from lora_ft.data.chat_template import generation_config
+from lora_ft.metrics import heldout_loss
 from lora_ft.model.coverage import parameter_wrappers
+from lora_ft.model.rank_stats import adapter_statistics, model_weight_norms
 from lora_ft.model.stop_tokens import stop_score, stop_warning
+from lora_ft.rank_diagnostics import gradient_report, run_outcome
+from lora_ft.training.advice import after_run
 from lora_ft.training.distributed import effective_batch, world_size
 from lora_ft.training.fit import INITIAL_ADAPTER, LoadedModel, RunStart, config_hash
 from lora_ft.training.preflight import Preflight
@@ -58,8 +63,6 @@ def score_heldout(check: Preflight, loaded: LoadedModel, record: dict | None = N
 
 def final_scores(model, data, tokenizer, batch_size: int) -> dict:
     """Held-out loss of the base (adapter disabled) and of the adapter, on the same tokens."""
-    from lora_ft.metrics import heldout_loss
-
     if data.eval is None:
         return {}
     pad = tokenizer.pad_token_id
@@ -88,7 +91,6 @@ def finalize(start: RunStart, check: Preflight, loaded: LoadedModel, trainer, he
     typed manifest last: a run folder with a manifest is a finished run."""
     cfg, data, run, speed = check.cfg, check.training_data, start.run, loaded.speed
     scores, stop, original = heldout.scores, heldout.stop, loaded.original
-    from lora_ft.model.rank_stats import adapter_statistics, model_weight_norms
 
     stage = run.staging()
     model = trainer.model
@@ -183,10 +185,6 @@ def finalize(start: RunStart, check: Preflight, loaded: LoadedModel, trainer, he
 
 def advice_record(cfg: RunConfig, advice, stats: dict, history: list[dict]):
     """The pre-flight advice and what the run did against it (rank verdict, update size, losses), for the manifest."""
-    from lora_ft.artifacts.manifests import AdviceRecord
-    from lora_ft.rank_diagnostics import gradient_report, run_outcome
-    from lora_ft.training.advice import after_run
-
     before = advice.findings if advice is not None else ()
     relative = stats["mean_relative_norm"]
     outcome = run_outcome(cfg.lora.rank, stats["verdict"], stats["median_rank_used"], relative,

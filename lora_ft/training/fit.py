@@ -21,8 +21,10 @@ from lora_ft.artifacts.run_dir import CONFIG, METRICS, RunDir
 from lora_ft.config import RunConfig
 from lora_ft.config_io import config_to_yaml, redact
 from lora_ft.errors import Interrupted
+from lora_ft.metrics import heldout_loss
 from lora_ft.model.coverage import check_same_coverage
 from lora_ft.model.loading import attach_lora, load_base_model
+from lora_ft.model.rank_stats import original_weight_norms
 from lora_ft.model.speed import SpeedPlan, apply_speed_plan, plan_speed
 from lora_ft.training.distributed import is_main_process
 from lora_ft.training import preference
@@ -133,9 +135,6 @@ def _recorded_base_name(cfg: RunConfig) -> str:
 def original_base(model, data, tokenizer, cfg: RunConfig) -> dict:
     """What PiSSA/OLoRA take away once the adapter is attached (W becomes a residual, so disabling the
     adapter no longer gives the base): the weight norms and the held-out loss of the original base."""
-    from lora_ft.metrics import heldout_loss
-    from lora_ft.model.rank_stats import original_weight_norms
-
     heldout = None
     if data.eval is not None:
         heldout = heldout_loss(model, data.eval.encoded, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.training.batch_size)

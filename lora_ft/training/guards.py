@@ -21,6 +21,8 @@ import threading
 from collections import deque
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from lora_ft.errors import EXIT_SIGINT, EXIT_SIGTERM, LoraftError
@@ -91,11 +93,8 @@ class SignalCallback(TrainerCallback):
 
 def _any_rank(flag: bool, device) -> bool:
     """True if `flag` is set on any process: every rank must stop (and save) at the same step."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
-    import torch
 
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -162,8 +161,6 @@ class NumericGuard:
             model.zero_grad(set_to_none=True)
 
     def _after_backward_on_device(self, model, loss, step: int, sync: bool, optimizer) -> None:
-        import torch
-
         loss = loss.detach().float()
         seen = self._bad_loss_on_device if self._bad_loss_on_device is not None else torch.zeros_like(loss)
         self._bad_loss_on_device = torch.where(torch.isfinite(loss), seen, loss)
@@ -182,7 +179,6 @@ class NumericGuard:
         """Judge the steps checked on the device since the last flush, in order (one host sync)."""
         if not self._pending:
             return
-        import torch
 
         steps = [step for step, _ in self._pending]
         values = torch.stack([v for _, v in self._pending]).tolist()
@@ -228,8 +224,6 @@ def _device_skipping_optimizer(optimizer):
 
 
 def _grad_norm_tensor(model):
-    import torch
-
     grads = [p.grad.detach() for p in model.parameters() if p.requires_grad and p.grad is not None]
     if not grads:
         return torch.zeros(())

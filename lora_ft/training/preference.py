@@ -36,7 +36,7 @@ FALLING_WINDOW = 5  # logging steps in a row with both log-probabilities down be
 def to_preference_config(cfg: RunConfig, common: dict):
     """TRL's DPOConfig / KTOConfig: the Trainer arguments SFT uses (`common`, built in one place by train.py) and
     each method's own keys. Rows arrive encoded and cut to the length limits, so TRL's own truncation is off."""
-    from trl import DPOConfig, KTOConfig
+    from trl import DPOConfig, KTOConfig  # lazy: trl ~1 s; eval and inspect import this module (pair_score, progress_parts) and never train
 
     pref = cfg.preference
     shared = dict(common, max_length=None, disable_dropout=True, precompute_ref_log_probs=False,
@@ -53,7 +53,7 @@ def to_preference_config(cfg: RunConfig, common: dict):
 
 def trainer_base(method: str):
     """TRL's trainer for the method, taking the rows data/pairs.py encoded (prompt and answer tokenized together)."""
-    from trl import DPOTrainer, KTOTrainer
+    from trl import DPOTrainer, KTOTrainer  # lazy: trl ~1 s; eval and inspect import this module (pair_score, progress_parts) and never train
 
     class EncodedDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -97,7 +97,7 @@ def run_record(cfg: RunConfig, trainer, chain: list[dict]) -> dict:
 
 
 def _trl_version() -> str:
-    import trl
+    import trl  # lazy: trl ~1 s; eval and inspect import this module (pair_score, progress_parts) and never train
 
     return trl.__version__
 
@@ -117,7 +117,7 @@ def load_start_adapter(model, cfg: RunConfig, base_fingerprint: str) -> dict:
     """Copy a finished run's adapter weights into the freshly attached one (same lora section required), read
     through the one adapter loader (safetensors only, intact, ranks as configured). Returns the chain entry the
     manifest records."""
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict  # lazy: peft ~3 s + bitsandbytes notes on stderr; inspect imports this module and never trains
 
     run = AdapterRun.load(Path(cfg.model.adapter), "model.adapter")
     folder, manifest = run.path, run.manifest

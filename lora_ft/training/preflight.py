@@ -13,10 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_ft.artifacts.checkpoints import check_same_data
+from lora_ft.artifacts.run_dir import check_output_path
 from lora_ft.config import RunConfig
+from lora_ft.data.pairs import load_preference_data, validate_preference_rows
+from lora_ft.data.prepared import prepare_data
+from lora_ft.data_check import check_data
 from lora_ft.errors import ConfigError, DataError
+from lora_ft.model.memory import PLANNING_MARGIN_GIB, estimate_memory, logits_gib, weights_gib
 from lora_ft.training.distributed import is_main_process
-from lora_ft.training.run_folder import FolderCheck, check_run_folder
+from lora_ft.training.run_folder import FolderCheck, check_run_folder, input_paths
 
 
 @dataclass(frozen=True)
@@ -112,24 +118,17 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
 
 
 def _inspect(cfg: RunConfig, folder: FolderCheck | None, console) -> Preflight:
-    # Imported only now: torch and transformers cost ~8 CPU-seconds to import, and the checks above refuse
-    # a finished run or a bad folder without them (issue 27: such a refusal took 100 s).
-    import torch
+    # Imported only now: torch, transformers and the model modules take ~5 s to import (3.2 CPU-s), and the checks
+    # above refuse a finished run or a bad folder in 0.6 s without them (issue 27: such a refusal took 100 s).
+    import torch  # lazy: ~1.3 s; preflight's folder checks refuse without it (0.6 s in all)
 
-    from lora_ft.artifacts.checkpoints import check_same_data
-    from lora_ft.artifacts.run_dir import check_output_path
-    from lora_ft.data.pairs import load_preference_data, validate_preference_rows
-    from lora_ft.data.prepared import prepare_data
-    from lora_ft.data_check import check_data
-    from lora_ft.model.loading import (
+    from lora_ft.model.loading import (  # lazy: torch + transformers, ~2.6 s; not before the folder checks
         check_device_support, check_weight_format, count_lora_params, load_model_config, load_tokenizer,
         resolve_model_source, resolve_precision,
     )
-    from lora_ft.model.memory import PLANNING_MARGIN_GIB, estimate_memory, logits_gib, weights_gib
-    from lora_ft.model.speed import check_speed_choices, plan_speed
-    from lora_ft.model.stop_tokens import check_lines, check_stop_tokens, plan_token_training
-    from lora_ft.training.advice import advise, data_size_from, shapes_from
-    from lora_ft.training.run_folder import input_paths
+    from lora_ft.model.speed import check_speed_choices, plan_speed  # lazy: torch + transformers' modeling, ~4.6 s
+    from lora_ft.model.stop_tokens import check_lines, check_stop_tokens, plan_token_training  # lazy: torch, ~2.6 s
+    from lora_ft.training.advice import advise, data_size_from, shapes_from  # lazy: torch, ~2.6 s
 
     precision = resolve_precision(cfg.training.precision)
     check_device_support(cfg.model, precision)
@@ -194,8 +193,8 @@ def deployment_findings(serving, lora, model_type: str | None, base_is_gguf: boo
     """serving.deployment's rules against the LoRA settings (serving/engines.py); raises on a refusal. With
     serving.merge_adapter: true every engine loads the merged model, so each target is checked as `merged`,
     and what the adapter alone could not do on an engine is said, not refused."""
-    from lora_ft.serving.engines import check_deployment
-    from lora_ft.serving.engines import deployment_findings as engine_findings
+    from lora_ft.serving.engines import check_deployment  # lazy: engines imports torch (~2.6 s); train and validate import this module
+    from lora_ft.serving.engines import deployment_findings as engine_findings  # lazy: as above
 
     if not serving.merge_adapter:
         return [Finding("deploy", "note", note) for note in check_deployment(serving, lora, model_type, base_is_gguf)]

@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from lora_ft.training.preference import progress_parts
@@ -87,8 +88,6 @@ class MetricsCallback(TrainerCallback):
 
 def peak_gpu_gib() -> float | None:
     """Peak GPU memory allocated by torch in this process so far (GiB), None without CUDA."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -129,12 +128,12 @@ def read_metrics(path: Path) -> list[dict]:
 def plot_loss_curve(history: list[dict], out: Path) -> bool:
     """Write the train/eval loss curve as PNG; returns False (no file) where matplotlib is not installed."""
     try:
-        import matplotlib
+        import matplotlib  # lazy: matplotlib.use must run before pyplot loads; and a missing matplotlib means no curve
     except ImportError:
         return False
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg")
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
