@@ -26,7 +26,7 @@ from typing import Sequence
 from rich.console import Console
 
 from lora_ft.config import DataSource, DataSpec
-from lora_ft.data.conversation import Example
+from lora_ft.data.encoding import Example
 from lora_ft.data.pairs import pair_rows_for_eval
 from lora_ft.data.rows import detect_format, load_rows, map_fields, read_rows
 from lora_ft.errors import LoraftError
