@@ -17,9 +17,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
+from rich.markup import escape
+from rich.progress import Progress
 
 from lora_ft.config import DataSpec, RunConfig
-from lora_ft.data.prepared import PreparedData, PreparedSplit, prepare_data
+from lora_ft.data.chat_template import check_end_of_turn
+from lora_ft.data.prepared import PreparedData, PreparedSplit, prepare_data, truncate
 from lora_ft.data.rows import IGNORE, Example, Row, ignored_fields, message_text
 from lora_ft.errors import ConfigError, DataError
 from lora_ft.data.near_dup import ShingleIndex
@@ -47,7 +50,7 @@ def check_data(cfg: RunConfig, tokenizer=None, *, console=None, prepared: Prepar
         raise ConfigError("data: missing; add data.train: path/to/train.jsonl")
     spec, levels = cfg.data, cfg.data.checks.model_dump()
     if tokenizer is None and prepared is None:
-        from lora_ft.model.loading import load_tokenizer, resolve_model_source
+        from lora_ft.model.loading import load_tokenizer, resolve_model_source  # lazy: torch + transformers, ~2.6 s; preflight imports this module and refuses a typo or a finished run in 0.6 s
 
         tokenizer = load_tokenizer(cfg.model, resolve_model_source(cfg.model))
     started = time.perf_counter()  # the check's own time; loading a tokenizer is not the data's cost
@@ -126,8 +129,6 @@ def _error_item(message: str) -> dict:
 
 
 def _escape(text: str) -> str:
-    from rich.markup import escape
-
     return escape(text)
 
 
@@ -293,7 +294,6 @@ class _progress:
     def __enter__(self):
         if self.console is None or self.total < 5000:
             return lambda k: None
-        from rich.progress import Progress
 
         self.bar = Progress(console=self.console, transient=True)
         self.bar.start()
@@ -387,9 +387,6 @@ def _balance_check(split: _Split, answers: dict, max_share: float, add) -> None:
 def _end_of_turn_check(split: _Split, tokenizer, train_on: str, max_len: int, add):
     """The one end-of-turn rule (chat_template.check_end_of_turn) on every train row as training cuts it,
     reported with the other findings at data.checks.end_of_turn's level; train enforces nothing besides."""
-    from lora_ft.data.chat_template import check_end_of_turn
-    from lora_ft.data.prepared import truncate
-
     encoded = [truncate(item, max_len) for item in split.prepared.encode_all() if not isinstance(item, DataError)]
     report = check_end_of_turn(encoded, tokenizer, train_on)
     if report.token is None and report.turns:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
 from lora_ft.config import RunConfig
 from lora_ft.data.pairs import detect_preference_format, encode_pair, read_pairs
@@ -101,8 +104,6 @@ def show_pairs(cfg: RunConfig, tokenizer, rows) -> list[ShownPair]:
 
 
 def _print_pair(console, row: ShownPair, color: bool) -> None:
-    from rich.table import Table
-
     label = "" if row.label is None else f" (label: {'desirable' if row.label else 'undesirable'})"
     console.print(f"── {row.where}: prompt {row.prompt_tokens} tokens (masked){label}", style="bold")
     if not color:
@@ -119,9 +120,6 @@ def _print_pair(console, row: ShownPair, color: bool) -> None:
 
 
 def print_rows(shown: list, *, color: bool) -> None:
-    from rich.console import Console
-    from rich.text import Text
-
     console = Console(force_terminal=color, no_color=not color, highlight=False, soft_wrap=True)
     for row in shown:
         if isinstance(row, ShownPair):

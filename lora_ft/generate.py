@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from lora_ft.artifacts.run_dir import atomic_write_text
+from lora_ft.config import DataSource
+from lora_ft.data.rows import read_rows
 from lora_ft.errors import LoraftError
 from lora_ft.serving.inference import Generation, GenerationSettings, Inference
 
@@ -49,10 +52,6 @@ def generate_file(
     out: Path | None = None, progress=None,
 ) -> GenerateResult:
     """Read prompt rows, generate with each label (base and/or adapters), write one JSONL row per prompt."""
-    from lora_ft.config import DataSource
-    from lora_ft.data.rows import read_rows
-    from lora_ft.artifacts.run_dir import atomic_write_text
-
     rows = read_rows(DataSource(path=str(prompts_file)))
     if not rows:
         raise LoraftError(f"--prompts: {prompts_file} holds no rows")

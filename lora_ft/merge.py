@@ -26,6 +26,12 @@ from pathlib import Path
 from typing import Iterator
 
 
+from rich.console import Console
+from transformers import AutoConfig, AutoTokenizer
+
+from lora_ft.artifacts.fingerprint import fingerprint_model_path
+from lora_ft.model.coverage import wrappers_for_adapter
+from lora_ft.model.loading import load_base_model, load_tokenizer
 from lora_ft.model.speed import one_torch_thread
 from lora_ft import __version__
 from lora_ft.errors import LoraftError
@@ -142,8 +148,6 @@ def _readable_by_all(folder: Path) -> None:
 
 
 def _default_console():
-    from rich.console import Console
-
     return Console(stderr=True, soft_wrap=True)  # a warning stays one line when piped
 
 
@@ -162,10 +166,6 @@ def load_adapter(run: AdapterRun, base_dir: Path | None = None) -> AdapterWeight
 
 
 def _parameter_wrappers(run: AdapterRun, base_dir: Path | None) -> dict:
-    from transformers import AutoConfig
-
-    from lora_ft.model.coverage import wrappers_for_adapter
-
     if not run.adapter.target_parameters:
         return {}
     if base_dir is None:
@@ -193,7 +193,6 @@ def _base_checkpoint(spec, source, scratch_parent: Path, console) -> Iterator[Pa
     if source.gguf_file is None:
         yield source.path
         return
-    from lora_ft.model.loading import load_base_model
 
     scratch_parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".gguf-dequantized-", dir=scratch_parent))
@@ -212,8 +211,6 @@ def _base_checkpoint(spec, source, scratch_parent: Path, console) -> Iterator[Pa
 
 
 def write_sidecars(plan: MergePlan, base_dir: Path, run: AdapterRun, spec, source, out_dir: Path):
-    from lora_ft.model.loading import load_tokenizer
-
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     config.pop("quantization_config", None)  # merged weights are dense; a leftover marker makes loaders quantize
     config["torch_dtype" if "torch_dtype" in config else "dtype"] = DTYPE_NAMES[plan.dtype]
@@ -227,8 +224,6 @@ def write_sidecars(plan: MergePlan, base_dir: Path, run: AdapterRun, spec, sourc
             break
     # The tokenizer exactly as trained (with its chat template) when the adapter folder has it.
     if (run.path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(str(run.path))
     else:
         tokenizer = load_tokenizer(spec, source)
@@ -241,8 +236,6 @@ def write_sidecars(plan: MergePlan, base_dir: Path, run: AdapterRun, spec, sourc
 
 
 def _manifest(run, spec, source, matches, force, plan: MergePlan, written: Written, logits, skipped, seconds) -> MergeManifest:
-    from lora_ft.artifacts.fingerprint import fingerprint_model_path
-
     recorded = run.base_fingerprint
     actual = recorded if matches else fingerprint_model_path(source.path, source.gguf_file)
     adapter = plan.adapter.config

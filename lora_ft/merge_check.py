@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from lora_ft.errors import LoraftError, VerificationError
 
@@ -103,8 +104,7 @@ def verify_logits(out_dir: Path, run: AdapterRun, plan: MergePlan, tokenizer, *,
     when that is what was merged into). fp32 output must match within 1e-4; half-precision output
     within HALF_FACTOR times the measured effect of rounding (see HALF_FACTOR).
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from peft import PeftModel  # lazy: peft ~3 s + bitsandbytes notes on stderr; merge's refusals and --no-verify need none
 
     prompts = [torch.tensor([ids], dtype=torch.long) for p in VERIFY_PROMPTS if (ids := tokenizer(p)["input_ids"])]
     if not prompts:

@@ -5,19 +5,25 @@ QLoRA adapter which full-precision weights to merge into. merge.py runs it; merg
 from __future__ import annotations
 
 import math
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from transformers import AutoConfig
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
 
 from lora_ft.errors import LoraftError, VerificationError
 from lora_ft.merge_check import check_module
-from lora_ft.model.loading import DTYPES
+from lora_ft.model.loading import DTYPES, PRECISION_DTYPES, resolve_dtype
 from lora_ft.artifacts.adapter import AdapterWeights, ModuleFactors
 from lora_ft.artifacts.adapter_run import AdapterRun
 from lora_ft.artifacts.run_dir import atomic_write_json
 from lora_ft.artifacts.shards import INDEX, ShardWriter, base_shards, read_tensor, shard_index
+from lora_ft.model.shapes import meta_model
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -104,10 +110,6 @@ def checkpoint_deltas(adapter: AdapterWeights, located: dict, base_dir: Path) ->
     tensor (the rows of the fused one it came from): every adapted tensor stays 2-D and checked as before."""
     if not adapter.fused:
         return adapter
-    from dataclasses import replace
-
-    from transformers import AutoConfig
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     model_type = AutoConfig.from_pretrained(str(base_dir)).model_type
     names = _checkpoint_names(located, get_checkpoint_conversion_mapping(model_type) or [])
@@ -139,10 +141,6 @@ def checkpoint_deltas(adapter: AdapterWeights, located: dict, base_dir: Path) ->
 
 def _checkpoint_names(located: dict, conversions: list) -> dict[str, tuple[str, int | None, tuple[int, int] | None]]:
     """Base tensor name -> (the model's parameter it becomes, expert index, its rows in that parameter)."""
-    import re
-
-    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
-
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     found = {}
@@ -207,10 +205,6 @@ def _output_dtype(dtype: str, located: dict) -> torch.dtype:
 
 def _embedding_names(base_dir: Path) -> tuple[str, str, bool]:
     """Tensor names of the input embedding and lm_head, and whether config.json ties them (from a meta model)."""
-    from transformers import AutoConfig
-
-    from lora_ft.model.shapes import meta_model
-
     config = AutoConfig.from_pretrained(str(base_dir))
     model = meta_model(config)
     names = {id(m): n for n, m in model.named_modules()}
@@ -237,8 +231,6 @@ class Written:
 
 
 def write_merged(plan: MergePlan, out_dir: Path, console) -> Written:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
     started = time.time()
     weight_map: dict[str, str] = {}
     total = sum(j.nbytes for _, jobs in plan.shards for j in jobs)
@@ -343,8 +335,6 @@ def _roundtrip_device() -> str | None:
 
 
 def _training_dtype(run: AdapterRun) -> torch.dtype:
-    from lora_ft.model.loading import PRECISION_DTYPES, resolve_dtype
-
     precision = run.manifest.precision  # only QLoRA runs come here, and loraft wrote their manifest
     if run.config is not None:
         return resolve_dtype(run.config.model, precision)
@@ -355,7 +345,7 @@ def _nf4_roundtrip(quant, load_dtype: torch.dtype, device: str):
     """W -> dequantize(quantize_4bit(W)) with the training settings (blocksize 64, as bitsandbytes' Linear4bit)."""
 
     def roundtrip(weight: torch.Tensor) -> torch.Tensor:
-        import bitsandbytes.functional as bnbf
+        import bitsandbytes.functional as bnbf  # lazy: only --qlora-base dequantized needs it; its import prints notes on stderr
 
         w = weight.to(device=device, dtype=load_dtype)
         packed, state = bnbf.quantize_4bit(
@@ -372,9 +362,6 @@ def with_quantized_names(choice: QloraChoice | None, base_dir: Path) -> QloraCho
     (transformers keeps lm_head in full precision), adapted or not."""
     if choice is None or choice.mode != "dequantized":
         return choice
-    from transformers import AutoConfig
-
-    from lora_ft.model.shapes import meta_model
 
     model = meta_model(AutoConfig.from_pretrained(str(base_dir)))
     head = model.get_output_embeddings()

@@ -11,7 +11,12 @@ import json
 from pathlib import Path
 
 import torch
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
+from lora_ft.artifacts.run_dir import atomic_dir
 from lora_ft.errors import LoraftError
 from lora_ft.model.rank_stats import (
     ADVICE, BALANCED, NO_UPDATE, SATURATED, SATURATED_FRACTION, UNUSED, UNUSED_FRACTION, GroupStats, changed_most,
@@ -23,8 +28,6 @@ REPORT_FILES = ("inspect.json", "spectra.png", "update_norm_by_layer.png")
 
 
 def render_summary(result: InspectResult, width: int = 120) -> str:
-    from rich.console import Console
-
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False, highlight=False)
     for part in _summary_parts(result):
@@ -89,16 +92,12 @@ def _summary_parts(result: InspectResult) -> list:
         moved = "" if row.change is None else f", moved {row.change:.3g} from the base's {row.norm_before:.3g}"
         parts.append(f"token row       {row.token} (id {row.id}) in {row.module}: norm {row.norm_after:.3g}{moved}")
     parts.extend(f"note            {n}" for n in result.notes)
-    from rich.markup import escape  # a source is written [like this], which rich would take for markup
 
     parts.extend(escape(f"advice          {line}") for f in result.advice for line in f.lines())
     return parts
 
 
 def _table(title: str):
-    from rich import box
-    from rich.table import Table
-
     return Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
 
 
@@ -135,8 +134,6 @@ def _top_modules_table(result: InspectResult):
 
 def write_report(result: InspectResult, out_dir: str | Path) -> Path:
     """inspect.json and two charts, written into a temporary sibling folder and renamed into place."""
-    from lora_ft.artifacts.run_dir import atomic_dir
-
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(p.name not in REPORT_FILES for p in out.iterdir())):
         raise LoraftError(f"--report: {out} exists and holds other files; choose a new folder")
@@ -148,10 +145,10 @@ def write_report(result: InspectResult, out_dir: str | Path) -> Path:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # lazy: matplotlib.use must run before pyplot loads; only when a chart is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg")
 
     return plt
 

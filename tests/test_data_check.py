@@ -452,12 +452,12 @@ def test_malformed_files_give_one_line_naming_file_and_line(name, content, expec
 def test_train_with_a_failing_check_exits_2_before_the_model_loads_and_writes_nothing(
     make_config, write_yaml, run_cli, tmp_path, monkeypatch
 ):
-    import lora_ft.model.loading
+    import lora_ft.training.fit
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the base model was loaded although the data check failed")
 
-    monkeypatch.setattr(lora_ft.model.loading, "load_base_model", must_not_load)
+    monkeypatch.setattr(lora_ft.training.fit, "load_base_model", must_not_load)  # where train looks it up
     train = clean_rows(20)
     config = write_yaml(make_config(train, [dict(train[0]), dict(train[1])] + clean_rows(4, seed=2)))
     before = sorted(p.name for p in tmp_path.iterdir())

@@ -116,7 +116,6 @@ def test_preflight_estimate_follows_the_plan_for_each_checkpointing_setting(tiny
 
 
 def test_one_train_reads_each_data_file_once_and_encodes_each_row_once(tiny_config, monkeypatch):
-    import lora_ft.artifacts.run_dir as run_dir
     import lora_ft.data.conversation as conversation
     import lora_ft.data.rows as rows
     from lora_ft.train import train
@@ -131,7 +130,7 @@ def test_one_train_reads_each_data_file_once_and_encodes_each_row_once(tiny_conf
         return wrapper
 
     monkeypatch.setattr(rows, "read_source", counted("reads", rows.read_source))
-    monkeypatch.setattr(run_dir, "file_sha256", counted("hashes", run_dir.file_sha256))
+    monkeypatch.setattr(rows, "file_sha256", counted("hashes", rows.file_sha256))  # where describe_sources looks it up
     monkeypatch.setattr(conversation, "encode", counted("encodings", conversation.encode))  # every row encoding goes through it
     tiny_config["training"]["max_steps"] = 2
     result = train(validate_dict(tiny_config))

@@ -10,7 +10,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_ft.artifacts.run_dir import atomic_dir
+from rich.markup import escape
+
+from lora_ft.artifacts.run_dir import atomic_dir, atomic_write_json, atomic_write_text
 from lora_ft.data.pair_checks import PAIR_CHECKS
 
 CHECKS = ("row_schema", "chat_fields", "lengths", "duplicates", "contradictions", "leakage", "near_leakage", "balance",
@@ -118,8 +120,6 @@ class DataCheckResult:
 
     def summary(self) -> str:
         """Rich markup for the terminal; user text is escaped."""
-        from rich.markup import escape
-
         lines = [f"[bold]format[/] {self.format}   max_seq_length {self.max_seq_length}   ({self.seconds:.1f}s)"]
         for split in self.splits:
             text = f"[bold]{split.name}[/]  {split.rows:,} rows"
@@ -179,8 +179,6 @@ class DataCheckResult:
 
     def write_report(self, folder: Path) -> list[Path]:
         """data_report.json and data_report.md in `folder`, each written atomically."""
-        from lora_ft.artifacts.run_dir import atomic_write_json, atomic_write_text
-
         folder = Path(folder)
         atomic_write_json(folder / "data_report.json", self.to_json())
         atomic_write_text(folder / "data_report.md", self.to_markdown())
