@@ -274,6 +274,15 @@ def test_divergence_or_loss_spikes_say_the_learning_rate_is_too_high(losses):
     assert after.level == "warn" and "too high" in after.what
 
 
+def test_noise_near_convergence_is_not_a_loss_spike():
+    """The quickstart's logged losses (lr 3e-3): a doubling between 0.018 and 0.036 nats after starting at 1.35 is
+    batch noise; a real spike rises by a share of the loss the run started from."""
+    quickstart = (1.3531, 0.7905, 0.1847, 0.1002, 0.0734, 0.1086, 0.0893, 0.1274, 0.0753, 0.0807, 0.0729, 0.0676,
+                  0.0469, 0.0535, 0.0543, 0.0403, 0.0580, 0.0434, 0.0475, 0.0235, 0.0329, 0.0181, 0.0264, 0.0363, 0.0372)
+    assert by_name(after_run(outcome(losses=quickstart)))["learning_rate"].level == "ok"
+    assert by_name(after_run(outcome(losses=quickstart[:6] + (0.5,) + quickstart[6:])))["learning_rate"].level == "warn"
+
+
 def test_held_out_loss_rising_while_train_loss_falls_is_overfitting():
     evals = ((1.0, 1.20), (2.0, 1.10), (3.0, 1.18), (4.0, 1.30))
     after = by_name(after_run(outcome(evals=evals), [before("epochs", "warn", "likely to overfit", 3)]))["epochs"]

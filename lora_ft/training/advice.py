@@ -323,7 +323,9 @@ class RunOutcome:
     evals: tuple[tuple[float, float], ...]  # (epoch, held-out loss) per evaluation
 
 
-SPIKE = 2.0  # a logged train loss above SPIKE x the lowest one before it
+SPIKE = 2.0  # a logged train loss above SPIKE x the lowest one before it ...
+SPIKE_FLOOR = 0.1  # ... and above it by this share of the first logged loss: near convergence (0.018 -> 0.036 nats
+# after 1.35 at the start, the quickstart's) a doubling is batch noise, not a step too large
 RISE = 1.02  # the last held-out loss above RISE x the lowest one
 
 
@@ -365,7 +367,8 @@ def _rank_after(o: RunOutcome, prior: Finding | None) -> Finding | None:
 def _lr_after(o: RunOutcome, prior: Finding | None) -> Finding | None:
     finite = [x for x in o.losses if math.isfinite(x)]
     diverged = len(finite) < len(o.losses) or (len(finite) >= 4 and finite[-1] > finite[0])
-    spikes = sum(1 for i, x in enumerate(finite[2:], 2) if x > SPIKE * min(finite[:i]))
+    spikes = sum(1 for i, x in enumerate(finite[2:], 2)
+                 if x > SPIKE * min(finite[:i]) and x - min(finite[:i]) > SPIKE_FLOOR * abs(finite[0]))
     flagged = prior is not None and prior.level == "warn"
     if diverged or spikes or o.gradients_too_high or o.update == "huge":
         what = ("train loss diverged (non-finite or ended above its start)" if diverged else
