@@ -41,13 +41,14 @@ from lora_ft.training.progress import read_metrics
 # spike test: with B = 0 at the start and the loss at its highest, it is the largest by nature.
 GRAD_WINDOW = 10
 SPIKE_FACTOR = 5.0
+LOSS_FALLS = 0.9  # growing grad norms are no alarm while the loss's second half is below this x its first half
 TREND_FACTOR = 2.0  # geometric mean of the window's second half vs first half: above -> growing, below 1/x -> shrinking
 TINY_UPDATE = 1e-3  # mean ||ΔW||/||W|| below this: the adapter barely moved the weights
 HUGE_UPDATE = 1.0  # above this the update outweighs the pretrained weight itself (seen at lr 0.5 on the tiny model: 115)
 HEURISTIC = (
     f"first {GRAD_WINDOW} logged grad norms; spike = a value after the first above {SPIKE_FACTOR:g}x their median; "
     f"growing/shrinking = second half's geometric mean above {TREND_FACTOR:g}x / below 1/{TREND_FACTOR:g} of the first's. "
-    f"Non-finite, growing, 2+ spikes or mean ||dW||/||W|| above {HUGE_UPDATE:g} -> learning rate or alpha too high; "
+    f"Non-finite, growing (unless the loss falls {1 - LOSS_FALLS:.0%} over the same steps), 2+ spikes or mean ||dW||/||W|| above {HUGE_UPDATE:g} -> learning rate or alpha too high; "
     f"mean ||dW||/||W|| under {TINY_UPDATE:g} with finite gradients -> scaling (alpha/r) or learning rate too low."
 )
 
@@ -251,7 +252,7 @@ class GradientReport:
     max: float
     median: float
     spikes: tuple[tuple[int, float], ...]
-    trend: str  # growing, shrinking, steady
+    trend: str  # growing, "growing while the loss falls" (no alarm), shrinking, steady
     trend_ratio: float | None
     nonfinite_step: int | None
     hint: str
@@ -261,6 +262,16 @@ class GradientReport:
         data = dict(self.__dict__)
         data["spikes"] = [list(s) for s in self.spikes]
         return data
+
+
+def _loss_falls(history: list[dict], steps: set[int]) -> bool:
+    """The logged train loss over `steps` ends below LOSS_FALLS x where it began (halves compared)."""
+    losses = [float(h["loss"]) for h in history if int(h.get("step", 0)) in steps and h.get("loss") is not None]
+    losses = [x for x in losses if math.isfinite(x)]
+    if len(losses) < 4:
+        return False
+    half = len(losses) // 2
+    return statistics.fmean(losses[-half:]) < LOSS_FALLS * statistics.fmean(losses[:half])
 
 
 def gradient_report(history: list[dict], relative_update: float | None) -> GradientReport | None:
@@ -277,6 +288,10 @@ def gradient_report(history: list[dict], relative_update: float | None) -> Gradi
         half = len(values) // 2
         ratio = math.exp(statistics.fmean(map(math.log, values[-half:])) - statistics.fmean(map(math.log, values[:half])))
         trend = "growing" if ratio > TREND_FACTOR else "shrinking" if ratio < 1 / TREND_FACTOR else "steady"
+    if trend == "growing" and _loss_falls(history, {s for s, _ in window}):
+        # LoRA starts with B = 0, so A's gradient starts at zero and norms grow as B does: with the loss falling
+        # over the same steps that is the run getting going, not a step too large.
+        trend = "growing while the loss falls"
     if nonfinite is not None:
         hint = f"grad norm is not finite at step {nonfinite}: learning rate or alpha too high; lower training.learning_rate or lora.alpha"
     elif trend == "growing" or len(spikes) >= 2:

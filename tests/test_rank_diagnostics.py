@@ -266,6 +266,16 @@ def test_growing_grad_norms_point_to_a_too_high_learning_rate_or_alpha():
     assert "too high" in report.hint
 
 
+def test_grad_norms_growing_while_the_loss_falls_are_lora_getting_going_not_an_alarm():
+    """B starts at zero, so early grad norms grow as B does; with the loss falling over those steps it is no alarm."""
+    rows = history([0.5, 0.6, 0.9, 1.4, 2.5, 4.0, 7.0, 12.0])
+    for row, loss in zip(rows, (1.4, 1.1, 0.8, 0.5, 0.3, 0.2, 0.15, 0.1)):
+        row["loss"] = loss
+    report = gradient_report(rows, relative_update=0.01)
+    assert report.trend == "growing while the loss falls" and report.trend_ratio > 2
+    assert report.hint == "no sign of an alpha or learning-rate problem"
+
+
 def test_spikes_are_values_five_times_the_median_after_the_first_step():
     report = gradient_report(history([9.0, 1.0, 1.1, 0.9, 6.0, 1.0, 1.0, 7.0, 1.0, 1.0, 50.0]), relative_update=0.01)
     assert report.values == (9.0, 1.0, 1.1, 0.9, 6.0, 1.0, 1.0, 7.0, 1.0, 1.0)  # the first 10 logged
