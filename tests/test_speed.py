@@ -8,6 +8,7 @@ import torch
 from conftest import build_tiny_llama, build_tokenizer
 from lora_ft.config_io import validate_dict
 from lora_ft.model.speed import SpeedPlan, _layers_to_checkpoint, activation_gib_per_layer, apply_checkpointing, apply_speed_plan
+from lora_ft.training.sft import _CHECKPOINTING  # the Trainer argument's name in the installed transformers
 
 
 def _losses(model, rows, tokenizer, tmp_path, name):
@@ -18,7 +19,7 @@ def _losses(model, rows, tokenizer, tmp_path, name):
         output_dir=str(tmp_path / name), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
         logging_steps=1, save_strategy="no", bf16=False, fp16=False, use_cpu=True, report_to="none",
         max_length=64, seed=0, dataset_kwargs={"skip_prepare_dataset": True}, disable_tqdm=True,
-        gradient_checkpointing=False, lr_scheduler_type="constant", warmup_steps=0,
+        **{_CHECKPOINTING: False}, lr_scheduler_type="constant", warmup_steps=0,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     trainer.train()
@@ -40,7 +41,10 @@ def test_loraft_path_gives_the_same_losses_as_plain_peft_trl(tmp_path):
     plain = build_tiny_llama(tokenizer, seed=3)
     torch.manual_seed(0)
     plain = get_peft_model(plain, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
-    plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(plain, "activation_checkpointing_enable"):  # transformers 5.2x's name; 5.17 has only the old one
+        plain.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = _losses(plain, rows, tokenizer, tmp_path, "plain")
 
     cfg = validate_dict({"model": {"name": "x"}, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}})
@@ -148,7 +152,7 @@ def _train_logs(trainer_class, tmp_path, name, rows, *, steps=5, logging_steps=1
         logging_steps=logging_steps, save_strategy="no", bf16=False, fp16=False, use_cpu=True, report_to="none",
         max_length=64, seed=0, dataset_kwargs={"skip_prepare_dataset": True}, disable_tqdm=True,
         lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused", include_num_input_tokens_seen="non_padding",
-        logging_nan_inf_filter=trainer_class.__name__ != "LoraftTrainer",
+        logging_nan_inf_filter=trainer_class.__name__ != "LoraftTrainer", **{_CHECKPOINTING: False},
     )
     trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                             callbacks=list(callbacks), **extra)
