@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 import typer
 import yaml
 
@@ -50,6 +51,7 @@ class Case:
     name: str
     build: Callable[[Env], list[str]]  # returns the CLI args after "train"
     expect: str  # must appear in the error line
+    without_cuda: bool = False  # a refusal of what only a CUDA machine can do: the test hides any GPU the machine has
 
 
 def key(dotted: str, value) -> Callable[[Env], list[str]]:
@@ -274,10 +276,10 @@ CASES = [
     Case("target list empty", key("lora.target_modules", []), "lora.target_modules"),
     Case("target module not in model", key("lora.target_modules", ["c_attn"]), "c_attn not in this model"),
     Case("precision unknown", key("training.precision", "fp8"), "training.precision"),
-    Case("fp16 on a CPU", key("training.precision", "fp16"), "fp16 needs a CUDA GPU"),
-    Case("4-bit on a CPU", key("model.quantization", {"bits": 4, "compute_dtype": "float32"}), "needs a CUDA GPU"),
-    Case("liger insisted on a CPU", key("training.liger", True), "training.liger: true needs CUDA"),
-    Case("Triton kernels insisted on a CPU", key("training.lora_kernels", "triton"), "training.lora_kernels: triton needs CUDA"),
+    Case("fp16 on a CPU", key("training.precision", "fp16"), "fp16 needs a CUDA GPU", without_cuda=True),
+    Case("4-bit on a CPU", key("model.quantization", {"bits": 4, "compute_dtype": "float32"}), "needs a CUDA GPU", without_cuda=True),
+    Case("liger insisted on a CPU", key("training.liger", True), "training.liger: true needs CUDA", without_cuda=True),
+    Case("Triton kernels insisted on a CPU", key("training.lora_kernels", "triton"), "training.lora_kernels: triton needs CUDA", without_cuda=True),
     Case("lora_kernels unknown", key("training.lora_kernels", "cuda"), "training.lora_kernels"),
     Case("optimizer unknown", key("training.optimizer", "adam"), "training.optimizer"),
     Case("scheduler unknown", key("training.lr_scheduler", "exponential"), "training.lr_scheduler"),
@@ -350,7 +352,10 @@ def _snapshot(root: Path) -> dict:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, tiny_model_dir, tiny_config, run_cli):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, tiny_model_dir, tiny_config, run_cli,
+                                                            monkeypatch):
+    if case.without_cuda:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     env = Env(tmp_path, tiny_model_dir, copy.deepcopy(tiny_config))
     (tmp_path / "data").mkdir()
     train_file = write_jsonl(tmp_path / "data" / "train.jsonl", copy_rows(8))
@@ -413,6 +418,8 @@ BAD_ONLY_TRAIN_SAW = [
 def test_validate_exits_2_exactly_when_train_does(case, tmp_path, tiny_model_dir, tiny_config, run_cli, monkeypatch):
     import lora_ft.train as train_module
 
+    if case.without_cuda:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     env = Env(tmp_path, tiny_model_dir, copy.deepcopy(tiny_config))
     (tmp_path / "data").mkdir()
     env.cfg["data"] = {"train": str(write_jsonl(tmp_path / "data" / "train.jsonl", copy_rows(8)))}

@@ -71,7 +71,7 @@ def loss_steps(run_dir: Path) -> list[int]:
 
 
 def start_cli(config: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # keep the caller's path
     return subprocess.Popen(
         [sys.executable, "-m", "lora_ft", "train", str(config), *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -4,6 +4,7 @@ checkpointing planner; serving.merge_adapter honoured; each data row read and en
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -61,7 +62,7 @@ def _cli_in_a_fresh_process(args: list[str]) -> dict:
                           "heavy": sorted(m for m in ("torch", "transformers", "trl", "peft") if m in sys.modules)}}))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

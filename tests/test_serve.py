@@ -51,6 +51,16 @@ def random_b_copy(run: Path, out: Path, seed: int) -> Path:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _on_the_cpu():
+    """The pool and the references run on the CPU, where a batch computes each row exactly as alone. On a GPU,
+    cuBLAS picks its kernel by batch size: the last bits differ, and the random tiny models' near-tied greedy
+    tokens flipped on an H200 with the right adapter served. GPU serving speed: scripts/bench_serve.py."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_run, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve_adapters")
