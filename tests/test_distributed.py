@@ -12,6 +12,7 @@ import torch
 
 from lora_ft.config_io import validate_dict
 from lora_ft.errors import ConfigError
+from lora_ft.training import distributed
 from lora_ft.training.distributed import accelerate_config, effective_batch
 
 
@@ -30,6 +31,21 @@ def test_fsdp_config_has_the_settings_lora_needs():
     assert fsdp["fsdp_cpu_ram_efficient_loading"] is True and fsdp["fsdp_version"] == 2
     with pytest.raises(ConfigError, match="fsdp needs GPUs"):
         accelerate_config(cfg.distributed, 2, precision="fp32", cpu=True)
+
+
+def test_cpu_processes_are_launched_with_every_gpu_hidden(monkeypatch, tmp_path):
+    """--gpus N --cpu on a machine with a GPU: each rank would take cuda:0 and NCCL refuse a duplicate GPU."""
+    launched = {}
+
+    def call(command, env):
+        launched.update(command=command, env=env)
+        return 0
+
+    monkeypatch.setattr(distributed.subprocess, "call", call)
+    cfg = validate_dict({"model": {"name": "m"}})
+    assert distributed.launch(tmp_path / "c.yaml", ["train", "c.yaml"], cfg, 2, cpu=True) == 0
+    assert launched["env"]["CUDA_VISIBLE_DEVICES"] == "" and launched["env"]["ACCELERATE_USE_CPU"] == "true"
+    assert "--nproc_per_node=2" in launched["command"]
 
 
 def test_deepspeed_without_the_package_is_a_clear_error(monkeypatch):

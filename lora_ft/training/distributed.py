@@ -97,6 +97,9 @@ def launch(config_path: Path, argv: list[str], cfg: RunConfig, num_processes: in
         yaml.safe_dump(content, handle)
     env = dict(os.environ, NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"))
     if cpu:
+        # The processes must not see a GPU the machine has: on one, each rank would take cuda:0 and NCCL refuses
+        # ("Duplicate GPU detected") instead of the gloo run --cpu asks for.
+        env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
         # accelerate launches CPU jobs through mpirun only; torchrun gives N gloo processes on one machine.
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}",
                    f"--master_port={_free_port()}", "-m", "lora_ft", *argv]
