@@ -315,3 +315,27 @@ def test_a_sequence_that_cannot_fit_is_refused_up_front_with_the_longest_that_do
     assert 262_144 <= longest < 524_288 and longest % 1024 == 0
     check_fits(cfg(longest), shape, **qlora)  # the length it names does pass
     check_fits(cfg(524_288, activation_offloading=True), shape, **qlora)  # layer inputs on the host: not modelled
+
+
+def test_liger_keeps_its_swiglu_patch_off_when_lora_reaches_a_moes_routed_experts(monkeypatch):
+    """Liger's SwiGLU patch swaps a MoE's experts forward for a fused kernel over the raw expert weights: with LoRA
+    on the experts (PEFT's ParamWrapper) it failed on the H200 ('ParamWrapper' has no 'hidden_dim'), or would
+    drop their update. Its other kernels stay on; a dense model keeps all of them."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from lora_ft.model import speed
+    from lora_ft.training.sft import trainer_arguments
+
+    monkeypatch.setattr(speed, "liger_available", lambda: True)  # a CUDA machine with liger-kernel
+    cfg = validate_dict({"model": {"name": "m"}, "training": {"gradient_checkpointing": False}})
+    model_config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    run = SimpleNamespace(checkpoints="unused")
+
+    moe = speed.plan_speed(cfg, model_config, adapts_experts=True, precision="fp32")
+    assert moe.liger and not moe.liger_swiglu and "SwiGLU kept off" in moe.summary()
+    assert trainer_arguments(cfg, run, "fp32", moe, has_eval=False)["liger_kernel_config"] == {"swiglu": False}
+    dense = speed.plan_speed(cfg, model_config, precision="fp32")
+    assert dense.liger and dense.liger_swiglu and dense.summary().count("liger on,") == 1
+    assert trainer_arguments(cfg, run, "fp32", dense, has_eval=False)["liger_kernel_config"] is None

@@ -35,12 +35,16 @@ class SpeedPlan:
     fused_lora: bool = True
     lora_kernels: str = "torch"  # how the fused LoRA ops run dropout: "triton" or "torch"
     batching: str = "padded"  # SFT rows per step: "padding-free", "packed" (BFD, also padding-free) or "padded"
+    # Liger's SwiGLU patch on a MoE replaces the experts' forward with a fused kernel that reads the expert weights
+    # directly: under LoRA on the routed experts (PEFT's ParamWrapper) it fails, or would drop their update. Off then.
+    liger_swiglu: bool = True
 
     def to_json(self) -> dict:
         return {
             "fused_lora": self.fused_lora,
             "lora_kernels": self.lora_kernels if self.fused_lora else None,
             "liger": self.liger,
+            "liger_swiglu": self.liger and self.liger_swiglu,
             "checkpoint_layers": self.checkpoint_layers,
             "total_layers": self.total_layers,
             "optimizer": self.optimizer,
@@ -50,7 +54,8 @@ class SpeedPlan:
     def summary(self) -> str:
         gc = "off" if self.checkpoint_layers == 0 else f"{self.checkpoint_layers}/{self.total_layers} layers"
         fused = f"fused LoRA ({self.lora_kernels}), " if self.fused_lora else ""
-        return (f"{fused}liger {'on' if self.liger else 'off'}, checkpointing {gc}, optimizer {self.optimizer}, "
+        liger = "off" if not self.liger else "on" if self.liger_swiglu else "on (SwiGLU kept off: LoRA on the routed experts)"
+        return (f"{fused}liger {liger}, checkpointing {gc}, optimizer {self.optimizer}, "
                 f"{BATCHING[self.batching]}")
 
 
@@ -96,7 +101,9 @@ def check_speed_choices(cfg: RunConfig) -> None:
         _lora_kernels(t.lora_kernels, torch.cuda.is_available())
 
 
-def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None, trainable: int = 0, precision: str = "bf16") -> SpeedPlan:
+def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None, trainable: int = 0, precision: str = "bf16",
+               adapts_experts: bool = False) -> SpeedPlan:
+    """`adapts_experts`: LoRA reaches a MoE's routed experts (coverage.Coverage.experts)."""
     t = cfg.training
     cuda = torch.cuda.is_available()
     check_speed_choices(cfg)
@@ -117,7 +124,7 @@ def plan_speed(cfg: RunConfig, model_config, *, weights_gib: float | None = None
     if optimizer == "auto":
         optimizer = "adamw_torch_fused" if cuda else "adamw_torch"
     return SpeedPlan(liger, checkpoint, layers, optimizer, fused_lora=t.fused_lora, lora_kernels=_lora_kernels(t.lora_kernels, cuda),
-                     batching=batching(cfg))
+                     batching=batching(cfg), liger_swiglu=not adapts_experts)
 
 
 def _lora_kernels(choice: str, cuda: bool) -> str:

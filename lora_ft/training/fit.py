@@ -73,7 +73,8 @@ def load_model(check: Preflight, console) -> LoadedModel:
         base_fingerprint = fingerprint_model_path(check.source.path, check.source.gguf_file)
         set_seed(cfg.training.seed)
         model = load_base_model(cfg.model, check.source, check.precision)
-        speed = plan_speed(cfg, check.model_config, trainable=check.trainable, precision=check.precision)
+        speed = plan_speed(cfg, check.model_config, trainable=check.trainable, precision=check.precision,
+                           adapts_experts=check.coverage.experts)
         original = original_base(model, check.training_data, check.tokenizer, cfg) if cfg.lora.init in ("pissa", "olora") else None
         model = attach_lora(model, cfg.lora, check.token_training.peft_indices)
         check_same_coverage(model, check.coverage)

@@ -175,7 +175,8 @@ def _inspect(cfg: RunConfig, folder: FolderCheck | None, console) -> Preflight:
                 check_same_data(folder.run, training.sources)
 
     weights = weights_gib(cfg, counts.total, precision)
-    speed = plan_speed(cfg, model_config, weights_gib=weights, trainable=counts.trainable, precision=precision)
+    speed = plan_speed(cfg, model_config, weights_gib=weights, trainable=counts.trainable, precision=precision,
+                       adapts_experts=reach.experts)
     memory = estimate_memory(cfg, model_config, weights=weights, trainable=counts.trainable,
                              checkpoint_layers=speed.checkpoint_layers, logits=logits_gib(cfg, model_config, precision, liger=speed.liger),
                              margin=PLANNING_MARGIN_GIB if torch.cuda.is_available() else 0.0)

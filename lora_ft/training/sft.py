@@ -149,6 +149,7 @@ def trainer_arguments(cfg: RunConfig, run: RunDir, precision: str, speed, *, has
         # is on).
         **{_CHECKPOINTING: False},
         use_liger_kernel=speed.liger,
+        liger_kernel_config=None if speed.liger_swiglu else {"swiglu": False},  # see SpeedPlan.liger_swiglu
         activation_offloading=t.activation_offloading and torch.cuda.is_available(),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
