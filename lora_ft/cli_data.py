@@ -58,7 +58,7 @@ def data_check(
 
     from lora_ft.data_check import check_data  # lazy: pydantic, yaml (0.3 s)
 
-    console = Console()
+    console = Console(soft_wrap=True)  # a finding's file:line stays one line, whatever the terminal's width
     result = check_data(read_config(config, set_), console=console)
     console.print(result.summary())
     if report is not None:

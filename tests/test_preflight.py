@@ -152,10 +152,11 @@ def test_data_show_encodes_only_the_rows_it_shows(tiny_config, monkeypatch):
     assert len(shown) == 2 == len(encoded)
 
 
-def test_a_bad_row_is_reported_the_same_by_validate_and_data_check(tiny_config, write_yaml, run_cli, tmp_path):
+def test_a_bad_row_is_reported_the_same_by_validate_and_data_check(tiny_config, write_yaml, run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # narrower than the path: the file:line must not be wrapped in two
     bad = write_jsonl(tmp_path / "bad.jsonl", copy_rows(4) + [{"prompt": 3, "completion": "x"}])
     tiny_config["data"]["train"] = str(bad)
     code, _, validate_err = run_cli("validate", write_yaml(tiny_config))
     assert code == 2 and "bad.jsonl:5: field 'prompt' must be a string" in validate_err
     code, out, _ = run_cli("data", "check", write_yaml(tiny_config))
-    assert code == 2 and "bad.jsonl:5" in out
+    assert code == 2 and f"{bad}:5  error=field 'prompt' must be a string" in out
