@@ -23,7 +23,6 @@ pack() {
   cp "$gguf_dir/__init__.py" .gqb/
   # The versions installed here, as CPython 3.12 manylinux wheels (the GPU image's Python); llama-cpp-python is
   # the wheel pip built here for .ci/run (portable CPU build, glibc 2.34 symbols at most).
-  local pick
   pick() { pip list --format=freeze 2>/dev/null | tr '_A-Z' '-a-z' | grep -E "^($1)==" | tr '\n' ' '; }
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \

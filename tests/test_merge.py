@@ -328,8 +328,7 @@ def test_qlora_adapter_merges_into_original_weights_by_default_and_records_it(tm
     assert logits_gap(out, tiny_model_dir, adapter)[0] < 1e-4
 
 
-def test_qlora_dequantized_choice_fails_clearly_without_cuda(tmp_path, run_cli, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def test_qlora_dequantized_choice_fails_clearly_without_cuda(tmp_path, run_cli, tiny_model_dir, without_cuda):
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", quantization=QLORA)
     out = tmp_path / "merged"
     code, _, stderr = run_cli("merge", "--adapter", adapter, "--out", out, "--qlora-base", "dequantized")

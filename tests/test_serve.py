@@ -24,6 +24,7 @@ import openai
 import pytest
 import torch
 
+from conftest import hide_cuda
 from lora_ft.errors import LoraftError
 from lora_ft.serving.inference import GenerationSettings, load_for_inference
 from lora_ft.serve import BackgroundServer, ServeSettings, parse_adapters
@@ -57,7 +58,7 @@ def _on_the_cpu():
     cuBLAS picks its kernel by batch size: the last bits differ, and the random tiny models' near-tied greedy
     tokens flipped on an H200 with the right adapter served. GPU serving speed: scripts/bench_serve.py."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.cuda, "is_available", lambda: False)
+        hide_cuda(patch)
         yield
 
 

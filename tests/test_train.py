@@ -52,13 +52,12 @@ def test_manifest_records_base_fingerprint_data_hashes_and_versions(finished_run
     assert manifest["environment"]["peft"] and manifest["environment"]["transformers"]
 
 
-def test_reloaded_adapter_matches_in_memory_model(tiny_config, tiny_model_dir, monkeypatch):
+def test_reloaded_adapter_matches_in_memory_model(tiny_config, tiny_model_dir, without_cuda):
     """In fp32 on the CPU, so equality to 1e-5 means the same model on any machine (on a GPU, a bf16 run with
     Liger's kernels would differ from a plain fp32 reload by more than the saving could)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = validate_dict(tiny_config)
     captured = {}
     import lora_ft.training.finish as finish
